@@ -1,0 +1,853 @@
+"""Configuration: a TOML file (or quick-mode flags) turned into frozen dataclasses.
+
+This module owns the whole configuration language: its keys, their defaults, their ranges, and
+the error messages a user sees when a file is wrong. Nothing else in weft reads TOML or raw
+dicts; the rest of the code receives a `Config` whose every value has been checked.
+
+Theory of operation:
+
+* Parsing is a walk over the TOML tree with a `_Path` that knows where it is
+  (``routes[1].timeouts.upstream_header``). Each section reader pops the keys it knows from a
+  copy of its table and reports what is left as unknown keys: a typo must never silently fall
+  back to a default.
+* Errors are collected, not raised one by one, so `weft check` shows every mistake of a file in
+  one go. Each is ``<file>: <key path>: <reason>``.
+* Cross-references (a route's destination, duplicate names) are checked after every section was
+  read, with the known names in the message.
+* `Config.hash` is a digest of the file's bytes (or of the quick-mode flags); reload and status
+  use it to tell configs apart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import re
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+STRATEGIES = ("round_robin", "weighted", "least_conn", "consistent_hash")
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE")
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; `errors` holds one line per mistake."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+# ---------------------------------------------------------------------------------------------
+# The dataclasses the rest of weft sees.
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Every timeout in seconds. Defaults follow nginx where it has the same knob."""
+
+    client_header: float = 10.0
+    client_body_idle: float = 30.0
+    client_keepalive: float = 60.0  # nginx keepalive_timeout is 75s; 60s is Envoy's idle default
+    client_send_idle: float = 60.0  # nginx send_timeout
+    upstream_connect: float = 5.0
+    upstream_header: float = 60.0  # nginx proxy_read_timeout
+    upstream_body_idle: float = 60.0
+    request_total: float = 300.0  # 0 disables
+    websocket_idle: float = 300.0
+    drain: float = 30.0
+
+
+# Timeouts a route may override: those that apply to one request, not to a connection or process.
+ROUTE_TIMEOUTS = (
+    "client_body_idle",
+    "upstream_connect",
+    "upstream_header",
+    "upstream_body_idle",
+    "request_total",
+    "websocket_idle",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_request_line: int = 8 * 1024  # nginx large_client_header_buffers 4 8k
+    max_header_bytes: int = 32 * 1024  # 4 x 8k, as nginx
+    max_headers: int = 100  # Envoy's max_headers_count default
+    max_body_bytes: int = 100 * 1024 * 1024
+    max_connections: int = 10000
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    address: str
+    port: int
+    backlog: int = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    max_per_endpoint: int = 256
+    max_idle_per_endpoint: int = 64
+    idle_timeout: float = 60.0
+    max_requests: int = 10000  # 0 = unlimited
+    queue_size: int = 1024
+    queue_timeout: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    host: str
+    port: int
+    weight: int = 1
+
+    @property
+    def authority(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    name: str
+    endpoints: tuple[Endpoint, ...]
+    strategy: str = "round_robin"
+    host_header: str = "pass"  # "pass" | "endpoint" | literal value
+    hash_key: str | None = None
+    hash_balance_factor: float = 1.25
+    pool: PoolConfig = field(default_factory=PoolConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class MiddlewareSpec:
+    use: str  # "package.module:factory"
+    config: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    name: str
+    destination: str
+    host: str | None = None  # exact, "*.suffix", or None for any
+    path_prefix: str = "/"
+    methods: frozenset[str] | None = None
+    strip_prefix: bool = False
+    rewrite_prefix: str | None = None
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    max_body_bytes: int = 100 * 1024 * 1024
+    middleware: tuple[MiddlewareSpec, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AccessLog:
+    enabled: bool = True
+    path: str = "-"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    listeners: tuple[Listener, ...]
+    destinations: dict[str, Destination]
+    routes: tuple[Route, ...]
+    instance: str = "default"
+    via: str = "weft"
+    request_id_header: str = "x-request-id"
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    limits: Limits = field(default_factory=Limits)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    access_log: AccessLog = field(default_factory=AccessLog)
+    upstream_max_connections: int = 4096
+    source: str = "<quick mode>"
+    hash: str = ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Value parsers: each returns the value or raises _Bad with the reason.
+
+
+class _Bad(Exception):
+    pass
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB|k|K|M|G)?\s*$")
+_SIZE_UNITS = {
+    None: 1,
+    "B": 1,
+    "KiB": 1024,
+    "MiB": 1024**2,
+    "GiB": 1024**3,
+    "k": 1024,
+    "K": 1024,
+    "M": 1024**2,
+    "G": 1024**3,
+    "KB": 1000,
+    "MB": 1000**2,
+    "GB": 1000**3,
+}
+_HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_-]{1,63})*\.?$"
+)
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+def _duration(v: Any, *, allow_zero: bool = False, max_s: float = 86400.0) -> float:
+    if isinstance(v, bool):
+        raise _Bad(f'expected a duration like "10s" or "250ms", got {v!r}')
+    if isinstance(v, (int, float)):
+        secs = float(v)
+    elif isinstance(v, str):
+        m = _DURATION.match(v)
+        if not m:
+            raise _Bad(f'expected a duration like "10s" or "250ms", got {v!r}')
+        secs = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    else:
+        raise _Bad(f'expected a duration like "10s" or "250ms", got {type(v).__name__}')
+    if secs < 0 or (secs == 0 and not allow_zero):
+        raise _Bad(f"must be {'>= 0' if allow_zero else '> 0'}, got {v!r}")
+    if secs > max_s:
+        raise _Bad(f"must be at most {max_s:g}s, got {v!r}")
+    return secs
+
+
+def _size(v: Any, *, lo: int = 1, hi: int = 1 << 40) -> int:
+    if isinstance(v, bool):
+        raise _Bad(f'expected a size like 8192 or "8KiB", got {v!r}')
+    if isinstance(v, int):
+        n = v
+    elif isinstance(v, str):
+        m = _SIZE.match(v)
+        if not m:
+            raise _Bad(f'expected a size like 8192 or "8KiB", got {v!r}')
+        n = int(m.group(1)) * _SIZE_UNITS[m.group(2)]
+    else:
+        raise _Bad(f'expected a size like 8192 or "8KiB", got {type(v).__name__}')
+    if not lo <= n <= hi:
+        raise _Bad(f"must be between {lo} and {hi} bytes, got {v!r}")
+    return n
+
+
+def _int(v: Any, *, lo: int, hi: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise _Bad(f"expected an integer, got {v!r}")
+    if not lo <= v <= hi:
+        raise _Bad(f"must be between {lo} and {hi}, got {v}")
+    return v
+
+
+def _float(v: Any, *, lo: float, hi: float) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise _Bad(f"expected a number, got {v!r}")
+    if not lo <= v <= hi:
+        raise _Bad(f"must be between {lo:g} and {hi:g}, got {v}")
+    return float(v)
+
+
+def _bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise _Bad(f"expected true or false, got {v!r}")
+    return v
+
+
+def _str(v: Any) -> str:
+    if not isinstance(v, str):
+        raise _Bad(f"expected a string, got {type(v).__name__}")
+    return v
+
+
+def _ip(v: Any) -> str:
+    s = _str(v)
+    try:
+        return str(ipaddress.ip_address(s))
+    except ValueError:
+        raise _Bad(f"expected an IPv4 or IPv6 address, got {s!r}") from None
+
+
+def _port(v: Any) -> int:
+    return _int(v, lo=1, hi=65535)
+
+
+def parse_hostport(s: str) -> tuple[str, int]:
+    """Split ``host:port`` / ``[v6]:port``; raises ValueError with a reason."""
+    m = re.match(r"^\[([0-9A-Fa-f:.]+)\]:(\d+)$", s) or re.match(r"^([^:\[\]]+):(\d+)$", s)
+    if not m:
+        raise ValueError(f'expected "host:port" (IPv6 as "[::1]:port"), got {s!r}')
+    host, port = m.group(1), int(m.group(2))
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port must be between 1 and 65535, got {port}")
+    try:
+        host = str(ipaddress.ip_address(host))
+    except ValueError:
+        if not _HOSTNAME.match(host):
+            raise ValueError(f"not a valid host name or address: {host!r}") from None
+    return host, port
+
+
+# ---------------------------------------------------------------------------------------------
+# The tree walk.
+
+
+class _Reader:
+    """Collects errors while reading tables; `take` pops a key and converts it."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.errors: list[str] = []
+
+    def error(self, path: str, reason: str) -> None:
+        self.errors.append(
+            f"{self.source}: {path}: {reason}" if path else f"{self.source}: {reason}"
+        )
+
+    def table(self, v: Any, path: str) -> dict[str, Any] | None:
+        if not isinstance(v, dict):
+            self.error(path, f"expected a table, got {type(v).__name__}")
+            return None
+        return dict(v)
+
+    def take(
+        self, t: dict[str, Any], key: str, path: str, conv: Callable[[Any], Any], default: Any
+    ) -> Any:
+        if key not in t:
+            return default
+        raw = t.pop(key)
+        try:
+            return conv(raw)
+        except _Bad as e:
+            self.error(_join(path, key), str(e))
+            return default
+
+    def unknown(self, t: dict[str, Any], path: str, known: tuple[str, ...]) -> None:
+        for key in t:
+            hint = _close_match(key, known)
+            self.error(
+                _join(path, key), "unknown key" + (f' (did you mean "{hint}"?)' if hint else "")
+            )
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _close_match(key: str, known: tuple[str, ...]) -> str | None:
+    import difflib
+
+    m = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
+    return m[0] if m else None
+
+
+_TIMEOUT_KEYS = tuple(Timeouts.__dataclass_fields__)
+_LIMIT_KEYS = tuple(Limits.__dataclass_fields__)
+_POOL_KEYS = tuple(PoolConfig.__dataclass_fields__)
+
+
+def _read_timeouts(
+    r: _Reader, raw: Any, path: str, base: Timeouts, allowed: tuple[str, ...]
+) -> Timeouts:
+    t = r.table(raw, path)
+    if t is None:
+        return base
+    values = {}
+    for key in allowed:
+        zero_ok = key == "request_total"
+        values[key] = r.take(
+            t, key, path, lambda v, z=zero_ok: _duration(v, allow_zero=z), getattr(base, key)
+        )
+    for key in list(t):
+        if key in _TIMEOUT_KEYS:
+            t.pop(key)
+            r.error(_join(path, key), "cannot be set per route (set it in [timeouts])")
+    r.unknown(t, path, allowed)
+    return replace(base, **values)
+
+
+def _read_limits(r: _Reader, raw: Any) -> Limits:
+    t = r.table(raw, "limits")
+    if t is None:
+        return Limits()
+    d = Limits()
+    lim = Limits(
+        max_request_line=r.take(
+            t,
+            "max_request_line",
+            "limits",
+            lambda v: _size(v, lo=64, hi=1 << 20),
+            d.max_request_line,
+        ),
+        max_header_bytes=r.take(
+            t,
+            "max_header_bytes",
+            "limits",
+            lambda v: _size(v, lo=256, hi=1 << 24),
+            d.max_header_bytes,
+        ),
+        max_headers=r.take(
+            t, "max_headers", "limits", lambda v: _int(v, lo=1, hi=10000), d.max_headers
+        ),
+        max_body_bytes=r.take(
+            t, "max_body_bytes", "limits", lambda v: _size(v, lo=0, hi=1 << 50), d.max_body_bytes
+        ),
+        max_connections=r.take(
+            t, "max_connections", "limits", lambda v: _int(v, lo=1, hi=1 << 20), d.max_connections
+        ),
+    )
+    r.unknown(t, "limits", _LIMIT_KEYS)
+    if lim.max_request_line > lim.max_header_bytes:
+        r.error(
+            "limits.max_request_line",
+            f"must not exceed limits.max_header_bytes ({lim.max_header_bytes})",
+        )
+    return lim
+
+
+def _read_listeners(r: _Reader, raw: Any) -> tuple[Listener, ...]:
+    if not isinstance(raw, list) or not raw:
+        r.error("listeners", "expected at least one [[listeners]] table")
+        return ()
+    out = []
+    seen: dict[tuple[str, int], int] = {}
+    for i, item in enumerate(raw):
+        path = f"listeners[{i}]"
+        t = r.table(item, path)
+        if t is None:
+            continue
+        if "address" not in t or "port" not in t:
+            r.error(path, 'needs both "address" and "port"')
+        address = r.take(t, "address", path, _ip, "127.0.0.1")
+        port = r.take(t, "port", path, _port, 0)
+        backlog = r.take(t, "backlog", path, lambda v: _int(v, lo=1, hi=65535), 1024)
+        r.unknown(t, path, ("address", "port", "backlog"))
+        if (address, port) in seen:
+            r.error(path, f"{address}:{port} is already listeners[{seen[(address, port)]}]")
+        seen[(address, port)] = i
+        out.append(Listener(address, port, backlog))
+    return tuple(out)
+
+
+def _endpoint(r: _Reader, item: Any, path: str) -> Endpoint | None:
+    if isinstance(item, str):
+        addr, weight = item, 1
+    elif isinstance(item, dict):
+        t = dict(item)
+        if "address" not in t:
+            r.error(path, 'needs "address"')
+            return None
+        addr = t.pop("address")
+        weight = r.take(t, "weight", path, lambda v: _int(v, lo=1, hi=1000), 1)
+        r.unknown(t, path, ("address", "weight"))
+        if not isinstance(addr, str):
+            r.error(_join(path, "address"), f'expected "host:port", got {addr!r}')
+            return None
+        path = _join(path, "address")
+    else:
+        r.error(path, f'expected "host:port" or a table with address and weight, got {item!r}')
+        return None
+    try:
+        host, port = parse_hostport(addr)
+    except ValueError as e:
+        r.error(path, str(e))
+        return None
+    return Endpoint(host, port, weight)
+
+
+def _read_pool(r: _Reader, raw: Any, path: str) -> PoolConfig:
+    t = r.table(raw, path)
+    if t is None:
+        return PoolConfig()
+    d = PoolConfig()
+    pool = PoolConfig(
+        max_per_endpoint=r.take(
+            t, "max_per_endpoint", path, lambda v: _int(v, lo=1, hi=100000), d.max_per_endpoint
+        ),
+        max_idle_per_endpoint=r.take(
+            t,
+            "max_idle_per_endpoint",
+            path,
+            lambda v: _int(v, lo=0, hi=100000),
+            d.max_idle_per_endpoint,
+        ),
+        idle_timeout=r.take(t, "idle_timeout", path, _duration, d.idle_timeout),
+        max_requests=r.take(
+            t, "max_requests", path, lambda v: _int(v, lo=0, hi=1 << 40), d.max_requests
+        ),
+        queue_size=r.take(t, "queue_size", path, lambda v: _int(v, lo=0, hi=1 << 20), d.queue_size),
+        queue_timeout=r.take(t, "queue_timeout", path, _duration, d.queue_timeout),
+    )
+    r.unknown(t, path, _POOL_KEYS)
+    return pool
+
+
+_DEST_KEYS = ("strategy", "endpoints", "host_header", "hash_key", "hash_balance_factor", "pool")
+
+
+def _hash_key(v: Any) -> str:
+    s = _str(v)
+    if s in ("client_ip", "path"):
+        return s
+    kind, _, name = s.partition(":")
+    if kind in ("header", "cookie") and name:
+        if kind == "header" and not _HEADER_NAME.match(name):
+            raise _Bad(f"{name!r} is not a valid header name")
+        return f"{kind}:{name.lower() if kind == 'header' else name}"
+    raise _Bad(f'expected "client_ip", "path", "header:<name>" or "cookie:<name>", got {s!r}')
+
+
+def _strategy(v: Any) -> str:
+    s = _str(v)
+    if s not in STRATEGIES:
+        raise _Bad(f"unknown strategy {s!r} (known: {', '.join(STRATEGIES)})")
+    return s
+
+
+def _host_header(v: Any) -> str:
+    s = _str(v)
+    if s in ("pass", "endpoint"):
+        return s
+    try:
+        _check_host_value(s)
+    except ValueError as e:
+        raise _Bad(f'expected "pass", "endpoint" or a host[:port] to send: {e}') from None
+    return s
+
+
+def _check_host_value(s: str) -> None:
+    host, sep, port = s.rpartition(":") if not s.endswith("]") else (s, "", "")
+    if not sep:
+        host = s
+    elif not port.isdigit():
+        host = s
+    if host.startswith("[") and host.endswith("]"):
+        ipaddress.IPv6Address(host[1:-1])
+    elif not _HOSTNAME.match(host):
+        raise ValueError(f"{s!r} is not a valid host")
+
+
+def _read_destinations(r: _Reader, raw: Any) -> dict[str, Destination]:
+    t = r.table(raw, "destinations")
+    if t is None:
+        return {}
+    if not t:
+        r.error("destinations", "expected at least one [destinations.<name>] table")
+    out: dict[str, Destination] = {}
+    for name, item in t.items():
+        path = f"destinations.{name}"
+        if not _NAME.match(name):
+            r.error(path, "a destination name uses letters, digits, '_', '-', '.' (at most 64)")
+        d = r.table(item, path)
+        if d is None:
+            continue
+        strategy = r.take(d, "strategy", path, _strategy, "round_robin")
+        host_header = r.take(d, "host_header", path, _host_header, "pass")
+        hash_key = r.take(d, "hash_key", path, _hash_key, None)
+        factor = r.take(d, "hash_balance_factor", path, lambda v: _float(v, lo=0, hi=100), 1.25)
+        if 0 < factor < 1:
+            r.error(
+                _join(path, "hash_balance_factor"), f"must be 0 (off) or at least 1, got {factor:g}"
+            )
+        pool = _read_pool(r, d.pop("pool"), f"{path}.pool") if "pool" in d else PoolConfig()
+        eps: list[Endpoint] = []
+        if "endpoints" not in d:
+            r.error(path, 'needs "endpoints"')
+        else:
+            raw_eps = d.pop("endpoints")
+            if not isinstance(raw_eps, list) or not raw_eps:
+                r.error(f"{path}.endpoints", 'expected a non-empty list of "host:port"')
+            else:
+                seen: dict[tuple[str, int], int] = {}
+                for i, item_ep in enumerate(raw_eps):
+                    ep = _endpoint(r, item_ep, f"{path}.endpoints[{i}]")
+                    if ep is None:
+                        continue
+                    if (ep.host, ep.port) in seen:
+                        r.error(
+                            f"{path}.endpoints[{i}]",
+                            f"{ep.authority} is already endpoints[{seen[(ep.host, ep.port)]}]",
+                        )
+                    seen[(ep.host, ep.port)] = i
+                    eps.append(ep)
+        r.unknown(d, path, _DEST_KEYS)
+        if strategy == "consistent_hash" and hash_key is None:
+            r.error(path, 'strategy "consistent_hash" needs "hash_key"')
+        if strategy != "consistent_hash" and hash_key is not None:
+            r.error(
+                f"{path}.hash_key", f'only used with strategy "consistent_hash", not {strategy!r}'
+            )
+        out[name] = Destination(name, tuple(eps), strategy, host_header, hash_key, factor, pool)
+    return out
+
+
+_ROUTE_KEYS = (
+    "name",
+    "host",
+    "path_prefix",
+    "methods",
+    "destination",
+    "strip_prefix",
+    "rewrite_prefix",
+    "timeouts",
+    "max_body_bytes",
+    "middleware",
+)
+
+
+def _route_host(v: Any) -> str:
+    s = _str(v).lower()
+    if s.startswith("*."):
+        if not _HOSTNAME.match(s[2:]):
+            raise _Bad(f'{v!r} is not a host name or "*.suffix"')
+        return s
+    try:
+        _check_host_value(s)
+    except ValueError:
+        raise _Bad(f'{v!r} is not a host name or "*.suffix"') from None
+    return s
+
+
+def _path_prefix(v: Any) -> str:
+    s = _str(v)
+    if not s.startswith("/"):
+        raise _Bad(f'must start with "/", got {s!r}')
+    if any(c in s for c in "?# ") or not s.isascii():
+        raise _Bad(f"a path prefix has no query, fragment, space or non-ASCII character: {s!r}")
+    return s
+
+
+def _methods(v: Any) -> frozenset[str]:
+    if not isinstance(v, list) or not v:
+        raise _Bad('expected a non-empty list of methods like ["GET", "POST"]')
+    out = set()
+    for m in v:
+        if not isinstance(m, str) or not re.match(r"^[A-Z][A-Z0-9_-]*$", m):
+            raise _Bad(f"{m!r} is not an HTTP method (upper case token)")
+        if m == "CONNECT":
+            raise _Bad("CONNECT is not proxied (weft answers it with 405)")
+        out.add(m)
+    return frozenset(out)
+
+
+def _middleware(r: _Reader, raw: Any, path: str) -> tuple[MiddlewareSpec, ...]:
+    if not isinstance(raw, list):
+        r.error(path, 'expected a list of "module:factory" strings or {use = ...} tables')
+        return ()
+    out = []
+    for i, item in enumerate(raw):
+        p = f"{path}[{i}]"
+        if isinstance(item, str):
+            use, conf = item, {}
+        elif isinstance(item, dict) and isinstance(item.get("use"), str):
+            conf = dict(item)
+            use = conf.pop("use")
+        else:
+            r.error(p, 'expected "module:factory" or a table with use = "module:factory"')
+            continue
+        if not _IMPORT_PATH.match(use):
+            r.error(p, f'expected an import path "package.module:factory", got {use!r}')
+            continue
+        out.append(MiddlewareSpec(use, conf))
+    return tuple(out)
+
+
+def _read_routes(r: _Reader, raw: Any, timeouts: Timeouts, limits: Limits) -> tuple[Route, ...]:
+    if not isinstance(raw, list) or not raw:
+        r.error("routes", "expected at least one [[routes]] table")
+        return ()
+    out = []
+    for i, item in enumerate(raw):
+        path = f"routes[{i}]"
+        t = r.table(item, path)
+        if t is None:
+            continue
+        name = r.take(t, "name", path, _str, f"route{i}")
+        if not _NAME.match(name):
+            r.error(f"{path}.name", "a route name uses letters, digits, '_', '-', '.' (at most 64)")
+        if "destination" not in t:
+            r.error(path, 'needs "destination"')
+        dest = r.take(t, "destination", path, _str, "")
+        host = r.take(t, "host", path, _route_host, None)
+        prefix = r.take(t, "path_prefix", path, _path_prefix, "/")
+        methods = r.take(t, "methods", path, _methods, None)
+        strip = r.take(t, "strip_prefix", path, _bool, False)
+        rewrite = r.take(t, "rewrite_prefix", path, _path_prefix, None)
+        if strip and rewrite is not None:
+            r.error(path, "use either strip_prefix or rewrite_prefix, not both")
+        rt = (
+            _read_timeouts(r, t.pop("timeouts"), f"{path}.timeouts", timeouts, ROUTE_TIMEOUTS)
+            if "timeouts" in t
+            else timeouts
+        )
+        body = r.take(
+            t, "max_body_bytes", path, lambda v: _size(v, lo=0, hi=1 << 50), limits.max_body_bytes
+        )
+        mws = _middleware(r, t.pop("middleware"), f"{path}.middleware") if "middleware" in t else ()
+        r.unknown(t, path, _ROUTE_KEYS)
+        out.append(Route(name, dest, host, prefix, methods, strip, rewrite, rt, body, mws))
+    return tuple(out)
+
+
+def _cidr(v: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    s = _str(v)
+    try:
+        return ipaddress.ip_network(s, strict=False)
+    except ValueError:
+        raise _Bad(f'expected a CIDR like "10.0.0.0/8", got {s!r}') from None
+
+
+_TOP_KEYS = (
+    "server",
+    "listeners",
+    "limits",
+    "timeouts",
+    "access_log",
+    "upstream",
+    "destinations",
+    "routes",
+)
+_SERVER_KEYS = ("instance", "via", "request_id_header", "trusted_proxies")
+
+
+def _instance(v: Any) -> str:
+    s = _str(v)
+    if not re.match(r"^[A-Za-z0-9_-]{1,32}$", s):
+        raise _Bad(f"an instance name is 1-32 of letters, digits, '_', '-', got {s!r}")
+    return s
+
+
+def _token(v: Any) -> str:
+    s = _str(v)
+    if not re.match(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$", s):
+        raise _Bad(f"expected a token (no spaces or separators), got {s!r}")
+    return s
+
+
+def from_dict(data: dict[str, Any], source: str, digest: str = "") -> Config:
+    """Validate a parsed TOML document. Raises ConfigError listing every mistake."""
+    r = _Reader(source)
+    top = dict(data)
+    server = r.table(top.pop("server", {}), "server") or {}
+    instance = r.take(server, "instance", "server", _instance, "default")
+    via = r.take(server, "via", "server", _token, "weft")
+    rid = r.take(server, "request_id_header", "server", lambda v: _token(v).lower(), "x-request-id")
+    trusted: list[Any] = []
+    if "trusted_proxies" in server:
+        raw = server.pop("trusted_proxies")
+        if not isinstance(raw, list):
+            r.error("server.trusted_proxies", "expected a list of CIDRs")
+        else:
+            for i, c in enumerate(raw):
+                try:
+                    trusted.append(_cidr(c))
+                except _Bad as e:
+                    r.error(f"server.trusted_proxies[{i}]", str(e))
+    r.unknown(server, "server", _SERVER_KEYS)
+
+    listeners = _read_listeners(r, top.pop("listeners", None))
+    limits = _read_limits(r, top.pop("limits")) if "limits" in top else Limits()
+    timeouts = (
+        _read_timeouts(r, top.pop("timeouts"), "timeouts", Timeouts(), _TIMEOUT_KEYS)
+        if "timeouts" in top
+        else Timeouts()
+    )
+    al = r.table(top.pop("access_log", {}), "access_log") or {}
+    access_log = AccessLog(
+        enabled=r.take(al, "enabled", "access_log", _bool, True),
+        path=r.take(al, "path", "access_log", _str, "-"),
+    )
+    r.unknown(al, "access_log", ("enabled", "path"))
+    up = r.table(top.pop("upstream", {}), "upstream") or {}
+    up_max = r.take(up, "max_connections", "upstream", lambda v: _int(v, lo=1, hi=1 << 20), 4096)
+    r.unknown(up, "upstream", ("max_connections",))
+    dests = _read_destinations(r, top.pop("destinations", None)) if "destinations" in top else {}
+    if not dests:
+        r.error("destinations", "expected at least one [destinations.<name>] table")
+    routes = _read_routes(r, top.pop("routes", None), timeouts, limits)
+    r.unknown(top, "", _TOP_KEYS)
+
+    known = ", ".join(f'"{n}"' for n in dests)
+    names: dict[str, int] = {}
+    keys: dict[tuple[str | None, str, frozenset[str] | None], int] = {}
+    for i, route in enumerate(routes):
+        if route.destination and route.destination not in dests:
+            r.error(
+                f"routes[{i}].destination",
+                f'unknown destination "{route.destination}" (known: {known or "none"})',
+            )
+        if route.name in names:
+            r.error(f"routes[{i}].name", f'"{route.name}" is already routes[{names[route.name]}]')
+        names[route.name] = i
+        key = (route.host, route.path_prefix, route.methods)
+        if key in keys:
+            r.error(
+                f"routes[{i}]",
+                f"matches exactly what routes[{keys[key]}] matches (host, "
+                "path_prefix and methods); it could never be chosen",
+            )
+        keys[key] = i
+    if r.errors:
+        raise ConfigError(r.errors)
+    return Config(
+        listeners=listeners,
+        destinations=dests,
+        routes=routes,
+        instance=instance,
+        via=via,
+        request_id_header=rid,
+        trusted_proxies=tuple(trusted),
+        limits=limits,
+        timeouts=timeouts,
+        access_log=access_log,
+        upstream_max_connections=up_max,
+        source=source,
+        hash=digest,
+    )
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate a config file. Raises ConfigError (with every mistake) or OSError."""
+    p = Path(path)
+    name = str(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError([f"{name}: cannot read: {e.strerror or e}"]) from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"{name}: not UTF-8 text: {e.reason} at byte {e.start}"]) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([f"{name}: TOML syntax: {e}"]) from None
+    return from_dict(data, name, hashlib.sha256(raw).hexdigest()[:16])
+
+
+def quick(listen: str, upstreams: list[str], *, access_log: bool = True) -> Config:
+    """Quick mode (`weft run --listen A --upstream B ...`): one route, round robin."""
+    errors = []
+    try:
+        lhost, lport = parse_hostport(listen)
+        ipaddress.ip_address(lhost)
+    except ValueError as e:
+        errors.append(f"--listen: {e}")
+        lhost, lport = "127.0.0.1", 0
+    if not upstreams:
+        errors.append("--upstream: give at least one upstream host:port")
+    eps = []
+    for u in upstreams:
+        try:
+            eps.append(list(parse_hostport(u)))
+        except ValueError as e:
+            errors.append(f"--upstream {u}: {e}")
+    if errors:
+        raise ConfigError(errors)
+    data = {
+        "listeners": [{"address": lhost, "port": lport}],
+        "destinations": {"upstream": {"endpoints": [Endpoint(h, p).authority for h, p in eps]}},
+        "routes": [{"name": "default", "destination": "upstream"}],
+        "access_log": {"enabled": access_log},
+    }
+    digest = hashlib.sha256(repr((listen, upstreams, access_log)).encode()).hexdigest()[:16]
+    return from_dict(data, "<quick mode>", digest)

@@ -1,0 +1,297 @@
+"""Upstream connection pools: keep-alive reuse, caps, a bounded wait queue, idle eviction.
+
+One `UpstreamPools` per worker process holds an `EndpointPool` per endpoint of every destination.
+The rules, in the order a request meets them:
+
+1. **Reuse first.** An idle connection is taken newest-first (LIFO: the warmest socket, and the
+   oldest ones age out by the idle timer). One the upstream closed while idle is detected by a
+   non-blocking peek and thrown away.
+2. **Open within caps.** A new connection needs room under the endpoint's ``max_per_endpoint``
+   and the worker's ``[upstream] max_connections``. At the worker cap an idle connection of
+   another endpoint is closed to make room (idle sockets are worth less than a waiting request).
+3. **Otherwise wait**, in FIFO order, at most ``queue_timeout`` and only while fewer than
+   ``queue_size`` requests wait: past either, `PoolFull` (the client gets 503 + Retry-After).
+   Every released or closed connection wakes the first waiter, which retries from step 1.
+4. **Release** returns a connection only if its exchange ended cleanly on both sides and it has
+   served fewer than ``max_requests``; everything else is closed. Idle connections beyond
+   ``max_idle_per_endpoint`` or older than ``idle_timeout`` are closed by the sweeper.
+5. **Close** (drain): idle connections are closed at once, busy ones when they are released.
+
+The pool counts connections, not requests: in-flight request counts for least-connections
+balancing live in `weft.dst`'s caller (the forwarder).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections import deque
+from collections.abc import Iterable
+
+import trio
+
+from weft.config import Destination, Endpoint, PoolConfig
+from weft.http.errors import UpstreamError
+from weft.http.h1 import H1Upstream
+
+log = logging.getLogger("weft.pool")
+
+SWEEP_INTERVAL = 1.0  # seconds between idle sweeps; idle_timeout is honoured to within this
+
+
+class PoolFull(UpstreamError):
+    status = 503
+    reason = "pool_full"
+
+
+class EndpointPool:
+    """Connections to one endpoint."""
+
+    def __init__(
+        self, owner: UpstreamPools, endpoint: Endpoint, cfg: PoolConfig, connect_timeout: float
+    ) -> None:
+        self.owner = owner
+        self.endpoint = endpoint
+        self.cfg = cfg
+        self.connect_timeout = connect_timeout
+        self.idle: deque[H1Upstream] = deque()
+        self.open = 0  # idle + busy + being opened
+        self.waiters: deque[trio.Event] = deque()  # FIFO; a woken waiter that loses keeps its place
+        self.waiting = 0
+        self.created = 0  # connections ever opened (tests and status read it)
+
+    async def acquire(self, *, fresh: bool = False) -> tuple[H1Upstream, bool]:
+        """A connection for one exchange, and whether it was reused.
+
+        Raises PoolFull (503) when the queue is full or the wait times out, UpstreamError
+        (502 refused/unreachable, 504 connect timeout) when opening fails.
+        """
+        owner = self.owner
+        if owner.closing:
+            raise UpstreamError("worker is shutting down", status=503, reason="draining")
+        conn = None if fresh else self._take_idle()
+        if conn is not None:
+            return conn, True
+        if self.open < self.cfg.max_per_endpoint and owner.make_room():
+            return await self._open(), False
+        return await self._wait(fresh)
+
+    def _take_idle(self) -> H1Upstream | None:
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            self.owner.idle_count -= 1
+            if conn.closed_while_idle():
+                self._discard(conn)
+                continue
+            return conn
+        return None
+
+    async def _wait(self, fresh: bool) -> tuple[H1Upstream, bool]:
+        owner = self.owner
+        if self.waiting >= self.cfg.queue_size:
+            raise PoolFull(
+                f"{self.endpoint.authority}: {self.waiting} requests already wait", retry_after=1
+            )
+        event = trio.Event()
+        self.waiters.append(event)
+        self.waiting += 1
+        owner.waiting += 1
+        try:
+            with trio.move_on_after(self.cfg.queue_timeout):
+                while True:
+                    await event.wait()
+                    if owner.closing:
+                        raise UpstreamError(
+                            "worker is shutting down", status=503, reason="draining"
+                        )
+                    conn = None if fresh else self._take_idle()
+                    if conn is not None:
+                        return conn, True
+                    if self.open < self.cfg.max_per_endpoint and owner.make_room():
+                        return await self._open(), False
+                    # Someone was quicker: wait again at the head of the queue.
+                    event = trio.Event()
+                    self.waiters.appendleft(event)
+            raise PoolFull(
+                f"{self.endpoint.authority}: no connection within {self.cfg.queue_timeout:g}s",
+                retry_after=1,
+            )
+        finally:
+            self.waiting -= 1
+            owner.waiting -= 1
+            try:
+                self.waiters.remove(event)
+            except ValueError:
+                pass
+
+    def wake_one(self) -> bool:
+        if self.waiters:
+            self.waiters.popleft().set()
+            return True
+        return False
+
+    async def _open(self) -> H1Upstream:
+        self.open += 1
+        self.owner.total += 1
+        try:
+            ep = self.endpoint
+            with trio.move_on_after(self.connect_timeout) as cs:
+                try:
+                    stream = await trio.open_tcp_stream(ep.host, ep.port)
+                except OSError as e:
+                    raise UpstreamError(
+                        f"connect to {ep.authority} failed: {e.strerror or e}",
+                        reason="connect_error",
+                    ) from None
+            if cs.cancelled_caught:
+                raise UpstreamError(
+                    f"connect to {ep.authority} timed out", status=504, reason="connect_timeout"
+                )
+            stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+        except BaseException:
+            self.open -= 1
+            self.owner.total -= 1
+            self.wake_one() or self.owner.wake_any()
+            raise
+        self.created += 1
+        return H1Upstream(stream, ep)
+
+    def release(self, conn: H1Upstream) -> None:
+        """Give a connection back after an exchange (closed unless cleanly reusable)."""
+        conn.requests += 1
+        cfg = self.cfg
+        if (
+            self.owner.closing
+            or not conn.reusable()
+            or (cfg.max_requests and conn.requests >= cfg.max_requests)
+            or len(self.idle) >= cfg.max_idle_per_endpoint
+        ):
+            self._discard(conn)
+            return
+        conn.recycle()
+        conn.idle_since = trio.current_time()
+        self.idle.append(conn)
+        self.owner.idle_count += 1
+        self.wake_one() or self.owner.wake_any()
+
+    def discard(self, conn: H1Upstream) -> None:
+        """Close a connection that must not be reused (broken or abandoned exchange)."""
+        self._discard(conn)
+
+    def _discard(self, conn: H1Upstream) -> None:
+        owner = self.owner
+        self.open -= 1
+        owner.total -= 1
+        owner.closer.append(conn)
+        owner.closer_wakeup.set()
+        self.wake_one() or owner.wake_any()
+
+    def sweep(self, now: float) -> None:
+        idle = self.idle
+        while idle and now - idle[0].idle_since > self.cfg.idle_timeout:
+            self.owner.idle_count -= 1
+            self._discard(idle.popleft())
+
+    def close_idle(self, n: int | None = None) -> int:
+        closed = 0
+        while self.idle and (n is None or closed < n):
+            self.owner.idle_count -= 1
+            self._discard(self.idle.popleft())
+            closed += 1
+        return closed
+
+
+class UpstreamPools:
+    """Every endpoint pool of one worker, the worker-wide cap, and the background closer."""
+
+    def __init__(
+        self, destinations: Iterable[Destination], max_total: int, connect_timeout: float
+    ) -> None:
+        self.max_total = max_total
+        self.total = 0
+        self.idle_count = 0
+        self.closing = False
+        self.waiting = 0
+        self.closer: list[H1Upstream] = []  # sockets to close off the request path
+        self.closer_wakeup = trio.Event()
+        self.by_destination: dict[str, list[EndpointPool]] = {}
+        for dest in destinations:
+            eps = []
+            for ep in dest.endpoints:
+                pool = EndpointPool(self, ep, dest.pool, connect_timeout)
+                eps.append(pool)
+            self.by_destination[dest.name] = eps
+
+    def make_room(self) -> bool:
+        """Whether one more connection may open, closing an idle one elsewhere if needed."""
+        if self.total < self.max_total:
+            return True
+        if self.idle_count:
+            oldest: EndpointPool | None = None
+            for pools in self.by_destination.values():
+                for p in pools:
+                    if p.idle and (
+                        oldest is None or p.idle[0].idle_since < oldest.idle[0].idle_since
+                    ):
+                        oldest = p
+            if oldest is not None:
+                oldest.close_idle(1)
+                return self.total < self.max_total
+        return False
+
+    def wake_any(self) -> bool:
+        """A connection slot was freed: let the first waiter of any endpoint retry."""
+        if self.waiting:
+            for pools in self.by_destination.values():
+                for p in pools:
+                    if p.wake_one():
+                        return True
+        return False
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Background work: close discarded sockets and sweep idle ones. Runs until cancelled."""
+        task_status.started()
+        next_sweep = trio.current_time() + SWEEP_INTERVAL
+        while True:
+            with trio.move_on_at(next_sweep):
+                await self.closer_wakeup.wait()
+            self.closer_wakeup = trio.Event()
+            now = trio.current_time()
+            if now >= next_sweep:
+                for pools in self.by_destination.values():
+                    for p in pools:
+                        p.sweep(now)
+                next_sweep = now + SWEEP_INTERVAL
+            conns, self.closer = self.closer, []
+            for c in conns:
+                await c.aclose()
+
+    async def aclose(self) -> None:
+        """Graceful close: idle connections now; busy ones are closed when released."""
+        self.closing = True
+        for pools in self.by_destination.values():
+            for p in pools:
+                p.close_idle()
+        for pools in self.by_destination.values():
+            for p in pools:
+                while p.wake_one():
+                    pass
+        conns, self.closer = self.closer, []
+        for c in conns:
+            await c.aclose()
+
+    def stats(self) -> dict[str, list[dict[str, int | str]]]:
+        return {
+            name: [
+                {
+                    "endpoint": p.endpoint.authority,
+                    "open": p.open,
+                    "idle": len(p.idle),
+                    "waiting": p.waiting,
+                    "created": p.created,
+                }
+                for p in pools
+            ]
+            for name, pools in self.by_destination.items()
+        }

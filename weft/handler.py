@@ -1,0 +1,167 @@
+"""The middleware core: what a handler is, how a route's chain is built, and the app on top.
+
+A handler takes a Request and returns a Response::
+
+    Next = Callable[[Request], Awaitable[Response]]
+    Middleware = Callable[[Request, Next], Awaitable[Response]]
+
+    async def add_header(request, next):
+        response = await next(request)
+        response.headers.set("x-served-by", "weft")
+        return response
+
+A route's chain is its middleware in config order, outermost first, with the destination's
+`Forwarder` as the innermost handler. User middleware comes from an import path in the config
+(``"package.module:factory"``); the factory is called once per worker with the entry's config
+table and returns the middleware. Loading happens when the config is checked, so a missing
+module is a config error (`weft check` reports it), not a 500 at the first request.
+
+`App` is what the protocol adapters call: it matches the route, applies the route's body limit,
+the path rewrite and the ``request_total`` deadline, runs the chain, and turns an exception that
+escapes user middleware into a logged 500 for that request alone. Client errors (`ClientError`:
+body too large, client too slow) pass through, because the adapter must also close the
+connection for them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from weft.config import Config, ConfigError, MiddlewareSpec, Route
+from weft.connection import UpstreamPools
+from weft.forward import Forwarder
+from weft.http.errors import ClientError
+from weft.http.h1 import error_response
+from weft.http.messages import BodyTooLarge, Request, Response
+from weft.routes import NoRoute, Router
+
+log = logging.getLogger("weft.handler")
+
+Next = Callable[[Request], Awaitable[Response]]
+Middleware = Callable[[Request, Next], Awaitable[Response]]
+
+
+def load_middleware(spec: MiddlewareSpec) -> Middleware:
+    """Import ``module:factory`` and call the factory with its config. Raises ValueError."""
+    module_name, _, attr = spec.use.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # any import-time failure of user code is a config error
+        raise ValueError(f"cannot import {module_name!r}: {type(e).__name__}: {e}") from None
+    factory = getattr(module, attr, None)
+    if factory is None:
+        raise ValueError(f"module {module_name!r} has no attribute {attr!r}")
+    try:
+        mw = factory(dict(spec.config))
+    except Exception as e:
+        raise ValueError(f"{spec.use}({spec.config!r}) failed: {type(e).__name__}: {e}") from None
+    if not callable(mw):
+        raise ValueError(f"{spec.use} returned {type(mw).__name__}, not a middleware callable")
+    return mw
+
+
+def load_all_middleware(config: Config) -> dict[str, list[Middleware]]:
+    """Every route's middleware, by route name. Raises ConfigError naming the key path."""
+    errors = []
+    out: dict[str, list[Middleware]] = {}
+    for i, route in enumerate(config.routes):
+        mws = []
+        for j, spec in enumerate(route.middleware):
+            try:
+                mws.append(load_middleware(spec))
+            except ValueError as e:
+                errors.append(f"{config.source}: routes[{i}].middleware[{j}]: {e}")
+        out[route.name] = mws
+    if errors:
+        raise ConfigError(errors)
+    return out
+
+
+def chain(middlewares: list[Middleware], terminal: Next) -> Next:
+    """Compose middleware around `terminal`; the first in the list runs first."""
+    handler = terminal
+    for mw in reversed(middlewares):
+        handler = _bind(mw, handler)
+    return handler
+
+
+def _bind(mw: Middleware, nxt: Next) -> Next:
+    async def handler(request: Request) -> Response:
+        return await mw(request, nxt)
+
+    handler.__qualname__ = getattr(mw, "__qualname__", "middleware")
+    return handler
+
+
+class App:
+    """Routes a request and runs its chain; the adapters' single entry point."""
+
+    def __init__(
+        self,
+        config: Config,
+        pools: UpstreamPools,
+        middleware: dict[str, list[Middleware]] | None = None,
+    ) -> None:
+        self.config = config
+        forwarders = {
+            name: Forwarder(dest, pools.by_destination[name], config)
+            for name, dest in config.destinations.items()
+        }
+        self.forwarders = forwarders
+        mws = middleware if middleware is not None else load_all_middleware(config)
+        entries: list[tuple[Route, Next]] = []
+        for route in config.routes:
+            entries.append((route, chain(mws.get(route.name, []), forwarders[route.destination])))
+        self.router: Router[Next] = Router(entries)
+
+    async def __call__(self, request: Request) -> Response:
+        try:
+            route, handler = self.router.match(
+                request.headers.get("host"), request.path, request.method
+            )
+        except NoRoute as e:
+            request.ctx["error"] = "no_route"
+            extra = [("allow", ", ".join(e.allow))] if e.allow else []
+            resp = error_response(e.status, "no route", request.id, close=False)
+            for k, v in extra:
+                resp.headers.add(k, v)
+            return resp
+        request.route = route
+        body = request.body
+        body.limit = route.max_body_bytes
+        if body.length is not None and body.length > route.max_body_bytes:
+            raise BodyTooLarge(route.max_body_bytes)
+        if route.strip_prefix or route.rewrite_prefix is not None:
+            rest = request.path[len(route.path_prefix) :]
+            if route.rewrite_prefix is not None:
+                request.path = route.rewrite_prefix + rest
+            else:
+                request.path = "/" + rest.lstrip("/") if not rest.startswith("/") else rest
+        total = route.timeouts.request_total
+        deadline = request.start + total if total > 0 else float("inf")
+        request.ctx["deadline"] = deadline
+        try:
+            with trio.fail_after(max(deadline - trio.current_time(), 0)) if total > 0 else _null():
+                return await handler(request)
+        except ClientError:
+            raise
+        except trio.TooSlowError:
+            request.ctx["error"] = "request_timeout"
+            return error_response(504, "request_total exceeded", request.id, close=False)
+        except Exception:
+            log.exception("request %s on route %s: middleware failed", request.id, route.name)
+            request.ctx["error"] = "middleware_error"
+            return error_response(500, "internal error", request.id, close=False)
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None

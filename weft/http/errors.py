@@ -1,0 +1,59 @@
+"""Exceptions that carry an HTTP outcome across layers.
+
+The data path raises these where it learns what went wrong and catches them where a response can
+still be written: a `ClientError` (the client's fault: 4xx, connection closed afterwards when
+framing is in doubt) or an `UpstreamError` (the upstream's fault: 502/503/504). `reason` is a
+short stable word used in the access log and, later, as a metric label.
+"""
+
+from __future__ import annotations
+
+
+class ProxyError(Exception):
+    """An outcome with a status the proxy itself produces."""
+
+    status = 500
+    reason = "internal"
+    close = False  # whether the client connection must be closed afterwards
+
+    def __init__(
+        self,
+        detail: str = "",
+        *,
+        status: int | None = None,
+        reason: str | None = None,
+        close: bool | None = None,
+        retry_after: int | None = None,
+    ) -> None:
+        super().__init__(detail or self.reason)
+        self.detail = detail or self.reason
+        if status is not None:
+            self.status = status
+        if reason is not None:
+            self.reason = reason
+        if close is not None:
+            self.close = close
+        self.retry_after = retry_after
+
+
+class ClientError(ProxyError):
+    """The client sent something we refuse, or went quiet. Passes through user middleware."""
+
+    status = 400
+    reason = "bad_request"
+    close = True
+
+
+class ClientGone(ClientError):
+    """The client closed or reset its connection; nothing can be sent to it any more."""
+
+    status = 499  # nginx's "client closed request": logged only, never sent
+    reason = "client_gone"
+
+
+class UpstreamError(ProxyError):
+    """The upstream broke the exchange, was too slow, or none was available."""
+
+    status = 502
+    reason = "upstream"
+    close = False

@@ -1,0 +1,175 @@
+"""Header rules of a proxy: what is hop-by-hop, what is added on the way, what is believed.
+
+Pure functions over header lists (lowercase byte names, as h11 produces them), so each rule is
+unit-tested with plain values and the data path only calls them.
+
+The rules (RFC 9110 §7.6.1 and §7.6.3, RFC 7239's X-Forwarded-* precursors as nginx and Envoy
+use them):
+
+* Hop-by-hop fields are removed in both directions: Connection and every field it names,
+  Keep-Alive, Proxy-Connection, TE, Transfer-Encoding, Upgrade. Two exceptions: ``TE: trailers``
+  is sent on as ``te: trailers`` (gRPC needs it), and Upgrade/``Connection: upgrade`` are kept on
+  a request that asks to switch protocols (WebSocket), because the upstream must see them.
+* Expect is answered by weft itself (it sends ``100 Continue`` when the forwarder starts reading
+  the body), so it is not sent upstream: an upstream that ignores Expect can then never make a
+  client wait.
+* X-Forwarded-For/-Proto/-Host from the client are believed only when the client address is a
+  trusted proxy. Believed: our client's address is appended to X-Forwarded-For and the other two
+  kept. Not believed: all three are replaced by what weft saw.
+* Via gets ``<version> <pseudonym>`` appended in both directions.
+* The request id is kept when the client sent a sane one (visible ASCII, at most 200 bytes),
+  generated otherwise.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Sequence
+
+from weft.http.messages import HeaderList
+
+HOP_BY_HOP = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"transfer-encoding", b"upgrade"}
+)
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def connection_tokens(headers: HeaderList) -> set[bytes]:
+    """Lowercase tokens of every Connection field."""
+    tokens: set[bytes] = set()
+    for k, v in headers:
+        if k == b"connection":
+            for t in v.split(b","):
+                t = t.strip().lower()
+                if t:
+                    tokens.add(t)
+    return tokens
+
+
+def strip_hop_by_hop(headers: HeaderList, *, keep_upgrade: bool = False) -> HeaderList:
+    """Headers without hop-by-hop fields.
+
+    Keeps ``te: trailers`` and, when `keep_upgrade`, the Upgrade field with ``Connection: upgrade``.
+    """
+    named = connection_tokens(headers) if any(k == b"connection" for k, _ in headers) else ()
+    out: HeaderList = []
+    wants_trailers = False
+    upgrade: bytes | None = None
+    for k, v in headers:
+        if k in HOP_BY_HOP or k in named:
+            if k == b"te" and b"trailers" in v.lower():
+                wants_trailers = True
+            elif k == b"upgrade":
+                upgrade = v
+            continue
+        out.append((k, v))
+    if wants_trailers:
+        out.append((b"te", b"trailers"))
+    if keep_upgrade and upgrade is not None:
+        out.append((b"connection", b"upgrade"))
+        out.append((b"upgrade", upgrade))
+    return out
+
+
+def is_upgrade_request(headers: HeaderList) -> bool:
+    """True when the client asks to switch protocols (Upgrade named in Connection)."""
+    return any(k == b"upgrade" for k, _ in headers) and b"upgrade" in connection_tokens(headers)
+
+
+def is_trusted(client_ip: str, trusted: Sequence[Network]) -> bool:
+    if not trusted or not client_ip:
+        return False
+    try:
+        addr = ipaddress.ip_address(client_ip)
+    except ValueError:
+        return False
+    if addr.version == 6 and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return any(addr in net for net in trusted)
+
+
+def new_request_id() -> str:
+    """A random 128-bit id in UUID text form (what tracing systems expect)."""
+    h = os.urandom(16).hex()
+    variant = "89ab"[int(h[16], 16) & 3]  # RFC 9562 §4.1: variant bits 10
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{variant}{h[17:20]}-{h[20:]}"
+
+
+def valid_request_id(value: bytes) -> bool:
+    return 0 < len(value) <= 200 and all(0x21 <= c <= 0x7E for c in value)
+
+
+def forward_request_headers(
+    headers: HeaderList,
+    *,
+    client_ip: str,
+    trusted: bool,
+    scheme: str,
+    host: bytes | None,
+    upstream_host: bytes | None,
+    via: bytes,
+    request_id_header: bytes,
+    request_id: bytes,
+    upgrade: bool,
+) -> HeaderList:
+    """The header list to send upstream.
+
+    Args:
+      headers: the client's header fields.
+      client_ip: the peer address of the client connection.
+      trusted: whether that peer is a trusted proxy (its X-Forwarded-* are believed).
+      scheme: "http" or "https", as weft received the request.
+      host: the client's Host value (None for an HTTP/1.0 request without one).
+      upstream_host: the Host value to send (from the destination's host_header policy).
+      via: the Via entry to append, e.g. ``b"1.1 weft"``.
+      request_id_header, request_id: the id field and its value (already chosen).
+      upgrade: keep Upgrade and ``Connection: upgrade`` (a protocol switch is asked for).
+    """
+    out: HeaderList = []
+    xff: list[bytes] = []
+    xfp = xfh = None
+    for k, v in strip_hop_by_hop(headers, keep_upgrade=upgrade):
+        if k == b"host" or k == b"expect" or k == request_id_header:
+            continue
+        if k == b"x-forwarded-for":
+            if trusted:
+                xff.append(v)
+            continue
+        if k == b"x-forwarded-proto":
+            if trusted and xfp is None:
+                xfp = v
+            continue
+        if k == b"x-forwarded-host":
+            if trusted and xfh is None:
+                xfh = v
+            continue
+        out.append((k, v))
+    # Host goes first, as clients send it (some upstreams log the head verbatim).
+    if upstream_host is not None:
+        out.insert(0, (b"host", upstream_host))
+    xff.append(client_ip.encode())
+    out.append((b"x-forwarded-for", b", ".join(xff)))
+    out.append((b"x-forwarded-proto", xfp if xfp is not None else scheme.encode()))
+    if xfh is not None or host is not None:
+        out.append((b"x-forwarded-host", xfh if xfh is not None else host))  # type: ignore[arg-type]
+    _append_via(out, via)
+    out.append((request_id_header, request_id))
+    return out
+
+
+def forward_response_headers(
+    headers: HeaderList, *, via: bytes, upgrade: bool = False
+) -> HeaderList:
+    """The upstream's response headers as sent to the client."""
+    out = strip_hop_by_hop(headers, keep_upgrade=upgrade)
+    _append_via(out, via)
+    return out
+
+
+def _append_via(out: HeaderList, via: bytes) -> None:
+    for i, (k, v) in enumerate(out):
+        if k == b"via":
+            out[i] = (k, v + b", " + via)
+            return
+    out.append((b"via", via))

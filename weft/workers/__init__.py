@@ -1,0 +1,1 @@
+"""Worker processes: each serves its listeners with trio until told to drain."""

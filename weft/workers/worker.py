@@ -1,0 +1,151 @@
+"""One worker: serve the given listening sockets with trio until told to stop, then drain.
+
+The entry point is `serve(sockets, config)`, synchronous, so a supervisor can call it in a forked
+child (trio cannot fork from inside `trio.run`) and `weft run` can call it in-process. The worker
+does not bind or close its listening sockets: they belong to whoever passed them in, because
+closing a SO_REUSEPORT socket resets the connections queued on it.
+
+Inside `trio.run`, shaped like hypercorn's `worker_serve`:
+
+* the **accept nursery** runs one accept loop per listener; a semaphore of
+  ``limits.max_connections`` makes excess connections wait in the kernel backlog;
+* the **connection nursery** runs one task per client connection (`weft.http.h1.H1Server`);
+* the **service nursery** runs the pool sweeper and the access-log writer.
+
+Drain (SIGTERM, SIGINT, or `stop` being set): the accept loops are cancelled (the sockets stay
+open and their queues with them), idle keep-alive connections are closed, busy connections
+finish their current response with ``Connection: close``, and whatever still runs after
+``timeouts.drain`` is cancelled. Then the upstream pools close and `serve` returns.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import signal
+import socket
+from collections.abc import Callable
+
+import trio
+
+from weft.accesslog import AccessLog
+from weft.config import Config
+from weft.connection import UpstreamPools
+from weft.handler import App, Middleware
+from weft.http.h1 import H1Server, ServerState
+
+log = logging.getLogger("weft.worker")
+
+# accept() errors that mean "out of a resource for now": back off instead of dying, as
+# trio's serve_listeners does (EMFILE/ENFILE/ENOMEM/ENOBUFS).
+_ACCEPT_RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+ACCEPT_BACKOFF = 0.1  # seconds
+
+
+def serve(
+    sockets: list[socket.socket],
+    config: Config,
+    *,
+    middleware: dict[str, list[Middleware]] | None = None,
+    on_ready: Callable[[], None] | None = None,
+    handle_signals: bool = True,
+) -> None:
+    """Run a worker until SIGTERM/SIGINT (when `handle_signals`) and a completed drain.
+
+    Args:
+      sockets: listening, non-blocking sockets; not closed by the worker.
+      config: the validated config.
+      middleware: preloaded middleware by route name (loaded from config when None).
+      on_ready: called once every listener accepts.
+    """
+    trio.run(_main, sockets, config, middleware, on_ready, handle_signals)
+
+
+class Worker:
+    """The state of one running worker (reachable from tests and the supervisor glue)."""
+
+    def __init__(self, config: Config, middleware: dict[str, list[Middleware]] | None) -> None:
+        self.config = config
+        self.pools = UpstreamPools(
+            config.destinations.values(),
+            config.upstream_max_connections,
+            config.timeouts.upstream_connect,
+        )
+        self.app = App(config, self.pools, middleware)
+        self.state = ServerState(config, self.app)
+        self.access_log = AccessLog(config.access_log.path) if config.access_log.enabled else None
+        if self.access_log is not None:
+            self.state.on_exchange = self.access_log.record
+        self.connections = trio.Semaphore(config.limits.max_connections)
+        self.stop = trio.Event()
+
+    async def accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        while True:
+            await self.connections.acquire()
+            try:
+                stream = await listener.accept()
+            except OSError as e:
+                self.connections.release()
+                if e.errno in _ACCEPT_RESOURCE_ERRORS:
+                    log.warning("accept: %s; backing off %.1fs", e.strerror, ACCEPT_BACKOFF)
+                    await trio.sleep(ACCEPT_BACKOFF)
+                    continue
+                raise
+            except BaseException:
+                self.connections.release()
+                raise
+            nursery.start_soon(self.handle, stream)
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        try:
+            try:
+                peer = stream.socket.getpeername()
+            except OSError:
+                await trio.aclose_forcefully(stream)
+                return
+            await H1Server(stream, self.state, (peer[0], peer[1])).serve()
+        finally:
+            self.connections.release()
+
+
+async def _watch_signals(worker: Worker) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("worker got %s: draining", signal.Signals(signum).name)
+            worker.stop.set()
+            return
+
+
+async def _main(
+    sockets: list[socket.socket],
+    config: Config,
+    middleware: dict[str, list[Middleware]] | None,
+    on_ready: Callable[[], None] | None,
+    handle_signals: bool,
+) -> None:
+    worker = Worker(config, middleware)
+    listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in sockets]
+    if worker.access_log is not None:
+        worker.access_log.open()
+    try:
+        async with trio.open_nursery() as service:
+            await service.start(worker.pools.run)
+            if worker.access_log is not None:
+                await service.start(worker.access_log.run)
+            if handle_signals:
+                service.start_soon(_watch_signals, worker)
+            async with trio.open_nursery() as conns:
+                async with trio.open_nursery() as acceptors:
+                    for listener in listeners:
+                        acceptors.start_soon(worker.accept_loop, listener, conns)
+                    if on_ready is not None:
+                        on_ready()
+                    await worker.stop.wait()
+                    acceptors.cancel_scope.cancel()
+                worker.state.drain()
+                conns.cancel_scope.deadline = trio.current_time() + config.timeouts.drain
+            await worker.pools.aclose()
+            service.cancel_scope.cancel()
+    finally:
+        if worker.access_log is not None:
+            worker.access_log.close()
