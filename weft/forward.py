@@ -197,6 +197,8 @@ class Forwarder:
             dest.strategy,
             [e.weight for e in dest.endpoints],
             balance_factor=dest.hash_balance_factor,
+            # By address: a changed endpoint list moves only the keys of changed endpoints.
+            names=[e.authority for e in dest.endpoints],
         )
         self.hash_source = HashKeySource.parse(dest.hash_key) if dest.hash_key else None
         self.inflight = [0] * len(self.pools)
