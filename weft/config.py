@@ -532,8 +532,6 @@ def _read_destinations(r: _Reader, raw: Any) -> dict[str, Destination]:
     t = r.table(raw, "destinations")
     if t is None:
         return {}
-    if not t:
-        r.error("destinations", "expected at least one [destinations.<name>] table")
     out: dict[str, Destination] = {}
     for name, item in t.items():
         path = f"destinations.{name}"
@@ -544,6 +542,7 @@ def _read_destinations(r: _Reader, raw: Any) -> dict[str, Destination]:
             continue
         strategy = r.take(d, "strategy", path, _strategy, "round_robin")
         host_header = r.take(d, "host_header", path, _host_header, "pass")
+        has_hash_key = "hash_key" in d
         hash_key = r.take(d, "hash_key", path, _hash_key, None)
         factor = r.take(d, "hash_balance_factor", path, lambda v: _float(v, lo=0, hi=100), 1.25)
         if 0 < factor < 1:
@@ -572,7 +571,7 @@ def _read_destinations(r: _Reader, raw: Any) -> dict[str, Destination]:
                     seen[(ep.host, ep.port)] = i
                     eps.append(ep)
         r.unknown(d, path, _DEST_KEYS)
-        if strategy == "consistent_hash" and hash_key is None:
+        if strategy == "consistent_hash" and not has_hash_key:
             r.error(path, 'strategy "consistent_hash" needs "hash_key"')
         if strategy != "consistent_hash" and hash_key is not None:
             r.error(
@@ -597,11 +596,13 @@ _ROUTE_KEYS = (
 
 
 def _route_host(v: Any) -> str:
-    s = _str(v).lower()
+    s = _str(v).lower().rstrip(".")  # "example.com." is the same host; requests match without it
     if s.startswith("*."):
         if not _HOSTNAME.match(s[2:]):
             raise _Bad(f'{v!r} is not a host name or "*.suffix"')
         return s
+    if re.search(r":\d*$", s) and not s.endswith("]"):
+        raise _Bad(f"{v!r}: a route host has no port (routes match the host on any port)")
     try:
         _check_host_value(s)
     except ValueError:
@@ -653,16 +654,20 @@ def _middleware(r: _Reader, raw: Any, path: str) -> tuple[MiddlewareSpec, ...]:
     return tuple(out)
 
 
-def _read_routes(r: _Reader, raw: Any, timeouts: Timeouts, limits: Limits) -> tuple[Route, ...]:
+def _read_routes(
+    r: _Reader, raw: Any, timeouts: Timeouts, limits: Limits
+) -> list[tuple[int, Route, bool]]:
+    """Each route with its index in the file and whether it was read without a mistake."""
     if not isinstance(raw, list) or not raw:
         r.error("routes", "expected at least one [[routes]] table")
-        return ()
+        return []
     out = []
     for i, item in enumerate(raw):
         path = f"routes[{i}]"
         t = r.table(item, path)
         if t is None:
             continue
+        errors_before = len(r.errors)
         name = r.take(t, "name", path, _str, f"route{i}")
         if not _NAME.match(name):
             r.error(f"{path}.name", "a route name uses letters, digits, '_', '-', '.' (at most 64)")
@@ -686,8 +691,9 @@ def _read_routes(r: _Reader, raw: Any, timeouts: Timeouts, limits: Limits) -> tu
         )
         mws = _middleware(r, t.pop("middleware"), f"{path}.middleware") if "middleware" in t else ()
         r.unknown(t, path, _ROUTE_KEYS)
-        out.append(Route(name, dest, host, prefix, methods, strip, rewrite, rt, body, mws))
-    return tuple(out)
+        route = Route(name, dest, host, prefix, methods, strip, rewrite, rt, body, mws)
+        out.append((i, route, len(r.errors) == errors_before))
+    return out
 
 
 def _cidr(v: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
@@ -765,13 +771,14 @@ def from_dict(data: dict[str, Any], source: str, digest: str = "") -> Config:
     dests = _read_destinations(r, top.pop("destinations", None)) if "destinations" in top else {}
     if not dests:
         r.error("destinations", "expected at least one [destinations.<name>] table")
-    routes = _read_routes(r, top.pop("routes", None), timeouts, limits)
+    read_routes = _read_routes(r, top.pop("routes", None), timeouts, limits)
+    routes = tuple(route for _, route, _ in read_routes)
     r.unknown(top, "", _TOP_KEYS)
 
     known = ", ".join(f'"{n}"' for n in dests)
     names: dict[str, int] = {}
     keys: dict[tuple[str | None, str, frozenset[str] | None], int] = {}
-    for i, route in enumerate(routes):
+    for i, route, clean in read_routes:
         if route.destination and route.destination not in dests:
             r.error(
                 f"routes[{i}].destination",
@@ -781,6 +788,8 @@ def from_dict(data: dict[str, Any], source: str, digest: str = "") -> Config:
             r.error(f"routes[{i}].name", f'"{route.name}" is already routes[{names[route.name]}]')
         names[route.name] = i
         key = (route.host, route.path_prefix, route.methods)
+        if not clean:
+            continue  # a refused value fell back to a default: comparing it would mislead
         if key in keys:
             r.error(
                 f"routes[{i}]",
@@ -808,7 +817,8 @@ def from_dict(data: dict[str, Any], source: str, digest: str = "") -> Config:
 
 
 def load(path: str | Path) -> Config:
-    """Read and validate a config file. Raises ConfigError (with every mistake) or OSError."""
+    """Read and validate a config file. Raises ConfigError with every mistake (an unreadable
+    file is one of them)."""
     p = Path(path)
     name = str(path)
     try:

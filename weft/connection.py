@@ -72,6 +72,8 @@ class EndpointPool:
         conn = None if fresh else self._take_idle()
         if conn is not None:
             return conn, True
+        if fresh and self.open >= self.cfg.max_per_endpoint:
+            self.close_idle(1)  # a fresh connection is wanted: an idle one gives up its place
         if self.open < self.cfg.max_per_endpoint and owner.make_room():
             return await self._open(), False
         return await self._wait(fresh)
@@ -108,6 +110,8 @@ class EndpointPool:
                     conn = None if fresh else self._take_idle()
                     if conn is not None:
                         return conn, True
+                    if fresh and self.open >= self.cfg.max_per_endpoint:
+                        self.close_idle(1)
                     if self.open < self.cfg.max_per_endpoint and owner.make_room():
                         return await self._open(), False
                     # Someone was quicker: wait again at the head of the queue.

@@ -2,7 +2,9 @@
 
 A handler takes a Request and returns a Response::
 
-    Next = Callable[[Request], Awaitable[Response]]
+    ALLOW = b"GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"
+
+Next = Callable[[Request], Awaitable[Response]]
     Middleware = Callable[[Request, Next], Awaitable[Response]]
 
     async def add_header(request, next):
@@ -37,10 +39,12 @@ from weft.connection import UpstreamPools
 from weft.forward import Forwarder
 from weft.http.errors import ClientError
 from weft.http.h1 import error_response
-from weft.http.messages import BodyTooLarge, Request, Response
+from weft.http.messages import BodyTooLarge, BytesBody, Headers, Request, Response
 from weft.routes import NoRoute, Router
 
 log = logging.getLogger("weft.handler")
+
+ALLOW = b"GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"  # what OPTIONS * is answered with
 
 Next = Callable[[Request], Awaitable[Response]]
 Middleware = Callable[[Request, Next], Awaitable[Response]]
@@ -120,6 +124,11 @@ class App:
         self.router: Router[Next] = Router(entries)
 
     async def __call__(self, request: Request) -> Response:
+        if request.target == "*":
+            # OPTIONS * asks about the server itself (RFC 9110 §9.3.7): the proxy answers it.
+            return Response(
+                200, Headers([(b"allow", ALLOW), (b"content-length", b"0")]), BytesBody(b"")
+            )
         try:
             route, handler = self.router.match(
                 request.headers.get("host"), request.path, request.method

@@ -168,7 +168,10 @@ def forward_response_headers(
 
 
 def _append_via(out: HeaderList, via: bytes) -> None:
-    for i, (k, v) in enumerate(out):
+    # RFC 9110 §7.6.3: each recipient appends its entry, so ours goes last: onto the last Via
+    # field (field lines combine in order, §5.3), or as a new field when there is none.
+    for i in range(len(out) - 1, -1, -1):
+        k, v = out[i]
         if k == b"via":
             out[i] = (k, v + b", " + via)
             return

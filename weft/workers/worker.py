@@ -108,12 +108,21 @@ class Worker:
             self.connections.release()
 
 
-async def _watch_signals(worker: Worker) -> None:
+async def _watch_signals(worker: Worker, scope: trio.CancelScope) -> None:
+    """First SIGTERM/SIGINT: drain. A second one: stop now (as nginx's fast shutdown).
+
+    The receiver stays open until the worker exits, so a second signal never meets the default
+    handler (which would kill the process with 143 and lose the last access-log lines).
+    """
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
-            log.info("worker got %s: draining", signal.Signals(signum).name)
-            worker.stop.set()
-            return
+            name = signal.Signals(signum).name
+            if not worker.stop.is_set():
+                log.info("worker got %s: draining", name)
+                worker.stop.set()
+            else:
+                log.info("worker got %s again: stopping now", name)
+                scope.cancel()
 
 
 async def _main(
@@ -132,9 +141,9 @@ async def _main(
             await service.start(worker.pools.run)
             if worker.access_log is not None:
                 await service.start(worker.access_log.run)
-            if handle_signals:
-                service.start_soon(_watch_signals, worker)
             async with trio.open_nursery() as conns:
+                if handle_signals:
+                    service.start_soon(_watch_signals, worker, conns.cancel_scope)
                 async with trio.open_nursery() as acceptors:
                     for listener in listeners:
                         acceptors.start_soon(worker.accept_loop, listener, conns)

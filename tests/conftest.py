@@ -1,0 +1,98 @@
+"""Fixtures shared by weft's tests.
+
+End-to-end fixtures start real processes (``tests/support/procs.py``): ``upstream`` and ``weft``
+are factories, so a test starts as many as its story needs, and their teardown stops every
+process the test started, even when the test failed. ``free_port`` gives a port for weft's
+listener. A session check at the end fails the run if any weft process or shared-memory
+segment of ours outlived its test.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+# tests/ on sys.path, so `support` imports the same way from every test directory.
+_TESTS = str(Path(__file__).resolve().parent)
+if _TESTS not in sys.path:
+    sys.path.insert(0, _TESTS)
+
+from support import procs  # noqa: E402
+from support.procs import Upstream, Weft  # noqa: E402
+
+
+@pytest.fixture
+def free_port() -> Callable[..., int]:
+    """``free_port(host="127.0.0.1") -> int``: a port that was free a moment ago."""
+    return procs.free_port
+
+
+@pytest.fixture
+def upstream(tmp_path: Path) -> Iterator[Callable[..., Upstream]]:
+    """Factory ``upstream(name="up", *, host="127.0.0.1") -> Upstream``; all stopped at the end."""
+    started: list[Upstream] = []
+
+    def start(name: str = "up", *, host: str = "127.0.0.1") -> Upstream:
+        u = procs.start_upstream(name, tmp_path, host=host)
+        started.append(u)
+        return u
+
+    yield start
+    for u in started:
+        u.stop()
+
+
+@pytest.fixture
+def weft(tmp_path: Path) -> Iterator[Callable[..., Weft]]:
+    """Factory starting ``python -m weft run``; every started weft is stopped at teardown.
+
+    ``weft(config_text=None, *, args=(), pythonpath=(), env=None, ready_timeout=10.0,
+    stop_timeout=15.0, name="weft") -> Weft``. See ``procs.start_weft``. A weft that does not
+    stop cleanly on SIGTERM fails the test at teardown (after being killed).
+    """
+    started: list[Weft] = []
+    counter = iter(range(1, 1000))
+
+    def start(config_text: str | None = None, *, args: Sequence[str] = (),
+              name: str | None = None, **kwargs: object) -> Weft:
+        label = name or ("weft" if not started else f"weft{next(counter)}")
+        w = procs.start_weft(tmp_path, config_text, args=args, name=label,
+                             **kwargs)  # type: ignore[arg-type]
+        started.append(w)
+        return w
+
+    yield start
+    errors = []
+    for w in started:
+        try:
+            w.stop()
+        except AssertionError as e:
+            errors.append(str(e))
+    if errors:
+        pytest.fail("weft did not stop cleanly:\n" + "\n\n".join(errors), pytrace=False)
+
+
+def _live_children() -> set[int]:
+    return {p for p in procs.descendants(os.getpid()) if procs.pid_alive(p)}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _nothing_left_behind() -> Iterator[None]:
+    """After the whole run: no child process of ours and no shm segment of an instance this run
+    named (``procs.unique_instance``). Other runs' segments (a parallel test run, a real weft)
+    are none of our business and are never touched."""
+    yield
+    left_procs = _live_children()
+    ours = sorted(Path("/dev/shm").glob(f"weft-{procs.INSTANCE_PREFIX}*"))
+    problems = []
+    if left_procs:
+        problems.append(f"processes left running: {sorted(left_procs)}")
+    if ours:
+        problems.append(f"shared-memory segments left: {[str(s) for s in ours]}")
+        for seg in ours:
+            seg.unlink(missing_ok=True)
+    assert not problems, "; ".join(problems)

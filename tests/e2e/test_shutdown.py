@@ -1,0 +1,104 @@
+"""Stopping weft: SIGTERM drains (in-flight requests finish, within ``[timeouts] drain``), then
+weft exits 0 and leaves nothing behind: no process, no listening socket, no shm segment."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+
+import httpx
+import pytest
+from support.clients import run_concurrently
+from support.config import simple_config
+from support.procs import pid_alive, port_accepts, wait_for
+from support.rawhttp import RawConnection
+
+pytestmark = pytest.mark.e2e
+
+
+def _slow(url: str, delay: float) -> httpx.Response | Exception:
+    try:
+        with httpx.Client(timeout=20.0) as client:
+            return client.get(f"{url}/slow", params={"delay": delay})
+    except httpx.HTTPError as e:
+        return e
+
+
+def test_sigterm_lets_an_in_flight_request_finish(upstream, weft, free_port):
+    up = upstream("drain")
+    proxy = weft(simple_config(free_port(), [up.address], timeouts={"drain": "10s"}))
+
+    def terminate_while_in_flight() -> tuple[int, float]:
+        wait_for(lambda: up.stats()["in_flight"] == 1, 5.0, "the slow request at the upstream")
+        start = time.monotonic()
+        proxy.signal(signal.SIGTERM)
+        # 2. no new connections once draining (bounded poll for the listener to go away)
+        wait_for(lambda: not port_accepts(proxy.host, proxy.port) or not proxy.alive(), 5.0,
+                 "the listener to close")
+        rc = proxy.proc.wait(timeout=15.0)
+        return rc, time.monotonic() - start
+
+    # 1. a request that needs 1.5 s is in flight when SIGTERM arrives
+    resp, (rc, exit_after) = run_concurrently([lambda: _slow(proxy.url, 1.5),
+                                                terminate_while_in_flight], timeout=30.0)
+    assert isinstance(resp, httpx.Response), f"the in-flight request failed: {resp!r}"
+    assert resp.status_code == 200
+    # 3. weft exits cleanly once the last request is done, well before the drain deadline
+    assert rc == 0, proxy.diagnostics()
+    assert exit_after < 8.0
+
+
+def test_sigterm_closes_idle_keepalive_connections(upstream, weft, free_port):
+    up = upstream("idle")
+    proxy = weft(simple_config(free_port(), [up.address], timeouts={"drain": "10s",
+                                                                  "client_keepalive": "60s"}))
+    with RawConnection(proxy.port) as conn:
+        conn.send(b"GET /echo HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert conn.read_response().status == 200
+        start = time.monotonic()
+        proxy.signal(signal.SIGTERM)
+        # an idle client connection must not hold the drain for its whole deadline
+        assert conn.peer_closed(timeout=5.0)
+        rc = proxy.proc.wait(timeout=10.0)
+    assert rc == 0
+    assert time.monotonic() - start < 5.0
+
+
+def test_drain_deadline_bounds_the_stop(upstream, weft, free_port):
+    up = upstream("stuck")
+    proxy = weft(simple_config(free_port(), [up.address], timeouts={"drain": "700ms"}))
+
+    def terminate() -> float:
+        wait_for(lambda: up.stats()["in_flight"] == 1, 5.0, "the slow request at the upstream")
+        start = time.monotonic()
+        proxy.signal(signal.SIGTERM)
+        try:
+            proxy.proc.wait(timeout=10.0)
+        except subprocess.TimeoutExpired:
+            return float("inf")
+        return time.monotonic() - start
+
+    resp, exit_after = run_concurrently([lambda: _slow(proxy.url, 8.0), terminate], timeout=30.0)
+    assert exit_after < 3.0, f"weft took {exit_after:.2f}s to stop with drain = 700ms"
+    # the request could not finish: it was answered with an error or its connection closed
+    assert not (isinstance(resp, httpx.Response) and resp.status_code == 200)
+
+
+def test_stop_leaves_nothing_behind(upstream, weft, free_port):
+    up = upstream("clean")
+    proxy = weft(simple_config(free_port(), [up.address]))
+    with httpx.Client(base_url=proxy.url, timeout=5.0) as client:
+        assert client.get("/echo").status_code == 200
+    pids = proxy.pids()
+    assert proxy.stop() == 0
+    assert not any(pid_alive(p) for p in pids)
+    assert not port_accepts(proxy.host, proxy.port)
+    assert proxy.leftover_shm() == []
+
+
+def test_sigint_stops_too(upstream, weft, free_port):
+    up = upstream("int")
+    proxy = weft(simple_config(free_port(), [up.address]))
+    proxy.signal(signal.SIGINT)
+    assert proxy.proc.wait(timeout=10.0) == 0, proxy.diagnostics()

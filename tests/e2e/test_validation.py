@@ -1,0 +1,265 @@
+"""Requests weft must refuse, sent byte for byte over a raw socket.
+
+Each case: what the client sends (in ONE send(), which matters: h11 skips its header-size check
+when a whole head arrives in one read), the status weft must answer, whether the connection
+must be closed after it, and that the upstream never saw the request.
+"""
+
+from __future__ import annotations
+
+import pytest
+from support.config import base_config, destination, route
+from support.rawhttp import RawConnection, exchange
+
+pytestmark = pytest.mark.e2e
+
+LIMITS = {
+    "max_request_line": "1KiB",
+    "max_header_bytes": "4KiB",
+    "max_headers": 20,
+    "max_body_bytes": "10KiB",
+}
+
+
+@pytest.fixture(scope="module")
+def proxied(tmp_path_factory):
+    """One weft (small limits) for the whole module: these tests only send bad requests.
+
+    Module scope keeps the file fast; it uses procs directly because the function-scoped
+    factories cannot be shared.
+    """
+    from support import procs
+
+    tmp = tmp_path_factory.mktemp("validation")
+    up = procs.start_upstream("valid", tmp)
+    port = procs.free_port()
+    config = (base_config(port, limits=LIMITS)
+              + destination("app", [up.address])
+              + route("app"))
+    try:
+        proxy = procs.start_weft(tmp, config)
+    except BaseException:
+        up.stop()
+        raise
+    yield proxy, up
+    try:
+        proxy.stop()
+    finally:
+        up.stop()
+
+
+def _refused(proxied, data: bytes, status: int, *, closed: bool | None = None) -> None:
+    proxy, up = proxied
+    before = up.stats()["requests"]
+    result = exchange(proxy.port, data)
+    assert result.statuses == [status], (
+        f"expected {status}, got {result.statuses} (leftover {result.leftover[:200]!r})")
+    if closed is not None:
+        assert result.closed == closed, "connection close after the error"
+    assert up.stats()["requests"] == before, "a refused request must not reach the upstream"
+
+
+# -- framing ------------------------------------------------------------------------------------
+
+
+def test_content_length_with_transfer_encoding_is_refused_and_closed(proxied):
+    _refused(proxied, b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n"
+                      b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+             400, closed=True)
+
+
+def test_transfer_encoding_on_http10_is_refused_and_closed(proxied):
+    _refused(proxied, b"POST /echo HTTP/1.0\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                      b"5\r\nhello\r\n0\r\n\r\n", 400, closed=True)
+
+
+@pytest.mark.parametrize("value", [b"abc", b"5, 6", b"-1"])
+def test_malformed_content_length_is_refused(proxied, value):
+    _refused(proxied, b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: " + value
+             + b"\r\n\r\nhello", 400, closed=True)
+
+
+def test_unknown_transfer_coding_is_refused(proxied):
+    # RFC 9112 section 6.1: a server that does not understand a coding answers 501 (or 400).
+    proxy, _ = proxied
+    result = exchange(proxy.port, b"POST /echo HTTP/1.1\r\nHost: t\r\n"
+                                  b"Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n")
+    assert result.statuses and result.statuses[0] in (400, 501)
+    assert result.closed
+
+
+def test_malformed_chunk_size_is_refused_and_closed(proxied):
+    proxy, _ = proxied
+    result = exchange(proxy.port, b"POST /sink HTTP/1.1\r\nHost: t\r\n"
+                                  b"Transfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n")
+    # The head was fine, so the request may already be on its way upstream; the client still
+    # gets a 400 and the connection (whose framing is lost) is closed.
+    assert result.statuses == [400]
+    assert result.closed
+
+
+# -- Host ---------------------------------------------------------------------------------------
+
+
+def test_missing_host_on_http11_is_refused(proxied):
+    _refused(proxied, b"GET /echo HTTP/1.1\r\nUser-Agent: raw\r\n\r\n", 400)
+
+
+def test_duplicate_host_is_refused(proxied):
+    _refused(proxied, b"GET /echo HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\n\r\n", 400)
+
+
+@pytest.mark.parametrize("host", [b"bad host", b"a/b", b"[::1", b"user@evil.test",
+                                  b"a.test:99999999"])
+def test_malformed_host_is_refused(proxied, host):
+    _refused(proxied, b"GET /echo HTTP/1.1\r\nHost: " + host + b"\r\n\r\n", 400)
+
+
+def test_http10_without_host_is_accepted(proxied):
+    proxy, _ = proxied
+    result = exchange(proxy.port, b"GET /echo HTTP/1.0\r\n\r\n")
+    assert result.statuses == [200]
+
+
+# -- request target and method ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", [b"/echo#fragment", b"/caf\xc3\xa9", b"/a\x7fb"])
+def test_fragment_or_non_ascii_in_target_is_refused(proxied, target):
+    _refused(proxied, b"GET " + target + b" HTTP/1.1\r\nHost: t\r\n\r\n", 400)
+
+
+def test_asterisk_form_with_get_is_refused(proxied):
+    _refused(proxied, b"GET * HTTP/1.1\r\nHost: t\r\n\r\n", 400)
+
+
+def test_options_asterisk_is_answered(proxied):
+    proxy, _ = proxied
+    result = exchange(proxy.port, b"OPTIONS * HTTP/1.1\r\nHost: t\r\n\r\n", close_wait=0.2)
+    assert result.statuses == [200]
+
+
+def test_connect_is_refused_with_405(proxied):
+    _refused(proxied, b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n", 405)
+
+
+def test_long_request_line_gets_414(proxied):
+    target = b"/echo?q=" + b"a" * 2000
+    _refused(proxied, b"GET " + target + b" HTTP/1.1\r\nHost: t\r\n\r\n", 414)
+
+
+# -- versions -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", [b"HTTP/1.2", b"HTTP/2.0", b"HTTP/3.0"])
+def test_unsupported_version_gets_505(proxied, version):
+    _refused(proxied, b"GET /echo " + version + b"\r\nHost: t\r\n\r\n", 505)
+
+
+@pytest.mark.parametrize("version", [b"HTTP/1", b"HTTX/1.1", b"http/1.1", b"HTTP/1.1.1"])
+def test_malformed_version_gets_400(proxied, version):
+    _refused(proxied, b"GET /echo " + version + b"\r\nHost: t\r\n\r\n", 400)
+
+
+def test_http2_preface_is_answered_or_closed_never_hangs(proxied):
+    proxy, up = proxied
+    before = up.stats()["requests"]
+    result = exchange(proxy.port, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", close_wait=3.0)
+    assert result.statuses in ([505], []), result.statuses
+    assert result.closed, "the connection must not be left hanging after an HTTP/2 preface"
+    assert up.stats()["requests"] == before
+
+
+# -- header limits ------------------------------------------------------------------------------
+
+
+def test_too_many_headers_in_one_send_get_431(proxied):
+    headers = b"".join(b"X-H%d: v\r\n" % i for i in range(30))
+    _refused(proxied, b"GET /echo HTTP/1.1\r\nHost: t\r\n" + headers + b"\r\n", 431)
+
+
+def test_too_many_header_bytes_in_one_send_get_431(proxied):
+    headers = b"".join(b"X-Big%d: %s\r\n" % (i, b"v" * 1500) for i in range(3))
+    _refused(proxied, b"GET /echo HTTP/1.1\r\nHost: t\r\n" + headers + b"\r\n", 431)
+
+
+def test_header_bytes_spread_over_several_sends_get_431(proxied):
+    proxy, up = proxied
+    before = up.stats()["requests"]
+    with RawConnection(proxy.port) as conn:
+        conn.send_pieces([b"GET /echo HTTP/1.1\r\nHost: t\r\n"]
+                         + [b"X-Big%d: %s\r\n" % (i, b"v" * 1500) for i in range(4)]
+                         + [b"\r\n"])
+        resp = conn.read_response()
+    assert resp.status == 431
+    assert up.stats()["requests"] == before
+
+
+def test_malformed_header_line_is_refused(proxied):
+    _refused(proxied, b"GET /echo HTTP/1.1\r\nHost: t\r\nNo-Colon-Here\r\n\r\n", 400)
+
+
+# (Other control characters in a value MAY be kept, RFC 9110 section 5.5; NUL may not.)
+@pytest.mark.parametrize("line", [b"X-Nul: a\x00b", b"Bad Name: x", b"X-Cr: a\rb"])
+def test_forbidden_bytes_in_a_header_are_refused(proxied, line):
+    _refused(proxied, b"GET /echo HTTP/1.1\r\nHost: t\r\n" + line + b"\r\n\r\n", 400)
+
+
+def test_space_before_colon_is_refused(proxied):
+    # RFC 9112 section 5.1: MUST reject with 400.
+    _refused(proxied, b"GET /echo HTTP/1.1\r\nHost : t\r\n\r\n", 400)
+
+
+# -- body limits --------------------------------------------------------------------------------
+
+
+def test_content_length_over_the_limit_gets_413_before_the_body_is_sent(proxied):
+    proxy, up = proxied
+    before = up.stats()["requests"]
+    with RawConnection(proxy.port) as conn:
+        conn.send(b"POST /sink HTTP/1.1\r\nHost: t\r\nContent-Length: 20000\r\n\r\n")
+        resp = conn.read_response()
+        assert resp.status == 413
+        assert conn.peer_closed(timeout=3.0)
+    assert up.stats()["requests"] == before
+
+
+def test_chunked_body_over_the_limit_gets_413_while_streaming(proxied):
+    proxy, _ = proxied
+    chunk = b"1000\r\n" + b"z" * 0x1000 + b"\r\n"  # 4 KiB per chunk; the limit is 10 KiB
+    with RawConnection(proxy.port) as conn:
+        conn.send(b"POST /sink HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n")
+        conn.send(chunk * 4)  # 16 KiB, no terminating chunk: weft must not wait for the end
+        resp = conn.read_response()
+        assert resp.status == 413
+        assert conn.peer_closed(timeout=3.0)
+
+
+def test_expect_continue_over_the_limit_gets_413_instead_of_100(proxied):
+    proxy, up = proxied
+    before = up.stats()["requests"]
+    with RawConnection(proxy.port) as conn:
+        conn.send(b"POST /sink HTTP/1.1\r\nHost: t\r\nContent-Length: 20000\r\n"
+                  b"Expect: 100-continue\r\n\r\n")
+        resp = conn.read_response(skip_interim=False)
+    assert resp.status == 413, "no 100 Continue for a body that will be refused"
+    assert up.stats()["requests"] == before
+
+
+def test_body_at_the_limit_is_accepted(proxied):
+    proxy, _ = proxied
+    body = b"k" * 10 * 1024
+    result = exchange(proxy.port, b"POST /sink HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n"
+                      % len(body) + body, close_wait=0.2)
+    assert result.statuses == [200]
+
+
+def test_limits_apply_with_default_config_too(upstream, weft, free_port):
+    """The 32 KiB default head limit holds when a 40 KiB head arrives in one send()."""
+    up = upstream("defaults")
+    proxy = weft(base_config(free_port()) + destination("app", [up.address]) + route("app"))
+    head = b"GET /echo HTTP/1.1\r\nHost: t\r\n" + b"".join(
+        b"X-Pad%d: %s\r\n" % (i, b"p" * 4000) for i in range(10)) + b"\r\n"
+    result = exchange(proxy.port, head)
+    assert result.statuses == [431]
+    assert up.stats()["requests"] == 0

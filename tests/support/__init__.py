@@ -1,0 +1,1 @@
+"""Shared helpers of weft's tests: real upstream servers, process control, raw HTTP, configs."""
