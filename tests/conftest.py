@@ -66,14 +66,9 @@ def weft(tmp_path: Path) -> Iterator[Callable[..., Weft]]:
         return w
 
     yield start
-    errors = []
-    for w in started:
-        try:
-            w.stop()
-        except AssertionError as e:
-            errors.append(str(e))
+    errors = procs.finish(started)
     if errors:
-        pytest.fail("weft did not stop cleanly:\n" + "\n\n".join(errors), pytrace=False)
+        pytest.fail("weft did not run or stop cleanly:\n" + "\n\n".join(errors), pytrace=False)
 
 
 def _live_children() -> set[int]:

@@ -197,13 +197,14 @@ async def test_a_connection_the_upstream_closed_while_idle_is_replaced(upstreams
     # 1. The upstream closes the idle connection (its own keep-alive timeout).
     await up.close_all()
     with trio.fail_after(5):
-        await trio.lowlevel.wait_readable(conn.stream.socket)  # its FIN has arrived
+        await trio.lowlevel.wait_readable(conn.sock)  # its FIN has arrived
     assert conn.closed_while_idle()
 
     # 2. The next request does not get the dead socket: a new one is opened.
     replacement, reused = await pool.acquire()
     assert replacement is not conn
     assert reused is False
+    await trio.testing.wait_all_tasks_blocked()  # let the test server's accept loop run
     assert (pool.open, len(pool.idle), pool.created, up.accepted) == (1, 0, 2, 2)
     await exchange(replacement)
     pool.release(replacement)

@@ -24,7 +24,6 @@ balancing live in `weft.dst`'s caller (the forwarder).
 from __future__ import annotations
 
 import logging
-import socket
 from collections import deque
 from collections.abc import Iterable
 
@@ -33,6 +32,7 @@ import trio
 from weft.config import Destination, Endpoint, PoolConfig
 from weft.http.errors import UpstreamError
 from weft.http.h1 import H1Upstream
+from weft.http.io import connect
 
 log = logging.getLogger("weft.pool")
 
@@ -142,7 +142,7 @@ class EndpointPool:
             ep = self.endpoint
             with trio.move_on_after(self.connect_timeout) as cs:
                 try:
-                    stream = await trio.open_tcp_stream(ep.host, ep.port)
+                    sock = await connect(ep.host, ep.port)
                 except OSError as e:
                     raise UpstreamError(
                         f"connect to {ep.authority} failed: {e.strerror or e}",
@@ -152,14 +152,13 @@ class EndpointPool:
                 raise UpstreamError(
                     f"connect to {ep.authority} timed out", status=504, reason="connect_timeout"
                 )
-            stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
         except BaseException:
             self.open -= 1
             self.owner.total -= 1
             self.wake_one() or self.owner.wake_any()
             raise
         self.created += 1
-        return H1Upstream(stream, ep)
+        return H1Upstream(sock, ep)
 
     def release(self, conn: H1Upstream) -> None:
         """Give a connection back after an exchange (closed unless cleanly reusable)."""
@@ -184,12 +183,10 @@ class EndpointPool:
         self._discard(conn)
 
     def _discard(self, conn: H1Upstream) -> None:
-        owner = self.owner
         self.open -= 1
-        owner.total -= 1
-        owner.closer.append(conn)
-        owner.closer_wakeup.set()
-        self.wake_one() or owner.wake_any()
+        self.owner.total -= 1
+        conn.close()
+        self.wake_one() or self.owner.wake_any()
 
     def sweep(self, now: float) -> None:
         idle = self.idle
@@ -217,8 +214,6 @@ class UpstreamPools:
         self.idle_count = 0
         self.closing = False
         self.waiting = 0
-        self.closer: list[H1Upstream] = []  # sockets to close off the request path
-        self.closer_wakeup = trio.Event()
         self.by_destination: dict[str, list[EndpointPool]] = {}
         for dest in destinations:
             eps = []
@@ -254,22 +249,14 @@ class UpstreamPools:
         return False
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Background work: close discarded sockets and sweep idle ones. Runs until cancelled."""
+        """Close idle connections past their idle timeout, every SWEEP_INTERVAL; until cancelled."""
         task_status.started()
-        next_sweep = trio.current_time() + SWEEP_INTERVAL
         while True:
-            with trio.move_on_at(next_sweep):
-                await self.closer_wakeup.wait()
-            self.closer_wakeup = trio.Event()
+            await trio.sleep(SWEEP_INTERVAL)
             now = trio.current_time()
-            if now >= next_sweep:
-                for pools in self.by_destination.values():
-                    for p in pools:
-                        p.sweep(now)
-                next_sweep = now + SWEEP_INTERVAL
-            conns, self.closer = self.closer, []
-            for c in conns:
-                await c.aclose()
+            for pools in self.by_destination.values():
+                for p in pools:
+                    p.sweep(now)
 
     async def aclose(self) -> None:
         """Graceful close: idle connections now; busy ones are closed when released."""
@@ -277,13 +264,9 @@ class UpstreamPools:
         for pools in self.by_destination.values():
             for p in pools:
                 p.close_idle()
-        for pools in self.by_destination.values():
-            for p in pools:
                 while p.wake_one():
                     pass
-        conns, self.closer = self.closer, []
-        for c in conns:
-            await c.aclose()
+        await trio.lowlevel.checkpoint()
 
     def stats(self) -> dict[str, list[dict[str, int | str]]]:
         return {

@@ -30,6 +30,7 @@ response); `request.ctx["error"]` carries the reason for the access log.
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Sequence
 
 import h11
@@ -46,6 +47,7 @@ from weft.http.headers import (
     is_trusted,
     is_upgrade_request,
 )
+from weft.http.io import recv, send_all
 from weft.http.messages import Body, Headers, Request, Response
 
 log = logging.getLogger("weft.forward")
@@ -159,20 +161,20 @@ class Tunnel:
         self.fwd, self.idx, self.pool, self.up, self.idle = fwd, idx, pool, up, idle
 
     async def run(self, server: object, client_rest: bytes) -> None:
-        client = server.stream  # type: ignore[attr-defined]
-        upstream = self.up.stream
+        client: socket.socket = server.sock  # type: ignore[attr-defined]
+        upstream = self.up.sock
         upstream_rest = self.up.conn.trailing_data[0]
         scope = trio.CancelScope()
 
-        async def copy(src: trio.SocketStream, dst: trio.SocketStream, first: bytes) -> None:
+        async def copy(src: socket.socket, dst: socket.socket, first: bytes) -> None:
             try:
                 if first:
-                    await dst.send_all(first)
-                while data := await src.receive_some(READ_SIZE):
-                    await dst.send_all(data)
+                    await send_all(dst, first)
+                while data := await recv(src, READ_SIZE):
+                    await send_all(dst, data)
                     scope.deadline = trio.current_time() + self.idle
-                await dst.send_eof()
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                dst.shutdown(socket.SHUT_WR)  # pass the half-close on
+            except OSError:
                 scope.cancel()
 
         try:

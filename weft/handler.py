@@ -30,7 +30,6 @@ from __future__ import annotations
 import importlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import trio
 
@@ -155,22 +154,16 @@ class App:
         deadline = request.start + total if total > 0 else float("inf")
         request.ctx["deadline"] = deadline
         try:
-            with trio.fail_after(max(deadline - trio.current_time(), 0)) if total > 0 else _null():
+            # A plain CancelScope: trio.fail_after is a generator context manager, measurably
+            # slower on a path every request takes.
+            with trio.CancelScope(deadline=deadline) as scope:
                 return await handler(request)
         except ClientError:
             raise
-        except trio.TooSlowError:
-            request.ctx["error"] = "request_timeout"
-            return error_response(504, "request_total exceeded", request.id, close=False)
         except Exception:
             log.exception("request %s on route %s: middleware failed", request.id, route.name)
             request.ctx["error"] = "middleware_error"
             return error_response(500, "internal error", request.id, close=False)
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
+        assert scope.cancelled_caught
+        request.ctx["error"] = "request_timeout"
+        return error_response(504, "request_total exceeded", request.id, close=False)

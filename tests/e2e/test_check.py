@@ -205,3 +205,19 @@ def test_run_refuses_an_invalid_config_with_the_same_messages(tmp_path):
     result = run_weft_cli(["run", "-c", "weft.toml"], cwd=tmp_path, timeout=30.0)
     assert result.returncode == 1
     assert "weft.toml: routes[1].destination: unknown destination" in result.stderr
+
+
+def test_run_usage_errors_exit_2(tmp_path):
+    (tmp_path / "weft.toml").write_text(VALID)
+    both = run_weft_cli(["run", "-c", "weft.toml", "--listen", "127.0.0.1:1",
+                         "--upstream", "127.0.0.1:2"], cwd=tmp_path, timeout=30.0)
+    neither = run_weft_cli(["run"], cwd=tmp_path, timeout=30.0)
+    assert both.returncode == 2, both.stderr
+    assert neither.returncode == 2, neither.stderr
+
+
+def test_quick_mode_bad_upstream_is_reported(tmp_path):
+    result = run_weft_cli(["run", "--listen", "127.0.0.1:1", "--upstream", "nowhere"],
+                          cwd=tmp_path, timeout=30.0)
+    assert result.returncode == 1
+    assert "--upstream" in result.stderr and "host:port" in result.stderr

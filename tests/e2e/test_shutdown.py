@@ -100,5 +100,20 @@ def test_stop_leaves_nothing_behind(upstream, weft, free_port):
 def test_sigint_stops_too(upstream, weft, free_port):
     up = upstream("int")
     proxy = weft(simple_config(free_port(), [up.address]))
+    with httpx.Client(base_url=proxy.url, timeout=5.0) as client:
+        assert client.get("/echo").status_code == 200
     proxy.signal(signal.SIGINT)
     assert proxy.proc.wait(timeout=10.0) == 0, proxy.diagnostics()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
+def test_a_signal_right_after_the_listener_opens_still_stops_cleanly(upstream, weft, free_port,
+                                                                      signum):
+    # The moment the port accepts, weft is visible to clients and to a supervisor (systemd,
+    # a test): a stop request then must be handled like any other, not crash the start-up.
+    up = upstream("early")
+    proxy = weft(simple_config(free_port(), [up.address]))
+    proxy.signal(signum)
+    rc = proxy.proc.wait(timeout=10.0)
+    assert rc == 0, proxy.diagnostics()
+    assert "Traceback" not in proxy.stderr_text()

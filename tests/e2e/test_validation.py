@@ -43,9 +43,11 @@ def proxied(tmp_path_factory):
         raise
     yield proxy, up
     try:
-        proxy.stop()
+        errors = procs.finish([proxy])
     finally:
         up.stop()
+    if errors:
+        pytest.fail("\n\n".join(errors), pytrace=False)
 
 
 def _refused(proxied, data: bytes, status: int, *, closed: bool | None = None) -> None:

@@ -174,6 +174,7 @@ class Upstream:
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
+            self.terminated_by_stop = True
             try:
                 self.proc.wait(timeout=5.0)
             except subprocess.TimeoutExpired:
@@ -263,6 +264,10 @@ class Weft:
     instance: str | None = None
     stop_timeout: float = STOP_TIMEOUT
     returncode: int | None = None
+    # True once stop() itself sent SIGTERM (as opposed to finding weft already exited)
+    terminated_by_stop: bool = False
+    # True once a test sent weft a signal (signal()): an exit after that is expected
+    signalled: bool = False
 
     @property
     def pid(self) -> int:
@@ -328,7 +333,13 @@ class Weft:
                 f"{self.stderr_text()[-6000:]}\n--- stdout ---\n{self.stdout_text()[-3000:]}")
 
     def signal(self, signum: int) -> None:
+        self.signalled = True
         self.proc.send_signal(signum)
+
+    @property
+    def exited_on_its_own(self) -> bool:
+        """weft ended without being asked to: a crash, whatever the exit status."""
+        return self.proc.poll() is not None and not (self.signalled or self.terminated_by_stop)
 
     def stop(self, timeout: float | None = None) -> int:
         """SIGTERM, wait up to ``timeout`` seconds, then SIGKILL everything left.
@@ -344,6 +355,7 @@ class Weft:
         problems: list[str] = []
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
+            self.terminated_by_stop = True
             try:
                 self.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -382,6 +394,26 @@ class Weft:
         if not self.instance:
             return []
         return sorted(Path("/dev/shm").glob(f"weft-{self.instance}-*"))
+
+
+def finish(wefts: Sequence[Weft]) -> list[str]:
+    """Stop every weft (teardown); return one problem text per weft that crashed during the
+    test, did not stop on SIGTERM in time, or exited non-zero after it."""
+    problems = []
+    for w in wefts:
+        if w.exited_on_its_own:
+            problems.append(f"weft exited by itself during the test (rc={w.proc.returncode})\n"
+                            + w.diagnostics())
+            continue
+        try:
+            rc = w.stop()
+        except AssertionError as e:
+            problems.append(str(e))
+            continue
+        if w.terminated_by_stop and rc != 0:
+            problems.append(f"weft exited with {rc} after SIGTERM (a clean stop is 0)\n"
+                            + w.diagnostics())
+    return problems
 
 
 def _listener_from_config(config: dict[str, object]) -> tuple[str, int]:

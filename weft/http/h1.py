@@ -39,6 +39,7 @@ import trio
 
 from weft.http.errors import ClientError, ClientGone, UpstreamError
 from weft.http.headers import new_request_id, valid_request_id
+from weft.http.io import close, recv, send_all
 from weft.http.messages import Body, BodyTooLarge, Headers, Request, Response
 
 if TYPE_CHECKING:
@@ -170,10 +171,8 @@ class H1RequestBody(Body):
 class H1Server:
     """Serves one client connection until it closes, fails, or the worker drains."""
 
-    def __init__(
-        self, stream: trio.SocketStream, state: ServerState, client: tuple[str, int]
-    ) -> None:
-        self.stream = stream
+    def __init__(self, sock: socket.socket, state: ServerState, client: tuple[str, int]) -> None:
+        self.sock = sock
         self.state = state
         self.client = client
         cfg = state.config
@@ -190,8 +189,8 @@ class H1Server:
         """One read from the client. Raises _ClientTimeout after `timeout`, ClientGone on reset."""
         with trio.move_on_after(timeout) as cs:
             try:
-                return await self.stream.receive_some(READ_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                return await recv(self.sock, READ_SIZE)
+            except OSError as e:
                 raise ClientGone(f"client connection broke: {e}") from None
         assert cs.cancelled_caught
         raise _ClientTimeout(what)
@@ -199,8 +198,8 @@ class H1Server:
     async def send_bytes(self, data: bytes) -> None:
         with trio.move_on_after(self.timeouts.client_send_idle) as cs:
             try:
-                await self.stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                await send_all(self.sock, data)
+            except OSError as e:
                 raise ClientGone(f"client connection broke: {e}") from None
             return
         assert cs.cancelled_caught
@@ -209,7 +208,7 @@ class H1Server:
     # -- the connection loop -----------------------------------------------------------------
 
     async def serve(self) -> None:
-        """Serve requests until the connection ends. Closes the stream; never raises."""
+        """Serve requests until the connection ends. Closes the socket; never raises."""
         try:
             while await self._serve_one():
                 self.requests += 1
@@ -218,8 +217,7 @@ class H1Server:
         except Exception:
             log.exception("connection from %s:%d failed", *self.client)
         finally:
-            with trio.CancelScope(shield=True):
-                await trio.aclose_forcefully(self.stream)
+            close(self.sock)
 
     async def _wait_first_byte(self) -> bool:
         """Wait for the next request to start. False: close quietly (idle, EOF, drain)."""
@@ -232,8 +230,8 @@ class H1Server:
             scope.deadline = trio.current_time() + timeout
             self.state.idle.add(scope)
             try:
-                data = await self.stream.receive_some(READ_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = await recv(self.sock, READ_SIZE)
+            except OSError:
                 return False
             finally:
                 self.state.idle.discard(scope)
@@ -577,17 +575,17 @@ class H1Server:
     async def _linger_close(self) -> bool:
         """Shut our write side and read what the client still sends, briefly. Returns False."""
         try:
-            self.stream.socket.shutdown(socket.SHUT_WR)
+            self.sock.shutdown(socket.SHUT_WR)
         except OSError:
             return False
         total = 0
         with trio.move_on_after(LINGER_SECONDS):
             try:
-                while data := await self.stream.receive_some(READ_SIZE):
+                while data := await recv(self.sock, READ_SIZE):
                     total += len(data)
                     if total > LINGER_BYTES:
                         break
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
+            except OSError:
                 pass
         return False
 
@@ -599,10 +597,10 @@ class H1Server:
 class H1Upstream:
     """An HTTP/1.1 connection to one upstream endpoint; owned by the pool between requests."""
 
-    __slots__ = ("conn", "endpoint", "idle_since", "received", "requests", "stream")
+    __slots__ = ("conn", "endpoint", "idle_since", "received", "requests", "sock")
 
-    def __init__(self, stream: trio.SocketStream, endpoint: object) -> None:
-        self.stream = stream
+    def __init__(self, sock: socket.socket, endpoint: object) -> None:
+        self.sock = sock
         self.endpoint = endpoint
         self.conn = h11.Connection(h11.CLIENT)
         self.requests = 0
@@ -620,7 +618,7 @@ class H1Upstream:
     def closed_while_idle(self) -> bool:
         """True when the upstream closed (or sent junk on) this idle connection."""
         try:
-            readable, _, _ = select.select([self.stream.socket.fileno()], [], [], 0)
+            readable, _, _ = select.select([self.sock.fileno()], [], [], 0)
         except (OSError, ValueError):
             return True
         # Readable means EOF, a reset, or bytes nobody asked for: unusable either way.
@@ -628,8 +626,8 @@ class H1Upstream:
 
     async def send(self, data: bytes) -> None:
         try:
-            await self.stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            await send_all(self.sock, data)
+        except OSError as e:
             raise UpstreamError(
                 f"upstream connection broke while sending: {e}", reason="upstream_reset"
             ) from None
@@ -652,8 +650,8 @@ class H1Upstream:
                 return ev
             with trio.move_on_after(timeout) as cs:
                 try:
-                    data = await self.stream.receive_some(READ_SIZE)
-                except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                    data = await recv(self.sock, READ_SIZE)
+                except OSError as e:
                     raise UpstreamError(
                         f"upstream connection reset: {e}", reason="upstream_reset"
                     ) from None
@@ -662,6 +660,5 @@ class H1Upstream:
             self.received += len(data)
             conn.receive_data(data)
 
-    async def aclose(self) -> None:
-        with trio.CancelScope(shield=True):
-            await trio.aclose_forcefully(self.stream)
+    def close(self) -> None:
+        close(self.sock)

@@ -33,6 +33,7 @@ from weft.config import Config
 from weft.connection import UpstreamPools
 from weft.handler import App, Middleware
 from weft.http.h1 import H1Server, ServerState
+from weft.http.io import accept
 
 log = logging.getLogger("weft.worker")
 
@@ -79,31 +80,28 @@ class Worker:
         self.connections = trio.Semaphore(config.limits.max_connections)
         self.stop = trio.Event()
 
-    async def accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+    async def accept_loop(self, listener: socket.socket, nursery: trio.Nursery) -> None:
         while True:
             await self.connections.acquire()
             try:
-                stream = await listener.accept()
+                sock, peer = await accept(listener)
             except OSError as e:
                 self.connections.release()
                 if e.errno in _ACCEPT_RESOURCE_ERRORS:
                     log.warning("accept: %s; backing off %.1fs", e.strerror, ACCEPT_BACKOFF)
                     await trio.sleep(ACCEPT_BACKOFF)
                     continue
+                if e.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue  # the client gave up while queued: nothing to serve
                 raise
             except BaseException:
                 self.connections.release()
                 raise
-            nursery.start_soon(self.handle, stream)
+            nursery.start_soon(self.handle, sock, peer)
 
-    async def handle(self, stream: trio.SocketStream) -> None:
+    async def handle(self, sock: socket.socket, peer: tuple[str, int]) -> None:
         try:
-            try:
-                peer = stream.socket.getpeername()
-            except OSError:
-                await trio.aclose_forcefully(stream)
-                return
-            await H1Server(stream, self.state, (peer[0], peer[1])).serve()
+            await H1Server(sock, self.state, peer).serve()
         finally:
             self.connections.release()
 
@@ -133,7 +131,7 @@ async def _main(
     handle_signals: bool,
 ) -> None:
     worker = Worker(config, middleware)
-    listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in sockets]
+    listeners = sockets
     if worker.access_log is not None:
         worker.access_log.open()
     try:
