@@ -40,8 +40,9 @@ from weft.config import Config, Destination
 from weft.connection import EndpointPool
 from weft.dst import HashKeySource, make_balancer
 from weft.http.errors import ClientError, UpstreamError
-from weft.http.h1 import READ_SIZE, H1Upstream, error_response
+from weft.http.h1 import READ_SIZE, H1Upstream, error_response, valid_request_line
 from weft.http.headers import (
+    fields_valid,
     forward_request_headers,
     forward_response_headers,
     is_trusted,
@@ -276,8 +277,13 @@ class Forwarder:
         elif length > 0 or any(k == b"content-length" for k, _ in raw):
             headers = [(k, v) for k, v in headers if k != b"content-length"]
             headers.append((b"content-length", str(length).encode()))
+        method = request.method.encode("ascii")
+        target = request.upstream_target.encode("latin-1")
+        # Middleware may have rebuilt any of these: pre-check them all at once and let h11
+        # skip its per-field checks, or let h11 check (and refuse) them itself.
+        trusted_fields = fields_valid(headers) and valid_request_line(method, target)
         h11_request = h11.Request(
-            method=request.method, target=request.upstream_target.encode("latin-1"), headers=headers
+            method=method, target=target, headers=headers, _parsed=trusted_fields
         )
         retryable = not has_body and request.method in IDEMPOTENT
         started = trio.current_time()
@@ -354,7 +360,7 @@ class Forwarder:
         body_timeout = timeouts.upstream_body_idle  # type: ignore[attr-defined]
         data = conn.send(h11_request)
         if not has_body:
-            await up.send(data + conn.send(h11.EndOfMessage()))
+            await up.send(data + conn.send(h11.EndOfMessage()), head_timeout)
             return await self._read_head(request, up, head_timeout, deadline)
         body = request.body
         first = await body.receive()
@@ -364,9 +370,9 @@ class Forwarder:
             if first:
                 data += conn.send(h11.Data(data=first))
             data += conn.send(h11.EndOfMessage(headers=body.trailers if chunked else []))
-            await up.send(data)
+            await up.send(data, body_timeout)
             return await self._read_head(request, up, head_timeout, deadline)
-        await up.send(data + conn.send(h11.Data(data=first)))
+        await up.send(data + conn.send(h11.Data(data=first)), body_timeout)
         client_error: ClientError | None = None
         head_scope = trio.CancelScope(deadline=deadline)
         result: list[h11.Response | h11.InformationalResponse] = []
@@ -375,17 +381,14 @@ class Forwarder:
             nonlocal client_error
             try:
                 while chunk := await body.receive():
-                    with trio.fail_after(body_timeout):
-                        await up.send(conn.send(h11.Data(data=chunk)))
-                with trio.fail_after(body_timeout):
-                    await up.send(
-                        conn.send(h11.EndOfMessage(headers=body.trailers if chunked else []))
-                    )
+                    await up.send(conn.send(h11.Data(data=chunk)), body_timeout)
+                end = h11.EndOfMessage(headers=body.trailers if chunked else [])
+                await up.send(conn.send(end), body_timeout)
             except ClientError as e:
                 client_error = e
                 head_scope.cancel()
                 return
-            except (UpstreamError, trio.TooSlowError):
+            except UpstreamError:
                 return  # the response read reports what the upstream did
             head_scope.deadline = min(deadline, trio.current_time() + head_timeout)
 

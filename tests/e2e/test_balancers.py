@@ -91,7 +91,7 @@ def test_least_conn_avoids_the_upstream_holding_a_slow_request(upstream, weft, f
                         "the slow request at an upstream")
         # 2. everything sent meanwhile goes elsewhere
         with httpx.Client(base_url=proxy.url, timeout=5.0) as client:
-            names = _names(client, 12)
+            names = _names(client, 20)
         return busy[0], names
 
     slow_resp, (busy, names) = run_concurrently([slow, fast_while_slow_is_in_flight], timeout=20)

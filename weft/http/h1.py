@@ -28,6 +28,7 @@ handler (`weft.handler`) turns middleware failures into 500s, and the errors in
 from __future__ import annotations
 
 import logging
+import math
 import re
 import select
 import socket
@@ -38,7 +39,7 @@ import h11
 import trio
 
 from weft.http.errors import ClientError, ClientGone, UpstreamError
-from weft.http.headers import new_request_id, valid_request_id
+from weft.http.headers import fields_valid, new_request_id, valid_request_id
 from weft.http.io import close, recv, send_all
 from weft.http.messages import Body, BodyTooLarge, Headers, Request, Response
 
@@ -61,6 +62,17 @@ _HOST = re.compile(rb"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]+)(?::[0
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
 # What a request target may contain: RFC 3986 characters, no fragment (RFC 9112 §3.2).
 _TARGET_BAD = re.compile(rb"[^\x21-\x7e]|#")
+_REASON = re.compile(rb"[\t \x21-\x7e\x80-\xff]*")  # RFC 9112 §4 reason-phrase
+
+
+def valid_request_line(method: bytes, target: bytes) -> bool:
+    """Whether a method and target can be written as a request line unchecked."""
+    return (
+        _METHOD.fullmatch(method) is not None
+        and bool(target)
+        and _TARGET_BAD.search(target) is None
+    )
+
 
 ServerApp = Callable[[Request], Awaitable[Response]]
 
@@ -179,6 +191,7 @@ class H1Server:
         self.limits = cfg.limits
         self.timeouts = cfg.timeouts
         self.body_idle = cfg.timeouts.client_body_idle
+        self.send_idle = cfg.timeouts.client_send_idle
         self.rid_header = cfg.request_id_header.encode()
         self.buf = bytearray()
         self.requests = 0
@@ -196,14 +209,13 @@ class H1Server:
         raise _ClientTimeout(what)
 
     async def send_bytes(self, data: bytes) -> None:
-        with trio.move_on_after(self.timeouts.client_send_idle) as cs:
-            try:
-                await send_all(self.sock, data)
-            except OSError as e:
-                raise ClientGone(f"client connection broke: {e}") from None
-            return
-        assert cs.cancelled_caught
-        raise ClientGone("client stopped reading (client_send_idle)")
+        """Write to the client. Raises ClientGone on a reset or after `client_send_idle`."""
+        try:
+            await send_all(self.sock, data, self.send_idle)
+        except TimeoutError:
+            raise ClientGone("client stopped reading (client_send_idle)") from None
+        except OSError as e:
+            raise ClientGone(f"client connection broke: {e}") from None
 
     # -- the connection loop -----------------------------------------------------------------
 
@@ -479,8 +491,12 @@ class H1Server:
         if close:
             headers = [*headers, (b"connection", b"close")]
         try:
+            reason = response.reason
+            trusted = fields_valid(headers) and _REASON.fullmatch(reason) is not None
             data = conn.send(
-                h11.Response(status_code=response.status, headers=headers, reason=response.reason)
+                h11.Response(
+                    status_code=response.status, headers=headers, reason=reason, _parsed=trusted
+                )
             )
         except h11.LocalProtocolError as e:
             raise UpstreamError(
@@ -624,9 +640,14 @@ class H1Upstream:
         # Readable means EOF, a reset, or bytes nobody asked for: unusable either way.
         return bool(readable)
 
-    async def send(self, data: bytes) -> None:
+    async def send(self, data: bytes, timeout: float = math.inf) -> None:
+        """Write to the upstream; 504 after `timeout` without progress, 502 on a reset."""
         try:
-            await send_all(self.sock, data)
+            await send_all(self.sock, data, timeout)
+        except TimeoutError:
+            raise UpstreamError(
+                "upstream stopped reading the request", status=504, reason="upstream_send_timeout"
+            ) from None
         except OSError as e:
             raise UpstreamError(
                 f"upstream connection broke while sending: {e}", reason="upstream_reset"

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Sequence
 
 from weft.http.messages import HeaderList
@@ -33,6 +34,30 @@ HOP_BY_HOP = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"te", b"transfer-encoding", b"upgrade"}
 )
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+# h11's field grammar (h11/_abnf.py: token, field_value), applied to all names or all values
+# of a message at once, joined by "\n" (which neither may contain): one regex call per message
+# instead of two per field.
+_TOKEN = rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+"
+_FIELD_CONTENT = rb"(?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?"
+_NAMES = re.compile(_TOKEN + rb"(?:\n" + _TOKEN + rb")*")
+_VALUES = re.compile(_FIELD_CONTENT + rb"(?:\n" + _FIELD_CONTENT + rb")*")
+
+
+def fields_valid(headers: HeaderList) -> bool:
+    """Whether every name and value obeys RFC 9110's field syntax (as h11 checks it).
+
+    The data path builds h11 events with ``_parsed=True`` when this holds (h11 then skips its
+    per-field regexes, a tenth of the per-request CPU at 1 KiB), and lets h11 validate, and
+    refuse, everything else. Header lists are rebuilt by middleware, so they are checked for
+    every message; this check is the cheap way to do it.
+    """
+    if not headers:
+        return True
+    names = b"\n".join([k for k, _ in headers])
+    values = b"\n".join([v for _, v in headers])
+    return _NAMES.fullmatch(names) is not None and _VALUES.fullmatch(values) is not None
 
 
 def connection_tokens(headers: HeaderList) -> set[bytes]:

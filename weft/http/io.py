@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import math
 import os
 import socket
 
@@ -44,8 +45,13 @@ async def recv(sock: socket.socket, size: int) -> bytes:
             continue
 
 
-async def send_all(sock: socket.socket, data: bytes) -> None:
-    """Write all of `data`, waiting while the socket buffer is full. Raises OSError."""
+async def send_all(sock: socket.socket, data: bytes, timeout: float = math.inf) -> None:
+    """Write all of `data`, waiting while the socket buffer is full, at most `timeout` seconds
+    without progress. Raises TimeoutError, or OSError from the socket.
+
+    The common case (the kernel takes everything at once) enters no cancel scope and does not
+    yield; only a write that has to wait pays for the timeout machinery.
+    """
     try:
         sent = sock.send(data)
     except BlockingIOError:
@@ -54,7 +60,10 @@ async def send_all(sock: socket.socket, data: bytes) -> None:
         return
     view = memoryview(data)[sent:]
     while view:
-        await wait_writable(sock)
+        with trio.move_on_after(timeout) as scope:
+            await wait_writable(sock)
+        if scope.cancelled_caught:
+            raise TimeoutError(f"no write progress in {timeout:g}s")
         try:
             sent = sock.send(view)
         except BlockingIOError:
@@ -63,7 +72,13 @@ async def send_all(sock: socket.socket, data: bytes) -> None:
 
 
 async def accept(listener: socket.socket) -> tuple[socket.socket, tuple[str, int]]:
-    """Accept one connection: non-blocking, TCP_NODELAY set. Raises OSError (EMFILE, ...)."""
+    """Accept one connection: non-blocking, TCP_NODELAY set. Raises OSError (EMFILE, ...).
+
+    Unlike `recv`, an immediate success does not yield: the accept loop takes a burst of
+    queued connections in one go (it yields itself every few accepts), because a connection
+    left in the backlog waits for a whole scheduler round per accept otherwise (measured: p99
+    of 1 s for the first requests of 64 new connections under load).
+    """
     try:
         conn, addr = listener.accept()
     except BlockingIOError:
@@ -74,8 +89,6 @@ async def accept(listener: socket.socket) -> tuple[socket.socket, tuple[str, int
                 break
             except BlockingIOError:
                 continue
-    else:
-        await checkpoint()
     conn.setblocking(False)
     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return conn, (addr[0], addr[1])

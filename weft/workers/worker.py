@@ -41,6 +41,8 @@ log = logging.getLogger("weft.worker")
 # trio's serve_listeners does (EMFILE/ENFILE/ENOMEM/ENOBUFS).
 _ACCEPT_RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 ACCEPT_BACKOFF = 0.1  # seconds
+# Connections accepted back to back before the accept loop yields (fairness to served ones).
+ACCEPT_BURST = 64
 
 
 def serve(
@@ -81,8 +83,16 @@ class Worker:
         self.stop = trio.Event()
 
     async def accept_loop(self, listener: socket.socket, nursery: trio.Nursery) -> None:
+        burst = 0
         while True:
-            await self.connections.acquire()
+            burst += 1
+            if burst >= ACCEPT_BURST:
+                burst = 0
+                await trio.lowlevel.checkpoint()
+            try:
+                self.connections.acquire_nowait()
+            except trio.WouldBlock:
+                await self.connections.acquire()
             try:
                 sock, peer = await accept(listener)
             except OSError as e:
