@@ -147,6 +147,7 @@ async def _main(
     try:
         async with trio.open_nursery() as service:
             await service.start(worker.pools.run)
+            await service.start(worker.state.run_timers)
             if worker.access_log is not None:
                 await service.start(worker.access_log.run)
             async with trio.open_nursery() as conns:
