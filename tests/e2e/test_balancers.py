@@ -78,6 +78,7 @@ def test_consistent_hash_without_the_key_still_answers(upstream, weft, free_port
 
 
 def test_least_conn_avoids_the_upstream_holding_a_slow_request(upstream, weft, free_port):
+    # Several client connections: assumes one weft worker (pools are per worker).
     ups = [upstream(f"lc{i}") for i in range(3)]
     proxy = weft(simple_config(free_port(), [u.address for u in ups], strategy="least_conn"))
 

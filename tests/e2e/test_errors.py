@@ -89,6 +89,7 @@ def _slow_get(url: str, delay: float) -> httpx.Response:
 
 
 def test_full_pool_queue_gets_503_with_retry_after(upstream, weft, free_port):
+    # Several client connections: assumes one weft worker (pools are per worker).
     # 1. one connection per endpoint, one request may wait for it
     up = upstream("capped")
     proxy = weft(simple_config(free_port(), [up.address],
@@ -110,6 +111,7 @@ def test_full_pool_queue_gets_503_with_retry_after(upstream, weft, free_port):
 
 
 def test_pool_queue_timeout_gets_503(upstream, weft, free_port):
+    # Several client connections: assumes one weft worker (pools are per worker).
     up = upstream("qtimeout")
     proxy = weft(simple_config(free_port(), [up.address],
                                pool={"max_per_endpoint": 1, "queue_size": 10,

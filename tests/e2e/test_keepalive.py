@@ -71,6 +71,7 @@ def test_bodies_of_every_framing_leave_the_connections_reusable(proxied):
 
 
 def test_client_connection_close_is_honoured_after_the_response(proxied):
+    # Several client connections: assumes one weft worker (pools are per worker).
     proxy, up = proxied
     with RawConnection(proxy.port) as conn:
         conn.send(b"GET /echo HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
@@ -127,6 +128,7 @@ def test_pool_idle_timeout_closes_an_idle_upstream_connection(upstream, weft, fr
 
 
 def test_pool_keeps_at_most_max_idle_per_endpoint(upstream, weft, free_port):
+    # Several client connections: assumes one weft worker (pools are per worker).
     up = upstream("maxidle")
     proxy = weft(simple_config(free_port(), [up.address], pool={"max_idle_per_endpoint": 1}))
     # 1. three concurrent requests need three upstream connections
@@ -153,6 +155,7 @@ def test_upstream_max_connections_caps_the_worker_across_endpoints(upstream, wef
 
 
 def test_limits_max_connections_makes_extra_clients_wait(upstream, weft, free_port):
+    # Several client connections: assumes one weft worker (pools are per worker).
     up = upstream("maxconn")
     proxy = weft(simple_config(free_port(), [up.address], limits={"max_connections": 2}))
     first, second = RawConnection(proxy.port), RawConnection(proxy.port)
