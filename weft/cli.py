@@ -71,7 +71,7 @@ def run(
     _setup_logging(log_level)
     from weft.handler import load_all_middleware
     from weft.sock import bind_listener
-    from weft.workers.worker import serve
+    from weft.workers.worker import hold_stop_signals, serve
 
     try:
         config = _load(config_path, listen, upstreams, no_access_log)
@@ -79,6 +79,7 @@ def run(
     except cfgmod.ConfigError as e:
         click.echo("\n".join(e.errors), err=True)
         sys.exit(1)
+    hold_stop_signals()
     sockets = []
     try:
         for listener in config.listeners:

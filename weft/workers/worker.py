@@ -20,11 +20,12 @@ finish their current response with ``Connection: close``, and whatever still run
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import trio
 
@@ -116,21 +117,38 @@ class Worker:
             self.connections.release()
 
 
-async def _watch_signals(worker: Worker, scope: trio.CancelScope) -> None:
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# Stop signals that arrived before trio's receiver was open (see `hold_stop_signals`).
+_early_signals: list[int] = []
+
+
+def hold_stop_signals() -> None:
+    """Record SIGTERM/SIGINT instead of dying, until `serve` takes them over.
+
+    Called before the listeners are bound: from the moment a client can connect, a stop signal
+    must mean a graceful drain, never the default action (exit 143) or a KeyboardInterrupt
+    traceback from inside the startup code.
+    """
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, lambda n, _frame: _early_signals.append(n))
+
+
+async def _watch_signals(
+    worker: Worker, signals: AsyncIterator[int], scope: trio.CancelScope
+) -> None:
     """First SIGTERM/SIGINT: drain. A second one: stop now (as nginx's fast shutdown).
 
     The receiver stays open until the worker exits, so a second signal never meets the default
     handler (which would kill the process with 143 and lose the last access-log lines).
     """
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for signum in signals:
-            name = signal.Signals(signum).name
-            if not worker.stop.is_set():
-                log.info("worker got %s: draining", name)
-                worker.stop.set()
-            else:
-                log.info("worker got %s again: stopping now", name)
-                scope.cancel()
+    async for signum in signals:
+        name = signal.Signals(signum).name
+        if not worker.stop.is_set():
+            log.info("worker got %s: draining", name)
+            worker.stop.set()
+        else:
+            log.info("worker got %s again: stopping now", name)
+            scope.cancel()
 
 
 async def _main(
@@ -140,8 +158,25 @@ async def _main(
     on_ready: Callable[[], None] | None,
     handle_signals: bool,
 ) -> None:
+    with contextlib.ExitStack() as stack:
+        signals = None
+        if handle_signals:
+            signals = stack.enter_context(trio.open_signal_receiver(*STOP_SIGNALS))
+        await _serve(sockets, config, middleware, on_ready, signals)
+
+
+async def _serve(
+    sockets: list[socket.socket],
+    config: Config,
+    middleware: dict[str, list[Middleware]] | None,
+    on_ready: Callable[[], None] | None,
+    signals: AsyncIterator[int] | None,
+) -> None:
     worker = Worker(config, middleware)
     listeners = sockets
+    if _early_signals:
+        log.info("got %s while starting: draining", signal.Signals(_early_signals[0]).name)
+        worker.stop.set()
     if worker.access_log is not None:
         worker.access_log.open()
     try:
@@ -151,8 +186,8 @@ async def _main(
             if worker.access_log is not None:
                 await service.start(worker.access_log.run)
             async with trio.open_nursery() as conns:
-                if handle_signals:
-                    service.start_soon(_watch_signals, worker, conns.cancel_scope)
+                if signals is not None:
+                    service.start_soon(_watch_signals, worker, signals, conns.cancel_scope)
                 async with trio.open_nursery() as acceptors:
                     for listener in listeners:
                         acceptors.start_soon(worker.accept_loop, listener, conns)
