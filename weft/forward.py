@@ -40,7 +40,7 @@ from weft.config import Config, Destination
 from weft.connection import EndpointPool
 from weft.dst import HashKeySource, make_balancer
 from weft.http.errors import ClientError, UpstreamError
-from weft.http.h1 import READ_SIZE, H1Upstream, error_response, valid_request_line
+from weft.http.h1 import READ_SIZE, H1Upstream, error_response, fields, valid_request_line
 from weft.http.headers import (
     fields_valid,
     forward_request_headers,
@@ -103,7 +103,7 @@ class UpstreamBody(Body):
             if t is h11.Data:
                 self._chunks.append(bytes(ev.data))
             elif t is h11.EndOfMessage:
-                self.trailers = list(ev.headers)
+                self.trailers = fields(ev.headers)
                 self._complete = True
                 self._finish(True)
                 break
@@ -141,7 +141,7 @@ class UpstreamBody(Body):
         if t is h11.Data:
             return bytes(ev.data)
         if t is h11.EndOfMessage:
-            self.trailers = list(ev.headers)
+            self.trailers = fields(ev.headers)
             self._complete = True
             self._finish(True)
             return b""
@@ -315,7 +315,7 @@ class Forwarder:
                     raise
                 break
             request.ctx["upstream_time"] = trio.current_time() - started
-            resp_headers = list(ev.headers)
+            resp_headers = fields(ev.headers)
             has_cl = has_te = False
             for k, _ in resp_headers:
                 if k == b"content-length":
@@ -428,7 +428,7 @@ class Forwarder:
                 if ev.status_code != 100 and request.interim is not None:
                     await request.interim(
                         ev.status_code,
-                        forward_response_headers(list(ev.headers), via=b"1.1 " + self.via),
+                        forward_response_headers(fields(ev.headers), via=b"1.1 " + self.via),
                     )
                 continue
             raise UpstreamError(

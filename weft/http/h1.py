@@ -67,6 +67,16 @@ _TARGET_BAD = re.compile(rb"[^\x21-\x7e]|#")
 _REASON = re.compile(rb"[\t \x21-\x7e\x80-\xff]*")  # RFC 9112 §4 reason-phrase
 
 
+def fields(headers: h11._headers.Headers) -> list[tuple[bytes, bytes]]:
+    """(lowercase name, value) pairs of an h11 event's headers.
+
+    Iterating h11's Headers goes through `collections.abc.Sequence.__iter__` (an indexing loop
+    in Python, 1-2 % of the per-request CPU); its item list gives the same pairs directly.
+    h11 is pinned, so its layout is known.
+    """
+    return [(name, value) for _, name, value in headers._full_items]
+
+
 def valid_request_line(method: bytes, target: bytes) -> bool:
     """Whether a method and target can be written as a request line unchecked."""
     return (
@@ -208,7 +218,7 @@ class H1RequestBody(Body):
                         self._done = True
                 return bytes(ev.data)
             if t is h11.EndOfMessage:
-                self.trailers = list(ev.headers)
+                self.trailers = fields(ev.headers)
                 self._done = True
                 return b""
             raise ClientError(f"unexpected {ev!r} in request body", reason="bad_body")
@@ -442,7 +452,7 @@ class H1Server:
         version: bytes,
         start: float,
     ) -> Request:
-        headers = list(ev.headers)
+        headers = fields(ev.headers)
         if len(headers) > self.limits.max_headers:
             raise ClientError("too many header fields", status=431, reason="too_many_headers")
         hosts = [v for k, v in headers if k == b"host"]

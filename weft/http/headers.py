@@ -151,43 +151,78 @@ def forward_request_headers(
       request_id_header, request_id: the id field and its value (already chosen).
       upgrade: keep Upgrade and ``Connection: upgrade`` (a protocol switch is asked for).
     """
+    # One pass over the fields (this runs for every request): ordinary fields are copied, the
+    # few that need a decision are looked up in one set.
+    named = connection_tokens(headers) if _has(headers, b"connection") else ()
     out: HeaderList = []
     xff: list[bytes] = []
-    xfp = xfh = None
-    for k, v in strip_hop_by_hop(headers, keep_upgrade=upgrade):
-        if k == b"host" or k == b"expect" or k == request_id_header:
-            continue
-        if k == b"x-forwarded-for":
+    xfp = xfh = via_value = upgrade_value = None
+    wants_trailers = False
+    for k, v in headers:
+        if k not in _REQUEST_SPECIAL and k not in named and k != request_id_header:
+            out.append((k, v))
+        elif k == b"x-forwarded-for":
             if trusted:
                 xff.append(v)
-            continue
-        if k == b"x-forwarded-proto":
+        elif k == b"x-forwarded-proto":
             if trusted and xfp is None:
                 xfp = v
-            continue
-        if k == b"x-forwarded-host":
+        elif k == b"x-forwarded-host":
             if trusted and xfh is None:
                 xfh = v
-            continue
-        out.append((k, v))
-    # Host goes first, as clients send it (some upstreams log the head verbatim).
+        elif k == b"via":
+            via_value = v if via_value is None else via_value + b", " + v
+        elif k == b"te":
+            wants_trailers = wants_trailers or b"trailers" in v.lower()
+        elif k == b"upgrade":
+            upgrade_value = v
+        # else: host, expect, the request id, hop-by-hop and Connection-named fields: replaced
+        # by weft's own values below, or dropped.
     if upstream_host is not None:
+        # Host goes first, as clients send it (some upstreams log the head verbatim).
         out.insert(0, (b"host", upstream_host))
+    if wants_trailers:
+        out.append((b"te", b"trailers"))
+    if upgrade and upgrade_value is not None:
+        out.append((b"connection", b"upgrade"))
+        out.append((b"upgrade", upgrade_value))
     xff.append(client_ip.encode())
     out.append((b"x-forwarded-for", b", ".join(xff)))
     out.append((b"x-forwarded-proto", xfp if xfp is not None else scheme.encode()))
     if xfh is not None or host is not None:
         out.append((b"x-forwarded-host", xfh if xfh is not None else host))  # type: ignore[arg-type]
-    _append_via(out, via)
+    out.append((b"via", via if via_value is None else via_value + b", " + via))
     out.append((request_id_header, request_id))
     return out
+
+
+def _has(headers: HeaderList, name: bytes) -> bool:
+    for k, _ in headers:
+        if k == name:
+            return True
+    return False
+
+
+# Request fields that forward_request_headers decides about instead of copying.
+_REQUEST_SPECIAL = HOP_BY_HOP | {
+    b"host",
+    b"expect",
+    b"via",
+    b"x-forwarded-for",
+    b"x-forwarded-proto",
+    b"x-forwarded-host",
+}
 
 
 def forward_response_headers(
     headers: HeaderList, *, via: bytes, upgrade: bool = False
 ) -> HeaderList:
     """The upstream's response headers as sent to the client."""
-    out = strip_hop_by_hop(headers, keep_upgrade=upgrade)
+    if not upgrade and not _has(headers, b"connection"):
+        # The common case, in one pass: no field named by Connection.
+        out = [(k, v) for k, v in headers if k not in HOP_BY_HOP]
+    else:
+        out = strip_hop_by_hop(headers, keep_upgrade=upgrade)
     _append_via(out, via)
     return out
 
