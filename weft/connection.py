@@ -32,7 +32,7 @@ import trio
 from weft.config import Destination, Endpoint, PoolConfig
 from weft.http.errors import UpstreamError
 from weft.http.h1 import H1Upstream
-from weft.http.io import connect
+from weft.http.io import Timers, connect
 
 log = logging.getLogger("weft.pool")
 
@@ -158,7 +158,7 @@ class EndpointPool:
             self.wake_one() or self.owner.wake_any()
             raise
         self.created += 1
-        return H1Upstream(sock, ep)
+        return H1Upstream(sock, ep, self.owner.timers)
 
     def release(self, conn: H1Upstream) -> None:
         """Give a connection back after an exchange (closed unless cleanly reusable)."""
@@ -204,11 +204,17 @@ class EndpointPool:
 
 
 class UpstreamPools:
-    """Every endpoint pool of one worker, the worker-wide cap, and the background closer."""
+    """Every endpoint pool of one worker, the worker-wide cap, and the worker's timers (their
+    `run` task drives `Timers` for the client side too)."""
 
     def __init__(
-        self, destinations: Iterable[Destination], max_total: int, connect_timeout: float
+        self,
+        destinations: Iterable[Destination],
+        max_total: int,
+        connect_timeout: float,
+        timers: Timers | None = None,
     ) -> None:
+        self.timers = timers if timers is not None else Timers()
         self.max_total = max_total
         self.total = 0
         self.idle_count = 0
@@ -249,14 +255,19 @@ class UpstreamPools:
         return False
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Close idle connections past their idle timeout, every SWEEP_INTERVAL; until cancelled."""
+        """The worker's timers: socket deadlines every `Timers.TICK`, idle upstream
+        connections past their idle timeout every SWEEP_INTERVAL; until cancelled."""
         task_status.started()
+        next_sweep = trio.current_time() + SWEEP_INTERVAL
         while True:
-            await trio.sleep(SWEEP_INTERVAL)
+            await trio.sleep(Timers.TICK)
             now = trio.current_time()
-            for pools in self.by_destination.values():
-                for p in pools:
-                    p.sweep(now)
+            self.timers.expire(now)
+            if now >= next_sweep:
+                next_sweep = now + SWEEP_INTERVAL
+                for pools in self.by_destination.values():
+                    for p in pools:
+                        p.sweep(now)
 
     async def aclose(self) -> None:
         """Graceful close: idle connections now; busy ones are closed when released."""

@@ -40,7 +40,7 @@ import trio
 
 from weft.http.errors import ClientError, ClientGone, UpstreamError
 from weft.http.headers import fields_valid, new_request_id, valid_request_id
-from weft.http.io import close, recv, send_all
+from weft.http.io import Timers, close, recv, recv_until, send_all
 from weft.http.messages import Body, BodyTooLarge, Headers, Request, Response
 
 if TYPE_CHECKING:
@@ -55,8 +55,6 @@ LINGER_BYTES = 1024 * 1024
 # Unread request body we still read and discard to keep a connection alive (nginx discards
 # bodies of any size; a bound keeps a slow client from holding a worker slot).
 DISCARD_BYTES = 256 * 1024
-# Granularity of the keep-alive and first-request timers (see ServerState).
-IDLE_SWEEP = 0.25  # seconds
 
 _VERSION = re.compile(rb"^HTTP/(\d)\.(\d)$")
 _METHOD = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
@@ -90,56 +88,31 @@ ServerApp = Callable[[Request], Awaitable[Response]]
 
 
 class ServerState:
-    """What a connection needs from its worker: config, the app, the drain signal, and the
-    timers of connections that wait for a request.
+    """What a connection needs from its worker: config, the app, the worker's timers, and the
+    drain signal.
 
-    Waiting connections are not given a cancel scope each (entering and leaving one is a tenth
-    of the per-request CPU at 1 KiB): they are kept in two insertion-ordered dicts, one per
-    timeout (a new connection's first request, a keep-alive connection's next one). With a
-    constant timeout, insertion order is deadline order, so `sweep` pops expired entries from
-    the front and never scans the rest. An expired connection's socket is marked closing,
-    which wakes its task with `trio.ClosedResourceError`; the task then closes it.
+    Connections waiting for a request are in `waiting` so that a drain can wake them (it marks
+    their sockets closing, which ends their wait with `trio.ClosedResourceError`).
     """
 
-    def __init__(self, config: Config, app: ServerApp) -> None:
+    def __init__(self, config: Config, app: ServerApp, timers: Timers) -> None:
         self.config = config
         self.app = app
+        self.timers = timers
         self.draining = False
-        # socket -> deadline, for connections waiting for their first / next request
-        self.waiting_first: dict[socket.socket, float] = {}
-        self.waiting_next: dict[socket.socket, float] = {}
+        self.waiting: set[socket.socket] = set()
         # Called once per finished exchange: (request or None, response, error reason, client,
         # duration in seconds). The access log and metrics hang here.
         self.on_exchange: (
             Callable[[Request | None, Response, str | None, tuple[str, int], float], None] | None
         ) = None
 
-    def sweep(self, now: float) -> None:
-        """Wake the connections whose wait for a request has expired."""
-        for waiting in (self.waiting_first, self.waiting_next):
-            while waiting:
-                sock = next(iter(waiting))
-                if waiting[sock] > now:
-                    break
-                del waiting[sock]
-                trio.lowlevel.notify_closing(sock)
-
     def drain(self) -> None:
         """Stop keep-alive: idle connections close now, busy ones after their response."""
         self.draining = True
-        for waiting in (self.waiting_first, self.waiting_next):
-            for sock in list(waiting):
-                trio.lowlevel.notify_closing(sock)
-            waiting.clear()
-
-    async def run_timers(
-        self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        """Sweep the waiting connections every `IDLE_SWEEP` seconds, until cancelled."""
-        task_status.started()
-        while True:
-            await trio.sleep(IDLE_SWEEP)
-            self.sweep(trio.current_time())
+        for sock in list(self.waiting):
+            trio.lowlevel.notify_closing(sock)
+        self.waiting.clear()
 
 
 class _ClientTimeout(ClientError):
@@ -282,24 +255,15 @@ class H1Server:
         state = self.state
         if state.draining:
             return False
+        timeout = self.timeouts.client_keepalive if self.requests else self.timeouts.client_header
         sock = self.sock
+        state.waiting.add(sock)
         try:
-            data = sock.recv(READ_SIZE)
-        except BlockingIOError:
-            if self.requests:
-                waiting, timeout = state.waiting_next, self.timeouts.client_keepalive
-            else:
-                waiting, timeout = state.waiting_first, self.timeouts.client_header
-            waiting[sock] = trio.current_time() + timeout
-            try:
-                await trio.lowlevel.wait_readable(sock)
-                data = sock.recv(READ_SIZE)
-            except (trio.ClosedResourceError, BlockingIOError, OSError):
-                return False  # timed out or drained (the sweeper marked it), or reset
-            finally:
-                waiting.pop(sock, None)
-        except OSError:
-            return False
+            data = await recv_until(sock, READ_SIZE, trio.current_time() + timeout, state.timers)
+        except (TimeoutError, OSError, trio.ClosedResourceError):
+            return False  # idle too long, drained, or reset
+        finally:
+            state.waiting.discard(sock)
         if not data:
             return False
         self.buf += data
@@ -666,10 +630,11 @@ class H1Server:
 class H1Upstream:
     """An HTTP/1.1 connection to one upstream endpoint; owned by the pool between requests."""
 
-    __slots__ = ("conn", "endpoint", "idle_since", "received", "requests", "sock")
+    __slots__ = ("conn", "endpoint", "idle_since", "received", "requests", "sock", "timers")
 
-    def __init__(self, sock: socket.socket, endpoint: object) -> None:
+    def __init__(self, sock: socket.socket, endpoint: object, timers: Timers) -> None:
         self.sock = sock
+        self.timers = timers
         self.endpoint = endpoint
         self.conn = h11.Connection(h11.CLIENT)
         self.requests = 0
@@ -722,15 +687,18 @@ class H1Upstream:
                 ) from None
             if ev is not h11.NEED_DATA:
                 return ev
-            with trio.move_on_after(timeout) as cs:
-                try:
-                    data = await recv(self.sock, READ_SIZE)
-                except OSError as e:
-                    raise UpstreamError(
-                        f"upstream connection reset: {e}", reason="upstream_reset"
-                    ) from None
-            if cs.cancelled_caught:
-                raise UpstreamError(f"upstream too slow ({what})", status=504, reason=what)
+            try:
+                data = await recv_until(
+                    self.sock, READ_SIZE, trio.current_time() + timeout, self.timers
+                )
+            except TimeoutError:
+                raise UpstreamError(
+                    f"upstream too slow ({what})", status=504, reason=what
+                ) from None
+            except (OSError, trio.ClosedResourceError) as e:
+                raise UpstreamError(
+                    f"upstream connection reset: {e}", reason="upstream_reset"
+                ) from None
             self.received += len(data)
             conn.receive_data(data)
 

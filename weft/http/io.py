@@ -19,6 +19,7 @@ Errors are the stdlib's `OSError`s (the callers turn them into `ClientGone`/`Ups
 from __future__ import annotations
 
 import errno
+import heapq
 import ipaddress
 import math
 import os
@@ -133,3 +134,89 @@ def close(sock: socket.socket) -> None:
     if sock.fileno() != -1:
         notify_closing(sock)
         sock.close()
+
+
+class Timers:
+    """Deadlines for socket waits, without a cancel scope per wait.
+
+    Entering and leaving a trio cancel scope with a deadline costs about 17 µs here (measured
+    on the benchmark machine), and the data path waits on a socket with a deadline twice per
+    request. Instead, a waiting task arms an entry (deadline, socket) in a heap; `expire`, run
+    every `TICK` by `run`, marks expired sockets closing with `trio.lowlevel.notify_closing`,
+    which wakes their waiter with `trio.ClosedResourceError`. The waiter sees its entry fired
+    and raises TimeoutError; the socket must then be closed, never waited on again. A disarmed
+    entry stays in the heap until it would expire or the heap is compacted (when three
+    quarters of it is dead), so arming and disarming are O(log n) and O(1).
+
+    Deadlines fire up to `TICK` late: fine for timeouts of seconds, and the price of not
+    having a scope per wait.
+    """
+
+    TICK = 0.1  # seconds
+
+    def __init__(self) -> None:
+        self._heap: list[list] = []
+        self._seq = 0
+        self._live = 0
+
+    def arm(self, deadline: float, sock: socket.socket) -> list:
+        entry = [deadline, self._seq, sock]
+        self._seq += 1
+        heapq.heappush(self._heap, entry)
+        self._live += 1
+        return entry
+
+    def disarm(self, entry: list) -> None:
+        if entry[2] is not None:
+            entry[2] = None
+            self._live -= 1
+            heap = self._heap
+            if len(heap) > 1024 and self._live < len(heap) // 4:
+                self._heap = [e for e in heap if e[2] is not None]
+                heapq.heapify(self._heap)
+
+    def expire(self, now: float) -> None:
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            entry = heapq.heappop(heap)
+            sock = entry[2]
+            if sock is not None:
+                entry[2] = None
+                self._live -= 1
+                notify_closing(sock)
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Expire deadlines every TICK, until cancelled."""
+        task_status.started()
+        while True:
+            await trio.sleep(self.TICK)
+            self.expire(trio.current_time())
+
+
+async def recv_until(sock: socket.socket, size: int, deadline: float, timers: Timers) -> bytes:
+    """`recv` that raises TimeoutError when nothing arrived by `deadline` (see `Timers`).
+
+    After a TimeoutError the socket is marked closing: close it.
+    """
+    try:
+        data = sock.recv(size)
+    except BlockingIOError:
+        pass
+    else:
+        await checkpoint()
+        return data
+    entry = timers.arm(deadline, sock)
+    try:
+        while True:
+            try:
+                await wait_readable(sock)
+            except trio.ClosedResourceError:
+                if entry[2] is None:
+                    raise TimeoutError("nothing received by the deadline") from None
+                raise
+            try:
+                return sock.recv(size)
+            except BlockingIOError:
+                continue
+    finally:
+        timers.disarm(entry)

@@ -76,7 +76,7 @@ class Worker:
             config.timeouts.upstream_connect,
         )
         self.app = App(config, self.pools, middleware)
-        self.state = ServerState(config, self.app)
+        self.state = ServerState(config, self.app, self.pools.timers)
         self.access_log = AccessLog(config.access_log.path) if config.access_log.enabled else None
         if self.access_log is not None:
             self.state.on_exchange = self.access_log.record
@@ -182,7 +182,6 @@ async def _serve(
     try:
         async with trio.open_nursery() as service:
             await service.start(worker.pools.run)
-            await service.start(worker.state.run_timers)
             if worker.access_log is not None:
                 await service.start(worker.access_log.run)
             async with trio.open_nursery() as conns:
