@@ -11,12 +11,16 @@ Exit codes: 0 clean stop, 1 invalid config or startup failure (message on stderr
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import click
 
 from weft import config as cfgmod
+from weft import control
 
 
 def _setup_logging(level: str) -> None:
@@ -28,15 +32,70 @@ def _setup_logging(level: str) -> None:
 
 
 def _load(
-    config_path: str | None, listen: str | None, upstreams: tuple[str, ...], no_access_log: bool
-) -> cfgmod.Config:
+    config_path: str | None,
+    listen: str | None,
+    upstreams: tuple[str, ...],
+    no_access_log: bool,
+    instance: str | None,
+) -> tuple[cfgmod.Config, Callable[[], cfgmod.Config]]:
+    """The config and how to load it again on reload (the file, or the same quick flags)."""
     if config_path and (listen or upstreams):
         raise click.UsageError("use either -c FILE or --listen/--upstream, not both")
     if config_path:
-        return cfgmod.load(config_path)
+        if instance:
+            raise click.UsageError(
+                "--instance is for quick mode; set [server] instance in the file"
+            )
+
+        def load_file() -> cfgmod.Config:
+            from weft.handler import load_all_middleware
+
+            config = cfgmod.load(config_path)
+            load_all_middleware(config)  # a module that cannot be imported is a config error
+            return config
+
+        return load_file(), load_file
     if not listen or not upstreams:
         raise click.UsageError("give -c FILE, or --listen HOST:PORT with at least one --upstream")
-    return cfgmod.quick(listen, list(upstreams), access_log=not no_access_log)
+
+    def load_quick() -> cfgmod.Config:
+        return cfgmod.quick(
+            listen, list(upstreams), access_log=not no_access_log, instance=instance or "default"
+        )
+
+    return load_quick(), load_quick
+
+
+def _pidfile(pidfile: str | None, config_path: str | None, instance: str | None) -> Path:
+    """The pidfile a control command means: --pidfile, else the instance's default."""
+    if pidfile:
+        return Path(pidfile)
+    if config_path:
+        try:
+            instance = cfgmod.load(config_path).instance
+        except cfgmod.ConfigError as e:
+            click.echo("\n".join(e.errors), err=True)
+            sys.exit(1)
+    return control.default_pidfile(instance or "default")
+
+
+_pidfile_options = [
+    click.option("--pidfile", type=click.Path(dir_okay=False), help="The supervisor's pidfile."),
+    click.option(
+        "-c",
+        "--config",
+        "config_path",
+        type=click.Path(dir_okay=False),
+        help="Find the instance named in this config file.",
+    ),
+    click.option("--instance", help='Find this instance (default: "default").'),
+]
+
+
+def _with_pidfile_options(f: Callable[..., None]) -> Callable[..., None]:
+    for option in reversed(_pidfile_options):
+        f = option(f)
+    return f
 
 
 @click.group()
@@ -57,6 +116,13 @@ def main() -> None:
     help="Quick mode: an upstream HOST:PORT (repeat for more; round robin).",
 )
 @click.option("--no-access-log", is_flag=True, help="Quick mode: no access log on stdout.")
+@click.option("--instance", help='Quick mode: instance name (default "default").')
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 256),
+    help="Worker processes (default: [server] workers, else one per CPU).",
+)
+@click.option("--pidfile", type=click.Path(dir_okay=False), help="Where to write the pid.")
 @click.option(
     "--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"])
 )
@@ -65,43 +131,96 @@ def run(
     listen: str | None,
     upstreams: tuple[str, ...],
     no_access_log: bool,
+    instance: str | None,
+    workers: int | None,
+    pidfile: str | None,
     log_level: str,
 ) -> None:
-    """Run the proxy in the foreground until SIGTERM/SIGINT (graceful drain)."""
+    """Run the proxy in the foreground: a supervisor and its workers.
+
+    SIGTERM drains and stops, SIGINT/SIGQUIT stop fast, SIGHUP reloads the config, SIGTTIN /
+    SIGTTOU add / remove a worker.
+    """
     _setup_logging(log_level)
-    from weft.handler import load_all_middleware
-    from weft.sock import bind_listener
-    from weft.workers.worker import hold_stop_signals, serve
+    from weft.supervisor import Supervisor
 
     try:
-        config = _load(config_path, listen, upstreams, no_access_log)
-        middleware = load_all_middleware(config)
+        config, loader = _load(config_path, listen, upstreams, no_access_log, instance)
     except cfgmod.ConfigError as e:
         click.echo("\n".join(e.errors), err=True)
         sys.exit(1)
-    hold_stop_signals()
-    sockets = []
+    supervisor = Supervisor(
+        config, loader, workers=workers, pidfile=Path(pidfile) if pidfile else None
+    )
+    sys.exit(supervisor.run())
+
+
+@main.command()
+@_with_pidfile_options
+@click.option(
+    "--timeout",
+    type=float,
+    default=120.0,
+    show_default=True,
+    help="Seconds to wait for the new generation.",
+)
+def reload(
+    pidfile: str | None, config_path: str | None, instance: str | None, timeout: float
+) -> None:
+    """Reload the config of a running weft; exit 0 once the new generation serves, 1 if the
+    config is invalid or its workers failed (the old generation keeps serving)."""
+    path = _pidfile(pidfile, config_path, instance)
     try:
-        for listener in config.listeners:
-            sockets.append(bind_listener(listener))
-    except OSError as e:
-        click.echo(f"weft: {e.strerror}", err=True)
-        for s in sockets:
-            s.close()
+        outcome = control.reload(path, timeout)
+    except control.ControlError as e:
+        click.echo(f"weft reload: {e}", err=True)
         sys.exit(1)
-    log = logging.getLogger("weft")
-    names = ", ".join(f"{lst.address}:{lst.port}" for lst in config.listeners)
+    if outcome.get("ok"):
+        click.echo(f"weft reload: {outcome.get('message', 'ok')}")
+        return
+    click.echo(f"weft reload: failed:\n{outcome.get('message', '')}", err=True)
+    sys.exit(1)
+
+
+@main.command()
+@_with_pidfile_options
+@click.option(
+    "--timeout",
+    type=float,
+    default=120.0,
+    show_default=True,
+    help="Seconds to wait for the supervisor to exit.",
+)
+@click.option("--fast", is_flag=True, help="Do not wait for in-flight requests (SIGQUIT).")
+def stop(
+    pidfile: str | None, config_path: str | None, instance: str | None, timeout: float, fast: bool
+) -> None:
+    """Stop a running weft (graceful drain unless --fast) and wait until it has exited."""
+    path = _pidfile(pidfile, config_path, instance)
     try:
-        serve(
-            sockets,
-            config,
-            middleware=middleware,
-            on_ready=lambda: log.info("listening on %s (config %s)", names, config.source),
-        )
-    finally:
-        for s in sockets:
-            s.close()
-    log.info("stopped")
+        pid = control.stop(path, timeout, fast=fast)
+    except control.ControlError as e:
+        click.echo(f"weft stop: {e}", err=True)
+        sys.exit(1)
+    click.echo(f"weft stop: pid {pid} stopped")
+
+
+@main.command()
+@_with_pidfile_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def status(
+    pidfile: str | None, config_path: str | None, instance: str | None, as_json: bool
+) -> None:
+    """Show a running weft: its config, generation and workers (from shared memory)."""
+    from weft.status import collect, render
+
+    path = _pidfile(pidfile, config_path, instance)
+    try:
+        info = collect(path)
+    except control.ControlError as e:
+        click.echo(f"weft status: {e}", err=True)
+        sys.exit(1)
+    click.echo(json.dumps(info, indent=2) if as_json else render(info))
 
 
 @main.command()

@@ -153,6 +153,9 @@ class Config:
     destinations: dict[str, Destination]
     routes: tuple[Route, ...]
     instance: str = "default"
+    workers: int = 0  # 0: one per CPU
+    boot_timeout: float = 30.0  # a new worker must be READY within this (start and reload)
+    heartbeat_timeout: float = 20.0  # a worker whose event loop is silent this long is killed
     via: str = "weft"
     request_id_header: str = "x-request-id"
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
@@ -714,7 +717,15 @@ _TOP_KEYS = (
     "destinations",
     "routes",
 )
-_SERVER_KEYS = ("instance", "via", "request_id_header", "trusted_proxies")
+_SERVER_KEYS = (
+    "instance",
+    "workers",
+    "boot_timeout",
+    "heartbeat_timeout",
+    "via",
+    "request_id_header",
+    "trusted_proxies",
+)
 
 
 def _instance(v: Any) -> str:
@@ -737,6 +748,9 @@ def from_dict(data: dict[str, Any], source: str, digest: str = "") -> Config:
     top = dict(data)
     server = r.table(top.pop("server", {}), "server") or {}
     instance = r.take(server, "instance", "server", _instance, "default")
+    workers = r.take(server, "workers", "server", lambda v: _int(v, lo=0, hi=256), 0)
+    boot_timeout = r.take(server, "boot_timeout", "server", _duration, 30.0)
+    heartbeat_timeout = r.take(server, "heartbeat_timeout", "server", _duration, 20.0)
     via = r.take(server, "via", "server", _token, "weft")
     rid = r.take(server, "request_id_header", "server", lambda v: _token(v).lower(), "x-request-id")
     trusted: list[Any] = []
@@ -804,6 +818,9 @@ def from_dict(data: dict[str, Any], source: str, digest: str = "") -> Config:
         destinations=dests,
         routes=routes,
         instance=instance,
+        workers=workers,
+        boot_timeout=boot_timeout,
+        heartbeat_timeout=heartbeat_timeout,
         via=via,
         request_id_header=rid,
         trusted_proxies=tuple(trusted),
@@ -834,7 +851,9 @@ def load(path: str | Path) -> Config:
     return from_dict(data, name, hashlib.sha256(raw).hexdigest()[:16])
 
 
-def quick(listen: str, upstreams: list[str], *, access_log: bool = True) -> Config:
+def quick(
+    listen: str, upstreams: list[str], *, access_log: bool = True, instance: str = "default"
+) -> Config:
     """Quick mode (`weft run --listen A --upstream B ...`): one route, round robin."""
     errors = []
     try:
@@ -858,6 +877,9 @@ def quick(listen: str, upstreams: list[str], *, access_log: bool = True) -> Conf
         "destinations": {"upstream": {"endpoints": [Endpoint(h, p).authority for h, p in eps]}},
         "routes": [{"name": "default", "destination": "upstream"}],
         "access_log": {"enabled": access_log},
+        "server": {"instance": instance},
     }
-    digest = hashlib.sha256(repr((listen, upstreams, access_log)).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(
+        repr((listen, upstreams, access_log, instance)).encode()
+    ).hexdigest()[:16]
     return from_dict(data, "<quick mode>", digest)

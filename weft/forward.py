@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import socket
 from collections.abc import Sequence
+from typing import Protocol
 
 import h11
 import trio
@@ -118,7 +119,7 @@ class UpstreamBody(Body):
         if self._done:
             return
         self._done = True
-        self._fwd.inflight[self._idx] -= 1
+        self._fwd.counts.add(self._idx, -1)
         if reusable:
             self._pool.release(self._up)
         else:
@@ -185,14 +186,44 @@ class Tunnel:
                     nursery.start_soon(copy, client, upstream, client_rest)
                     nursery.start_soon(copy, upstream, client, upstream_rest)
         finally:
-            self.fwd.inflight[self.idx] -= 1
+            self.fwd.counts.add(self.idx, -1)
             self.pool.discard(self.up)
+
+
+class Inflight(Protocol):
+    """In-flight requests per endpoint of one destination (what least_conn balances on)."""
+
+    def add(self, index: int, delta: int) -> None: ...
+
+    def view(self) -> Sequence[int]: ...
+
+
+class LocalInflight:
+    """Counts of this process alone (one worker, or tests); the supervisor's workers use
+    shared-memory counts summed over every worker instead (`weft.workers.shared`)."""
+
+    __slots__ = ("counts",)
+
+    def __init__(self, n: int) -> None:
+        self.counts = [0] * n
+
+    def add(self, index: int, delta: int) -> None:
+        self.counts[index] += delta
+
+    def view(self) -> Sequence[int]:
+        return self.counts
 
 
 class Forwarder:
     """Sends requests of one destination to its endpoints."""
 
-    def __init__(self, dest: Destination, pools: Sequence[EndpointPool], config: Config) -> None:
+    def __init__(
+        self,
+        dest: Destination,
+        pools: Sequence[EndpointPool],
+        config: Config,
+        inflight: Inflight | None = None,
+    ) -> None:
         self.dest = dest
         self.pools = list(pools)
         self.config = config
@@ -204,7 +235,11 @@ class Forwarder:
             names=[e.authority for e in dest.endpoints],
         )
         self.hash_source = HashKeySource.parse(dest.hash_key) if dest.hash_key else None
-        self.inflight = [0] * len(self.pools)
+        self.counts: Inflight = inflight if inflight is not None else LocalInflight(len(self.pools))
+        # Only these strategies look at in-flight counts; the others skip summing them.
+        self.needs_counts = dest.strategy == "least_conn" or (
+            dest.strategy == "consistent_hash" and dest.hash_balance_factor > 0
+        )
         self.via = config.via.encode()
         self.rid_header = config.request_id_header.encode()
         self.trusted = config.trusted_proxies
@@ -232,7 +267,8 @@ class Forwarder:
             key = self.hash_source.extract(
                 request.headers.raw, request.client[0], request.path.encode("latin-1")
             )
-        return self.balancer.pick(key=key, inflight=self.inflight)
+        counts = self.counts.view() if self.needs_counts else ()
+        return self.balancer.pick(key=key, inflight=counts)
 
     async def _forward(self, request: Request) -> Response:
         idx = self._pick(request)
@@ -287,7 +323,7 @@ class Forwarder:
         )
         retryable = not has_body and request.method in IDEMPOTENT
         started = trio.current_time()
-        self.inflight[idx] += 1
+        self.counts.add(idx, 1)
         handed_off = False
         try:
             attempt = 0
@@ -343,7 +379,7 @@ class Forwarder:
             return Response(ev.status_code, Headers(out), rbody, reason=ev.reason)
         finally:
             if not handed_off:
-                self.inflight[idx] -= 1
+                self.counts.add(idx, -1)
 
     async def _exchange(
         self,

@@ -34,9 +34,9 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from weft.config import Config, ConfigError, MiddlewareSpec, Route
+from weft.config import Config, ConfigError, Destination, MiddlewareSpec, Route
 from weft.connection import UpstreamPools
-from weft.forward import Forwarder
+from weft.forward import Forwarder, Inflight
 from weft.http.errors import ClientError
 from weft.http.h1 import error_response
 from weft.http.messages import BodyTooLarge, BytesBody, Headers, Request, Response
@@ -110,10 +110,17 @@ class App:
         config: Config,
         pools: UpstreamPools,
         middleware: dict[str, list[Middleware]] | None = None,
+        *,
+        inflight_for: Callable[[Destination], Inflight | None] | None = None,
     ) -> None:
         self.config = config
         forwarders = {
-            name: Forwarder(dest, pools.by_destination[name], config)
+            name: Forwarder(
+                dest,
+                pools.by_destination[name],
+                config,
+                inflight_for(dest) if inflight_for is not None else None,
+            )
             for name, dest in config.destinations.items()
         }
         self.forwarders = forwarders

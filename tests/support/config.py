@@ -66,7 +66,9 @@ def base_config(
 ) -> str:
     """[server], one [[listeners]], and the optional [timeouts], [limits], [access_log],
     [upstream] sections."""
-    server_values: dict[str, object] = {"instance": instance or unique_instance()}
+    # One worker unless a test asks for more: pools, in-flight counts and per-connection
+    # behaviour are per worker, and many tests count on a single one.
+    server_values: dict[str, object] = {"instance": instance or unique_instance(), "workers": 1}
     server_values.update(server or {})
     timeouts_values: dict[str, object] = {"drain": TEST_DRAIN}
     timeouts_values.update(timeouts or {})

@@ -481,9 +481,15 @@ def start_weft(
             a.startswith("--listen") for a in args) else _listener_from_args(args)
     else:
         host, port = _listener_from_args(args)
-    cmd += list(args)
+    args = list(args)
+    if config_text is None and "--instance" not in args:
+        # Quick mode: a unique instance, so that its pidfile and segments are this test's own.
+        args += ["--instance", unique_instance()]
+    cmd += args
     server = config.get("server")
     instance = server.get("instance") if isinstance(server, dict) else None
+    if config_text is None:
+        instance = args[args.index("--instance") + 1]
     stdout_path = workdir / f"{name}.stdout"
     stderr_path = workdir / f"{name}.stderr"
     with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:

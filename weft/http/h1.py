@@ -101,6 +101,9 @@ class ServerState:
         self.timers = timers
         self.draining = False
         self.waiting: set[socket.socket] = set()
+        # Requests being served now, and served in all (published by the worker's heartbeat).
+        self.inflight = 0
+        self.requests = 0
         # Called once per finished exchange: (request or None, response, error reason, client,
         # duration in seconds). The access log and metrics hang here.
         self.on_exchange: (
@@ -340,6 +343,15 @@ class H1Server:
         """One request/response exchange. Returns whether the connection stays open."""
         if not await self._wait_first_byte():
             return False
+        state = self.state
+        state.inflight += 1
+        state.requests += 1
+        try:
+            return await self._exchange()
+        finally:
+            state.inflight -= 1
+
+    async def _exchange(self) -> bool:
         start = trio.current_time()
         request_id = ""
         response: Response | None = None

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import os
 import signal
 import socket
 from collections.abc import AsyncIterator, Callable
@@ -30,8 +31,9 @@ from collections.abc import AsyncIterator, Callable
 import trio
 
 from weft.accesslog import AccessLog
-from weft.config import Config
+from weft.config import Config, Destination
 from weft.connection import UpstreamPools
+from weft.forward import Inflight
 from weft.handler import App, Middleware
 from weft.http.h1 import H1Server, ServerState
 from weft.http.io import accept
@@ -46,6 +48,35 @@ ACCEPT_BACKOFF = 0.1  # seconds
 ACCEPT_BURST = 64
 
 
+class Hooks:
+    """What a supervised worker adds to `serve`; this base class is the unsupervised worker
+    (`weft run` with one worker in-process, tests): every hook does nothing.
+
+    The supervisor's child (`weft.workers.child`) overrides them to keep its worker-table row
+    in shared memory, to count in-flight requests across workers, and to notice the death of
+    its parent.
+    """
+
+    #: seconds between `heartbeat` calls
+    heartbeat_interval = 1.0
+    #: read end of the parent-liveness pipe: EOF means the supervisor died (drain, then exit)
+    parent_fd: int | None = None
+
+    def inflight_for(self, dest: Destination) -> Inflight | None:
+        """Shared in-flight counts for a destination, or None for this process's own."""
+        return None
+
+    def ready(self) -> None:
+        """Every listener accepts."""
+
+    def draining(self) -> None:
+        """The worker stopped accepting and is finishing its requests."""
+
+    def heartbeat(self, inflight: int, requests: int) -> None:
+        """Called every `heartbeat_interval` from the event loop (a stuck loop stops calling),
+        with the requests in flight now and served so far."""
+
+
 def serve(
     sockets: list[socket.socket],
     config: Config,
@@ -53,6 +84,7 @@ def serve(
     middleware: dict[str, list[Middleware]] | None = None,
     on_ready: Callable[[], None] | None = None,
     handle_signals: bool = True,
+    hooks: Hooks | None = None,
 ) -> None:
     """Run a worker until SIGTERM/SIGINT (when `handle_signals`) and a completed drain.
 
@@ -61,21 +93,28 @@ def serve(
       config: the validated config.
       middleware: preloaded middleware by route name (loaded from config when None).
       on_ready: called once every listener accepts.
+      hooks: supervisor integration (see `Hooks`).
     """
-    trio.run(_main, sockets, config, middleware, on_ready, handle_signals)
+    trio.run(_main, sockets, config, middleware, on_ready, handle_signals, hooks or Hooks())
 
 
 class Worker:
     """The state of one running worker (reachable from tests and the supervisor glue)."""
 
-    def __init__(self, config: Config, middleware: dict[str, list[Middleware]] | None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        middleware: dict[str, list[Middleware]] | None,
+        hooks: Hooks | None = None,
+    ) -> None:
         self.config = config
+        self.hooks = hooks or Hooks()
         self.pools = UpstreamPools(
             config.destinations.values(),
             config.upstream_max_connections,
             config.timeouts.upstream_connect,
         )
-        self.app = App(config, self.pools, middleware)
+        self.app = App(config, self.pools, middleware, inflight_for=self.hooks.inflight_for)
         self.state = ServerState(config, self.app, self.pools.timers)
         self.access_log = AccessLog(config.access_log.path) if config.access_log.enabled else None
         if self.access_log is not None:
@@ -157,12 +196,33 @@ async def _main(
     middleware: dict[str, list[Middleware]] | None,
     on_ready: Callable[[], None] | None,
     handle_signals: bool,
+    hooks: Hooks,
 ) -> None:
     with contextlib.ExitStack() as stack:
         signals = None
         if handle_signals:
             signals = stack.enter_context(trio.open_signal_receiver(*STOP_SIGNALS))
-        await _serve(sockets, config, middleware, on_ready, signals)
+        await _serve(sockets, config, middleware, on_ready, signals, hooks)
+
+
+async def _heartbeat(hooks: Hooks, state: ServerState) -> None:
+    while True:
+        hooks.heartbeat(state.inflight, state.requests)
+        await trio.sleep(hooks.heartbeat_interval)
+
+
+async def _watch_parent(worker: Worker, fd: int) -> None:
+    """Drain when the supervisor's end of the liveness pipe closes (it died)."""
+    while True:
+        await trio.lowlevel.wait_readable(fd)
+        try:
+            data = os.read(fd, 64)
+        except BlockingIOError:
+            continue
+        if not data:
+            log.warning("supervisor is gone: draining")
+            worker.stop.set()
+            return
 
 
 async def _serve(
@@ -171,8 +231,9 @@ async def _serve(
     middleware: dict[str, list[Middleware]] | None,
     on_ready: Callable[[], None] | None,
     signals: AsyncIterator[int] | None,
+    hooks: Hooks,
 ) -> None:
-    worker = Worker(config, middleware)
+    worker = Worker(config, middleware, hooks)
     listeners = sockets
     if _early_signals:
         log.info("got %s while starting: draining", signal.Signals(_early_signals[0]).name)
@@ -184,16 +245,21 @@ async def _serve(
             await service.start(worker.pools.run)
             if worker.access_log is not None:
                 await service.start(worker.access_log.run)
+            service.start_soon(_heartbeat, hooks, worker.state)
+            if hooks.parent_fd is not None:
+                service.start_soon(_watch_parent, worker, hooks.parent_fd)
             async with trio.open_nursery() as conns:
                 if signals is not None:
                     service.start_soon(_watch_signals, worker, signals, conns.cancel_scope)
                 async with trio.open_nursery() as acceptors:
                     for listener in listeners:
                         acceptors.start_soon(worker.accept_loop, listener, conns)
+                    hooks.ready()
                     if on_ready is not None:
                         on_ready()
                     await worker.stop.wait()
                     acceptors.cancel_scope.cancel()
+                hooks.draining()
                 worker.state.drain()
                 conns.cancel_scope.deadline = trio.current_time() + config.timeouts.drain
             await worker.pools.aclose()

@@ -1,0 +1,669 @@
+"""The supervisor: a synchronous parent that owns the listening sockets and forks trio workers.
+
+It never runs trio (trio cannot fork from inside `trio.run`). Its rules, in the order they
+matter to an operator:
+
+* **Sockets stay here.** One SO_REUSEPORT socket per worker slot and listener is bound at start
+  and kept open for the supervisor's life; a slot's worker, and every replacement of it, serves
+  that same socket. Closing a reuseport socket would reset the connections queued on it, so a
+  worker's death or a reload never closes one (only removing a listener or a slot does).
+* **Signals only enqueue.** Handlers append the signal to a queue (and `set_wakeup_fd` wakes the
+  loop); `loop` dispatches each to a ``handle_<name>`` method. TERM: graceful stop (workers
+  drain, SIGKILL at the drain deadline). INT/QUIT: fast stop. HUP: reload. CHLD: reap. TTIN /
+  TTOU: one worker more / less. The queue is also the test seam.
+* **Reaping reclaims first.** A dead child is found with ``waitid(WNOWAIT)`` (it stays a zombie,
+  so its pid cannot be reused), everything it owned in shared memory is released, and only
+  then is it reaped. An unexpected death is respawned on the same slot, at once when the
+  worker had been up a while, with a doubling backoff when it keeps dying young. A worker that
+  fails at boot during the first start stops the supervisor with its reason.
+* **Reload is all or nothing.** The new config is validated first (invalid: nothing changes,
+  `weft reload` gets the errors). Then a new-generation worker is started for every slot on
+  the slot's existing socket, alongside the old one. Only when all of them are READY are the
+  old ones told to drain; if any fails to get ready within ``boot_timeout`` the new ones are
+  killed and the old generation keeps serving. The listening sockets never change hands, so no
+  connection is refused or reset during a reload.
+* **Watchdog.** Each worker stamps a heartbeat in its worker-table row every second; one silent
+  for ``heartbeat_timeout`` gets SIGABRT (a traceback if it can), then SIGKILL, then a
+  replacement.
+
+systemd hears READY=1 when every worker is ready, RELOADING=1/READY=1 around reloads,
+STOPPING=1, STATUS= lines, and WATCHDOG=1 from the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from weft import control
+from weft.config import Config, ConfigError, Listener
+from weft.shm.segment import InstanceLock, InstanceRunning, remove_instance
+from weft.shm.worktable import READY
+from weft.sock import bind_listener
+from weft.systemd import Notifier
+from weft.workers import child as child_mod
+from weft.workers.shared import ColumnMap, SharedState
+
+log = logging.getLogger("weft.supervisor")
+
+RESPAWN_BACKOFF_MAX = 10.0  # seconds between attempts for a worker that keeps dying young
+YOUNG = 5.0  # a worker that dies within this of its start counts as failing, not crashing
+KILL_GRACE = 2.0  # SIGABRT -> SIGKILL, fast stop -> SIGKILL
+DRAIN_MARGIN = 5.0  # a draining worker is SIGKILLed this long after the drain deadline
+TICK = 0.5  # loop wake-up when nothing happens (watchdog, respawns, systemd pings)
+WAIT_TICK = 0.02  # polling the worker table while workers boot
+
+
+class StartupError(Exception):
+    """The supervisor cannot start (instance running, bind failure, workers never ready)."""
+
+
+@dataclass
+class Child:
+    pid: int
+    slot: int
+    generation: int
+    started: float
+    retiring: bool = False  # drained on purpose: do not respawn
+    kill_at: float | None = None  # SIGKILL after this (drain deadline, watchdog)
+    aborted: bool = False
+
+
+@dataclass
+class _Reload:
+    seq: int = 0
+    ok: bool = True
+    message: str = ""
+    generation: int = 0
+
+
+@dataclass
+class _SlotState:
+    failures: int = 0
+    respawn_at: float | None = None
+
+
+class Supervisor:
+    """Runs an instance until stopped. `run` returns the process exit code."""
+
+    SIGNALS = (
+        signal.SIGHUP,
+        signal.SIGTERM,
+        signal.SIGINT,
+        signal.SIGQUIT,
+        signal.SIGCHLD,
+        signal.SIGTTIN,
+        signal.SIGTTOU,
+    )
+
+    def __init__(
+        self,
+        config: Config,
+        loader: Callable[[], Config],
+        *,
+        workers: int | None,
+        pidfile: Path | None,
+        notifier: Notifier | None = None,
+    ) -> None:
+        self.config = config
+        self.loader = loader
+        self.workers_flag = workers
+        self.nworkers = self._worker_count(config)
+        self.instance = config.instance
+        self.pidfile = pidfile or control.default_pidfile(self.instance)
+        self.notifier = notifier or Notifier.from_env()
+        self.generation = 1
+        self.children: dict[int, Child] = {}
+        self.slots: dict[int, _SlotState] = {}
+        self.sockets: dict[tuple[int, tuple[str, int]], socket.socket] = {}
+        self.sig_queue: list[int] = []
+        self.stopping: str | None = None
+        self.reload_state = _Reload()
+        self.lock: InstanceLock | None = None
+        self.shared: SharedState | None = None
+        self.colmap: ColumnMap | None = None
+        self.columns: dict[str, int] = {}
+        self._wakeup: tuple[int, int] | None = None
+        self._parent_pipe: tuple[int, int] | None = None
+        self._next_watchdog = 0.0
+        self._first_start = True
+
+    def _worker_count(self, config: Config) -> int:
+        if self.workers_flag:
+            return self.workers_flag
+        return config.workers or os.cpu_count() or 1
+
+    # -- start and stop ---------------------------------------------------------------------
+
+    def run(self) -> int:
+        try:
+            self.start()
+        except StartupError as e:
+            log.error("%s", e)
+            if self.children:
+                self.stopping = "fast"
+                self._stop()
+            self.cleanup()
+            return 1
+        try:
+            self.loop()
+        finally:
+            self.cleanup()
+        return 0
+
+    def start(self) -> None:
+        self._install_signals()
+        try:
+            self.lock = InstanceLock.acquire(self.instance)
+        except InstanceRunning as e:
+            raise StartupError(str(e)) from None
+        endpoints = sum(len(d.endpoints) for d in self.config.destinations.values())
+        rows = 4 * max(self.nworkers, 4) + 8  # old + new generation per slot, room for TTIN
+        self.colmap = ColumnMap(max(256, 4 * endpoints))
+        self.columns = self.colmap.assign(self.config)
+        self.shared = SharedState.create(self.instance, rows, self.colmap.capacity, 1)
+        self._parent_pipe = os.pipe()
+        os.set_inheritable(self._parent_pipe[0], True)
+        self._warn_tcp_migrate()
+        try:
+            for slot in range(self.nworkers):
+                self._bind_slot(slot, self.config.listeners)
+        except OSError as e:
+            raise StartupError(f"weft: {e.strerror}") from None
+        control.write_pidfile(self.pidfile)
+        self._write_state()
+        self.notifier.status(f"starting {self.nworkers} workers")
+        pids = [self.spawn(slot, self.generation, self.config) for slot in range(self.nworkers)]
+        ok, reason = self.wait_ready(pids, self.config.boot_timeout)
+        self._first_start = False
+        if not ok and self.stopping:
+            return  # a stop signal during start-up: the loop stops the workers cleanly
+        if not ok:
+            raise StartupError(f"workers did not start: {reason}")
+        names = ", ".join(f"{lst.address}:{lst.port}" for lst in self.config.listeners)
+        log.info(
+            "instance %s: %d workers listening on %s (config %s, generation %d)",
+            self.instance,
+            self.nworkers,
+            names,
+            self.config.source,
+            self.generation,
+        )
+        self.notifier.ready(f"{self.nworkers} workers, generation {self.generation}")
+
+    def _warn_tcp_migrate(self) -> None:
+        try:
+            value = Path("/proc/sys/net/ipv4/tcp_migrate_req").read_text().strip()
+        except OSError:
+            return
+        if value == "0":
+            log.warning(
+                "net.ipv4.tcp_migrate_req is 0: connections still in the handshake on a "
+                "worker's socket when that worker's slot is removed (TTOU) are reset; "
+                "set it to 1 (sysctl) to have the kernel migrate them"
+            )
+
+    def _install_signals(self) -> None:
+        r, w = os.pipe()
+        os.set_blocking(r, False)
+        os.set_blocking(w, False)
+        self._wakeup = (r, w)
+        signal.set_wakeup_fd(w)
+        for signum in self.SIGNALS:
+            signal.signal(signum, self._enqueue)
+
+    def _enqueue(self, signum: int, _frame: object) -> None:
+        # Signal handlers only enqueue; the loop dispatches (see the module docstring).
+        if len(self.sig_queue) < 16:
+            self.sig_queue.append(signum)
+
+    def _bind_slot(self, slot: int, listeners: tuple[Listener, ...]) -> list[socket.socket]:
+        new = []
+        try:
+            for lst in listeners:
+                key = (slot, (lst.address, lst.port))
+                if key not in self.sockets:
+                    sock = bind_listener(lst)
+                    self.sockets[key] = sock
+                    new.append(sock)
+        except OSError:
+            for sock in new:
+                self._close_socket(sock)
+            raise
+        return new
+
+    def _close_socket(self, sock: socket.socket) -> None:
+        for key, s in list(self.sockets.items()):
+            if s is sock:
+                del self.sockets[key]
+        sock.close()
+
+    def cleanup(self) -> None:
+        for sock in list(self.sockets.values()):
+            sock.close()
+        self.sockets.clear()
+        if self.shared is not None:
+            self.shared.close()
+            self.shared = None
+        if self.lock is not None:
+            remove_instance(self.instance)
+            self.lock.release()
+            self.lock = None
+            control.remove_files(self.pidfile)
+        if self._parent_pipe is not None:
+            for fd in self._parent_pipe:
+                os.close(fd)
+            self._parent_pipe = None
+        signal.set_wakeup_fd(-1)
+        if self._wakeup is not None:
+            for fd in self._wakeup:
+                os.close(fd)
+            self._wakeup = None
+        self.notifier.close()
+
+    # -- children ---------------------------------------------------------------------------
+
+    def spawn(self, slot: int, generation: int, config: Config) -> int:
+        keys = {(lst.address, lst.port) for lst in config.listeners}
+        mine = [self.sockets[(slot, k)] for k in sorted(keys)]
+        assert self._parent_pipe is not None and self._wakeup is not None
+        assert self.shared is not None and self.lock is not None
+        close = [s.fileno() for s in self.sockets.values() if s not in mine]
+        close += [*self._wakeup, self._parent_pipe[1]]
+        close.append(self.lock.fileno())
+        if self.notifier.fileno() is not None:
+            close.append(self.notifier.fileno())  # only the supervisor notifies systemd
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child's life is in weft.workers.child
+            child_mod.run(
+                slot=slot,
+                generation=generation,
+                sockets=mine,
+                config=config,
+                state=self.shared,
+                columns=dict(self.columns),
+                parent_pid=os.getppid(),
+                parent_fd=self._parent_pipe[0],
+                close_fds=close,
+            )
+        self.children[pid] = Child(pid, slot, generation, time.monotonic())
+        log.info("worker %d (slot %d, generation %d) started", pid, slot, generation)
+        return pid
+
+    def wait_ready(self, pids: list[int], timeout: float) -> tuple[bool, str]:
+        """Wait until every pid's row is READY. Dispatches signals meanwhile (but a reload
+        asked for now waits its turn). Returns (ok, reason)."""
+        assert self.shared is not None
+        deadline = time.monotonic() + timeout
+        pending = set(pids)
+        while pending:
+            for info in self.shared.table.snapshot():
+                if info.pid in pending and info.state == READY:
+                    pending.discard(info.pid)
+            if not pending:
+                return True, ""
+            dead = [pid for pid in pending if pid not in self.children]
+            if dead:
+                return False, f"worker {dead[0]} exited before it was ready"
+            if self.stopping:
+                return False, "stopping"
+            if time.monotonic() >= deadline:
+                return False, f"not ready within boot_timeout ({timeout:g}s)"
+            self._wait(WAIT_TICK)
+            self._dispatch(defer_reload=True)
+        return True, ""
+
+    def reap(self) -> None:
+        while True:
+            try:
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                return
+            if info is None or info.si_pid == 0:
+                return
+            pid = info.si_pid
+            self._reclaim(pid)
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            child = self.children.pop(pid, None)
+            if child is not None:
+                self._child_exited(child, info.si_code, info.si_status)
+
+    def _reclaim(self, pid: int) -> None:
+        """Release what a dead worker held in shared memory (it is still a zombie here)."""
+        if self.shared is None:
+            return
+        # rows_of, not snapshot: a row the worker died in the middle of writing must be
+        # cleared too.
+        for row in self.shared.table.rows_of(pid):
+            self.shared.inflight.clear_row(row)
+        self.shared.table.free(pid)
+
+    def _child_exited(self, child: Child, code: int, status: int) -> None:
+        how = (
+            f"exit code {status}"
+            if code == os.CLD_EXITED
+            else f"signal {signal.Signals(status).name}"
+        )
+        if child.retiring or self.stopping:
+            log.info("worker %d (slot %d) exited (%s)", child.pid, child.slot, how)
+            self._close_removed_slot(child.slot)
+            self._maybe_release_columns()
+            return
+        if child.generation != self.generation:
+            log.warning("worker %d of a discarded generation exited (%s)", child.pid, how)
+            return
+        log.warning("worker %d (slot %d) died unexpectedly (%s)", child.pid, child.slot, how)
+        if self._first_start and code == os.CLD_EXITED and status == child_mod.WORKER_BOOT_ERROR:
+            return  # start() reports it and stops
+        state = self.slots.setdefault(child.slot, _SlotState())
+        lived = time.monotonic() - child.started
+        if lived < YOUNG:
+            state.failures += 1
+            delay = min(0.1 * 2**state.failures, RESPAWN_BACKOFF_MAX)
+        else:
+            state.failures = 0
+            delay = 0.0
+        state.respawn_at = time.monotonic() + delay
+
+    def _respawn_due(self) -> None:
+        now = time.monotonic()
+        for slot, state in self.slots.items():
+            if state.respawn_at is not None and now >= state.respawn_at and slot < self.nworkers:
+                state.respawn_at = None
+                if any(
+                    c.slot == slot and c.generation == self.generation and not c.retiring
+                    for c in self.children.values()
+                ):
+                    continue
+                self.spawn(slot, self.generation, self.config)
+
+    def _watchdog(self) -> None:
+        assert self.shared is not None
+        now = time.monotonic()
+        now_ns = time.monotonic_ns()
+        limit = int(self.config.heartbeat_timeout * 1e9)
+        for info in self.shared.table.snapshot():
+            child = self.children.get(info.pid)
+            if child is None or info.state != READY:
+                continue
+            if not child.aborted and now_ns - info.heartbeat_ns > limit:
+                log.error(
+                    "worker %d (slot %d) silent for %.1fs: SIGABRT",
+                    child.pid,
+                    child.slot,
+                    (now_ns - info.heartbeat_ns) / 1e9,
+                )
+                child.aborted = True
+                child.kill_at = now + KILL_GRACE
+                self._kill(child.pid, signal.SIGABRT)
+        for child in list(self.children.values()):
+            if child.kill_at is not None and now >= child.kill_at:
+                log.error("worker %d did not exit in time: SIGKILL", child.pid)
+                child.kill_at = None
+                self._kill(child.pid, signal.SIGKILL)
+
+    def _kill(self, pid: int, signum: int) -> None:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+    def _retire(self, child: Child) -> None:
+        child.retiring = True
+        child.kill_at = time.monotonic() + self.config.timeouts.drain + DRAIN_MARGIN
+        self._kill(child.pid, signal.SIGTERM)
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def loop(self) -> None:
+        while True:
+            due = [s.respawn_at for s in self.slots.values() if s.respawn_at is not None]
+            self._wait(max(0.0, min([TICK, *(t - time.monotonic() for t in due)])))
+            self._dispatch()
+            if self.stopping:
+                self._stop()
+                return
+            self._respawn_due()
+            self._watchdog()
+            self._ping_systemd()
+
+    def _wait(self, timeout: float) -> None:
+        assert self._wakeup is not None
+        if self.sig_queue:
+            return
+        try:
+            select.select([self._wakeup[0]], [], [], timeout)
+        except InterruptedError:
+            pass
+        try:
+            while os.read(self._wakeup[0], 256):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _dispatch(self, *, defer_reload: bool = False) -> None:
+        deferred = []
+        while self.sig_queue:
+            signum = self.sig_queue.pop(0)
+            if defer_reload and signum == signal.SIGHUP:
+                deferred.append(signum)
+                continue
+            name = signal.Signals(signum).name[3:].lower()
+            getattr(self, f"handle_{name}")()
+        self.sig_queue[:0] = deferred
+
+    def _ping_systemd(self) -> None:
+        interval = self.notifier.watchdog_interval()
+        if interval is None:
+            return
+        now = time.monotonic()
+        if now >= self._next_watchdog:
+            self.notifier.watchdog()
+            self._next_watchdog = now + interval
+
+    # -- signal handlers --------------------------------------------------------------------
+
+    def handle_chld(self) -> None:
+        self.reap()
+
+    def handle_term(self) -> None:
+        if self.stopping is None:
+            log.info("SIGTERM: graceful stop (drain deadline %gs)", self.config.timeouts.drain)
+            self.stopping = "graceful"
+
+    def handle_int(self) -> None:
+        log.info("fast stop")
+        self.stopping = "fast"
+
+    handle_quit = handle_int
+
+    def handle_hup(self) -> None:
+        self.reload()
+
+    def handle_ttin(self) -> None:
+        assert self.shared is not None
+        if 2 * (self.nworkers + 1) > self.shared.rows:
+            log.warning("TTIN: the worker table has room for no more workers")
+            return
+        slot = self.nworkers
+        try:
+            self._bind_slot(slot, self.config.listeners)
+        except OSError as e:
+            log.error("TTIN: cannot bind for slot %d: %s", slot, e.strerror)
+            return
+        self.nworkers += 1
+        self.spawn(slot, self.generation, self.config)
+        self._write_state()
+
+    def handle_ttou(self) -> None:
+        if self.nworkers <= 1:
+            log.warning("TTOU: keeping the last worker")
+            return
+        self.nworkers -= 1
+        slot = self.nworkers
+        self.slots.pop(slot, None)
+        for child in list(self.children.values()):
+            if child.slot == slot and not child.retiring:
+                self._retire(child)
+        self._close_removed_slot(slot)
+        self._write_state()
+
+    def _close_removed_slot(self, slot: int) -> None:
+        if slot < self.nworkers or any(c.slot == slot for c in self.children.values()):
+            return
+        for key in [k for k in self.sockets if k[0] == slot]:
+            self.sockets.pop(key).close()
+
+    def _maybe_release_columns(self) -> None:
+        if self.colmap is not None and all(
+            c.generation == self.generation for c in self.children.values()
+        ):
+            self.colmap.release_retired()
+
+    # -- reload -----------------------------------------------------------------------------
+
+    def reload(self) -> None:
+        seq = self.reload_state.seq + 1
+        log.info("reload %d: reading the config", seq)
+        try:
+            new = self.loader()
+        except ConfigError as e:
+            self._reload_done(seq, False, "\n".join(e.errors))
+            return
+        if new.instance != self.instance:
+            self._reload_done(
+                seq,
+                False,
+                f"{new.source}: server.instance: cannot change from "
+                f'"{self.instance}" to "{new.instance}" on reload (restart)',
+            )
+            return
+        assert self.colmap is not None
+        saved = (dict(self.colmap.columns), dict(self.colmap.retired))
+        try:
+            columns = self.colmap.assign(new)
+        except ValueError as e:
+            self._reload_done(seq, False, str(e))
+            return
+        nworkers = self.nworkers if self.workers_flag else self._worker_count(new)
+        self.notifier.reloading()
+        new_socks: list[socket.socket] = []
+        try:
+            for slot in range(nworkers):
+                new_socks += self._bind_slot(slot, new.listeners)
+        except OSError as e:
+            for sock in new_socks:
+                self._close_socket(sock)
+            self.colmap.columns, self.colmap.retired = saved
+            self.notifier.ready()
+            self._reload_done(seq, False, f"cannot listen: {e.strerror}")
+            return
+        generation = self.generation + 1
+        old = [c for c in self.children.values() if not c.retiring]
+        prev_columns = self.columns
+        self.columns = columns
+        pids = [self.spawn(slot, generation, new) for slot in range(nworkers)]
+        ok, reason = self.wait_ready(pids, new.boot_timeout)
+        if not ok:
+            for pid in pids:
+                child = self.children.get(pid)
+                if child is not None:
+                    child.retiring = True
+                    self._kill(pid, signal.SIGKILL)
+            self.columns = prev_columns
+            self.colmap.columns, self.colmap.retired = saved
+            for sock in new_socks:
+                self._close_socket(sock)
+            self.notifier.ready(f"reload failed; generation {self.generation} serving")
+            self._reload_done(
+                seq,
+                False,
+                f"new workers failed: {reason}; generation {self.generation} keeps serving",
+            )
+            return
+        self.generation = generation
+        self.config = new
+        old_slots = self.nworkers
+        self.nworkers = nworkers
+        for child in old:
+            self._retire(child)
+        for slot in range(nworkers, old_slots):
+            self._close_removed_slot(slot)
+        # Sockets of listeners the new config dropped: the old workers still hold their own
+        # copies until they have drained; the supervisor's copies go now.
+        keep = {(lst.address, lst.port) for lst in new.listeners}
+        for key in [k for k in self.sockets if k[1] not in keep]:
+            self.sockets.pop(key).close()
+        self.notifier.ready(f"{self.nworkers} workers, generation {self.generation}")
+        self._reload_done(seq, True, f"generation {generation} active")
+
+    def _reload_done(self, seq: int, ok: bool, message: str) -> None:
+        self.reload_state = _Reload(seq, ok, message, self.generation)
+        if ok:
+            log.info("reload %d: %s", seq, message)
+        else:
+            log.error("reload %d failed: %s", seq, message)
+        self._write_state()
+
+    def _write_state(self) -> None:
+        r = self.reload_state
+        control.write_state(
+            self.pidfile,
+            {
+                "pid": os.getpid(),
+                "instance": self.instance,
+                "config": self.config.source,
+                "config_hash": self.config.hash,
+                "generation": self.generation,
+                "workers": self.nworkers,
+                "reload": {
+                    "seq": r.seq,
+                    "ok": r.ok,
+                    "message": r.message,
+                    "generation": r.generation,
+                },
+            },
+        )
+
+    # -- stop -------------------------------------------------------------------------------
+
+    def _stop(self) -> None:
+        fast = self.stopping == "fast"
+        self.notifier.stopping()
+        now = time.monotonic()
+        grace = KILL_GRACE if fast else self.config.timeouts.drain + DRAIN_MARGIN
+        for child in self.children.values():
+            child.retiring = True
+            child.kill_at = now + grace
+            self._kill(child.pid, signal.SIGTERM)
+        if fast:
+            # A second signal makes a draining worker stop at once (see weft.workers.worker).
+            time.sleep(0.05)
+            for child in self.children.values():
+                self._kill(child.pid, signal.SIGTERM)
+        while self.children:
+            self._wait(0.05)
+            queue, self.sig_queue = self.sig_queue, []
+            if not fast and any(s in (signal.SIGINT, signal.SIGQUIT) for s in queue):
+                fast = True  # INT/QUIT during a graceful stop: stop now
+                log.info("fast stop")
+                for child in self.children.values():
+                    child.kill_at = min(child.kill_at or now, time.monotonic() + KILL_GRACE)
+                    self._kill(child.pid, signal.SIGTERM)
+            self.reap()
+            for child in list(self.children.values()):
+                if child.kill_at is not None and time.monotonic() >= child.kill_at:
+                    log.error("worker %d still running at the deadline: SIGKILL", child.pid)
+                    child.kill_at = None
+                    self._kill(child.pid, signal.SIGKILL)
+        log.info("stopped")

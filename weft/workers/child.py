@@ -1,0 +1,156 @@
+"""The life of a forked worker, from `fork()` to `os._exit()`.
+
+Between the fork and `trio.run` the child must undo what it inherited from the supervisor:
+
+1. **Die with the parent**: ``prctl(PR_SET_PDEATHSIG, SIGTERM)`` makes a dead supervisor mean a
+   drain. It only arms from now on, so the child then checks it still has the parent it was
+   forked by, and also watches a pipe whose write end only the supervisor holds (EOF = parent
+   gone): belt and braces, as the prctl is Linux-only and bound to the forking *thread*.
+2. **Signals**: the supervisor's handlers only enqueue into its own loop; here they are reset
+   to the defaults, SIGHUP is ignored (a reload is the supervisor's business, and a terminal
+   hang-up must not kill workers), and trio installs its own SIGTERM/SIGINT receiver.
+3. **File descriptors**: everything the supervisor holds that is not this worker's (other
+   slots' listeners, its wakeup pipe, the instance lock) is closed, so no worker keeps another
+   slot's socket alive or the lock's open file description.
+4. **Its row**: the worker claims a worker-table row (BOOTING), marks it READY once every
+   listener accepts, DRAINING when it stops accepting, and stamps a heartbeat every second.
+
+Exit codes: 0 after a drain, `WORKER_BOOT_ERROR` when it failed before READY (the supervisor
+stops at first start, or rolls a reload back), 1 for a failure after READY. `os._exit` is used
+so that nothing inherited (atexit handlers, the supervisor's buffers) runs twice.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Iterable
+
+from weft.config import Config, Destination
+from weft.forward import Inflight
+from weft.handler import Middleware, load_all_middleware
+from weft.shm.worktable import BOOTING, DRAINING, READY
+from weft.workers.shared import SharedState, inflight_for
+from weft.workers.worker import Hooks, serve
+
+log = logging.getLogger("weft.worker")
+
+WORKER_BOOT_ERROR = 3  # as gunicorn: "the worker could not boot", do not respawn blindly
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+SUPERVISOR_SIGNALS = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGQUIT,
+    signal.SIGCHLD,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+)
+
+
+class ChildHooks(Hooks):
+    def __init__(
+        self,
+        state: SharedState,
+        slot: int,
+        generation: int,
+        columns: dict[str, int],
+        parent_fd: int,
+    ) -> None:
+        self.state = state
+        self.row = state.table.claim(os.getpid(), slot, generation)
+        self.row.set_state(BOOTING)
+        self.row.heartbeat(time.monotonic_ns())
+        self.columns = columns
+        self.parent_fd = parent_fd
+        self.is_ready = False
+        self.published = (0, 0)  # (in-flight, requests) last written to the row
+
+    def inflight_for(self, dest: Destination) -> Inflight | None:
+        if dest.strategy == "least_conn":
+            return inflight_for(self.state, self.row, self.columns, dest)
+        return None
+
+    def ready(self) -> None:
+        self.is_ready = True
+        self.row.heartbeat(time.monotonic_ns())
+        self.row.set_state(READY)
+
+    def draining(self) -> None:
+        self.row.set_state(DRAINING)
+
+    def heartbeat(self, inflight: int, requests: int) -> None:
+        old_inflight, old_requests = self.published
+        if inflight != old_inflight:
+            self.row.inflight_add(inflight - old_inflight)
+        if requests != old_requests:
+            self.row.requests_add(requests - old_requests)
+        self.published = (inflight, requests)
+        self.row.heartbeat(time.monotonic_ns())
+
+
+def _set_pdeathsig() -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the liveness pipe still works
+        pass
+
+
+def run(
+    *,
+    slot: int,
+    generation: int,
+    sockets: list[socket.socket],
+    config: Config,
+    state: SharedState,
+    columns: dict[str, int],
+    parent_pid: int,
+    parent_fd: int,
+    close_fds: Iterable[int],
+) -> None:
+    """Become a worker; never returns (`os._exit`)."""
+    code = WORKER_BOOT_ERROR
+    hooks: ChildHooks | None = None
+    try:
+        _set_pdeathsig()
+        if os.getppid() != parent_pid:
+            os._exit(0)  # the supervisor died between fork and prctl
+        for signum in SUPERVISOR_SIGNALS:
+            signal.signal(signum, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.set_wakeup_fd(-1)
+        for fd in close_fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        os.set_blocking(parent_fd, False)
+        hooks = ChildHooks(state, slot, generation, columns, parent_fd)
+        middleware: dict[str, list[Middleware]] = load_all_middleware(config)
+        serve(sockets, config, middleware=middleware, hooks=hooks)
+        code = 0
+    except BaseException as e:  # the child reports everything, then exits
+        if hooks is not None and hooks.is_ready:
+            code = 1
+        errors = getattr(e, "errors", None)
+        if errors:
+            for line in errors:
+                print(f"weft worker {slot}: {line}", file=sys.stderr)
+        else:
+            print(f"weft worker {slot} (pid {os.getpid()}) failed:", file=sys.stderr)
+            traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            logging.shutdown()
+        finally:
+            os._exit(code)

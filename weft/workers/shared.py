@@ -1,0 +1,145 @@
+"""The shared-memory state of one weft instance, as the supervisor and its workers use it.
+
+One segment, ``/weft-<instance>-state``, laid out as:
+
+* the **worker table** (`weft.shm.worktable`): a row per worker process, written only by that
+  worker (state BOOTING/READY/DRAINING, generation, heartbeat, in-flight, requests), read by the
+  supervisor (readiness, watchdog) and by `weft status`;
+* the **in-flight matrix** (`weft.shm.counters`): a row per worker-table row, a column per
+  upstream endpoint, so least-connections balancing sees every worker's load. Columns are
+  assigned by the supervisor per ``destination/endpoint`` name and survive reloads for endpoints
+  that still exist; a dead worker's row is cleared before it is reaped.
+
+The supervisor creates it (`SharedState.create`) while holding the instance lock; forked workers
+inherit the mapping; `weft status` attaches read-only (`SharedState.attach`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from weft.config import Config, Destination
+from weft.shm.counters import InflightMatrix
+from weft.shm.segment import Segment
+from weft.shm.worktable import WorkerRow, WorkerTable
+
+SEGMENT = "state"
+ALIGN = 64  # a cache line: rows of different writers never share one
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def endpoint_key(dest: str, authority: str) -> str:
+    return f"{dest}/{authority}"
+
+
+class SharedState:
+    def __init__(self, segment: Segment, rows: int, columns: int) -> None:
+        self.segment = segment
+        self.rows = rows
+        self.columns = columns
+        atomics = segment.atomics
+        off = _align(segment.data_offset)
+        self.table = WorkerTable(atomics, off, rows)
+        off = _align(off + WorkerTable.size_for(rows))
+        self.inflight = InflightMatrix(atomics, off, rows, columns)
+
+    @staticmethod
+    def size_for(rows: int, columns: int) -> int:
+        return (
+            ALIGN * 2  # header slack
+            + _align(WorkerTable.size_for(rows))
+            + _align(InflightMatrix.size_for(rows, columns))
+            + 4096  # the segment header
+        )
+
+    @classmethod
+    def create(cls, instance: str, rows: int, columns: int, generation: int) -> SharedState:
+        size = cls.size_for(rows, columns) + 16  # two words recording the shape
+        seg = Segment.create(instance, SEGMENT, size, generation)
+        shape = seg.size - 16
+        seg.atomics.store(shape, rows)
+        seg.atomics.store(shape + 8, columns)
+        return cls(seg, rows, columns)
+
+    @classmethod
+    def attach(cls, instance: str) -> SharedState:
+        seg = Segment.attach(instance, SEGMENT)
+        shape = seg.size - 16
+        return cls(seg, seg.atomics.load(shape), seg.atomics.load(shape + 8))
+
+    def close(self) -> None:
+        self.segment.close()
+
+
+class ColumnMap:
+    """Stable columns of the in-flight matrix for ``destination/endpoint`` names.
+
+    Lives in the supervisor; a reload keeps the columns of endpoints that still exist and
+    gives new ones free columns. A column is reused only after every worker that counted on
+    it has exited (its row cleared), which `retire` is told by the supervisor.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.columns: dict[str, int] = {}
+        self.retired: dict[str, int] = {}
+
+    def assign(self, config: Config) -> dict[str, int]:
+        """Columns for every endpoint of `config`. Raises ValueError when there are too many."""
+        wanted = [
+            endpoint_key(d.name, e.authority)
+            for d in config.destinations.values()
+            for e in d.endpoints
+        ]
+        used = set(self.columns.values()) | set(self.retired.values())
+        for key in wanted:
+            if key in self.columns:
+                continue
+            if key in self.retired:
+                self.columns[key] = self.retired.pop(key)
+                continue
+            free = next((c for c in range(self.capacity) if c not in used), None)
+            if free is None:
+                raise ValueError(
+                    f"more than {self.capacity} endpoints in total: restart weft to grow the "
+                    "shared in-flight table"
+                )
+            self.columns[key] = free
+            used.add(free)
+        for key in list(self.columns):
+            if key not in wanted:
+                self.retired[key] = self.columns.pop(key)
+        return dict(self.columns)
+
+    def release_retired(self) -> None:
+        """The old generation is gone: retired columns may be given to new endpoints."""
+        self.retired.clear()
+
+
+class SharedInflight:
+    """In-flight counts of one destination summed over every worker (for least_conn)."""
+
+    __slots__ = ("_cols", "_local", "_matrix", "_row")
+
+    def __init__(self, matrix: InflightMatrix, row: int, columns: Sequence[int]) -> None:
+        self._matrix = matrix
+        self._row = row
+        self._cols = list(columns)
+        self._local = [0] * len(self._cols)
+
+    def add(self, index: int, delta: int) -> None:
+        self._local[index] += delta
+        self._matrix.add(self._row, self._cols[index], delta)
+
+    def view(self) -> Sequence[int]:
+        return self._matrix.totals(self._cols)
+
+
+def inflight_for(
+    state: SharedState, row: WorkerRow, columns: dict[str, int], dest: Destination
+) -> SharedInflight:
+    cols = [columns[endpoint_key(dest.name, e.authority)] for e in dest.endpoints]
+    return SharedInflight(state.inflight, row.index, cols)
