@@ -22,6 +22,7 @@ if _TESTS not in sys.path:
     sys.path.insert(0, _TESTS)
 
 from support import procs  # noqa: E402
+from support.children import children  # noqa: E402, F401 - fixture of tests/test_shm_*.py
 from support.procs import Upstream, Weft  # noqa: E402
 
 
