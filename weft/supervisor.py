@@ -93,15 +93,7 @@ class _SlotState:
 class Supervisor:
     """Runs an instance until stopped. `run` returns the process exit code."""
 
-    SIGNALS = (
-        signal.SIGHUP,
-        signal.SIGTERM,
-        signal.SIGINT,
-        signal.SIGQUIT,
-        signal.SIGCHLD,
-        signal.SIGTTIN,
-        signal.SIGTTOU,
-    )
+    SIGNALS = child_mod.SUPERVISOR_SIGNALS  # a forked child resets exactly these
 
     def __init__(
         self,

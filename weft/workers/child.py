@@ -43,16 +43,11 @@ log = logging.getLogger("weft.worker")
 
 WORKER_BOOT_ERROR = 3  # as gunicorn: "the worker could not boot", do not respawn blindly
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+# The signals the supervisor handles (each has a handle_<name>); a child resets them.
 SUPERVISOR_SIGNALS = (
-    signal.SIGTERM,
-    signal.SIGINT,
-    signal.SIGQUIT,
-    signal.SIGCHLD,
-    signal.SIGTTIN,
-    signal.SIGTTOU,
-    signal.SIGUSR1,
-    signal.SIGUSR2,
-)
+    signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
+    signal.SIGCHLD, signal.SIGTTIN, signal.SIGTTOU,
+)  # fmt: skip
 
 
 class ChildHooks(Hooks):
