@@ -488,7 +488,7 @@ def test_worker_table_claim_then_updates_show_in_snapshot(atomics: Atomics) -> N
     row = table.claim(4242, slot=1, generation=3)
     (info,) = table.snapshot()
     assert (info.row, info.pid, info.slot, info.generation) == (row.index, 4242, 1, 3)
-    assert (info.state, info.state_name) == (BOOTING, "booting")
+    assert (info.state, info.state_name) == (BOOTING, "BOOTING")
     assert info.acked_generation == 3 and info.inflight == 0 and info.requests == 0
     assert info.heartbeat_ns >= before
     row.set_state(READY)
@@ -499,8 +499,8 @@ def test_worker_table_claim_then_updates_show_in_snapshot(atomics: Atomics) -> N
     row.ack_generation(4)
     assert table.snapshot() == [WorkerInfo(row.index, 4242, 1, 3, READY, 123, 2, 5, 4)]
     row.set_state(DRAINING)
-    assert table.snapshot()[0].state_name == "draining"
-    assert STATE_NAMES == {1: "booting", 2: "ready", 3: "draining"}
+    assert table.snapshot()[0].state_name == "DRAINING"
+    assert STATE_NAMES == {1: "BOOTING", 2: "READY", 3: "DRAINING"}
     with pytest.raises(dataclasses.FrozenInstanceError):
         info.pid = 1  # type: ignore[misc]
 

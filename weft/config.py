@@ -148,6 +148,24 @@ class AccessLog:
 
 
 @dataclass(frozen=True, slots=True)
+class Admin:
+    """The admin listener (`weft.admin`): off unless a port is configured."""
+
+    address: str = "127.0.0.1"
+    port: int | None = None  # None: no admin listener
+    token: str | None = None  # every request then needs "Authorization: Bearer <token>"
+
+    @property
+    def enabled(self) -> bool:
+        return self.port is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Metrics:
+    enabled: bool = True  # workers record the request families (weft.metrics)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     listeners: tuple[Listener, ...]
     destinations: dict[str, Destination]
@@ -163,6 +181,8 @@ class Config:
     timeouts: Timeouts = field(default_factory=Timeouts)
     access_log: AccessLog = field(default_factory=AccessLog)
     upstream_max_connections: int = 4096
+    admin: Admin = field(default_factory=Admin)
+    metrics: Metrics = field(default_factory=Metrics)
     source: str = "<quick mode>"
     hash: str = ""
 
@@ -716,6 +736,8 @@ _TOP_KEYS = (
     "upstream",
     "destinations",
     "routes",
+    "admin",
+    "metrics",
 )
 _SERVER_KEYS = (
     "instance",
@@ -739,6 +761,44 @@ def _token(v: Any) -> str:
     s = _str(v)
     if not re.match(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$", s):
         raise _Bad(f"expected a token (no spaces or separators), got {s!r}")
+    return s
+
+
+# An admin token is a bearer secret: at least this long so that it cannot be guessed (128 bits
+# of hex, base64 or a passphrase; `openssl rand -hex 16` makes one).
+ADMIN_TOKEN_MIN = 16
+
+
+def _read_admin(r: _Reader, raw: Any, listeners: tuple[Listener, ...]) -> Admin:
+    t = r.table(raw, "admin")
+    if t is None:
+        return Admin()
+    if "port" not in t:
+        r.error("admin", 'needs "port" (the admin listener is off without an [admin] table)')
+    address = r.take(t, "address", "admin", _ip, "127.0.0.1")
+    port = r.take(t, "port", "admin", _port, None)
+    token = r.take(t, "token", "admin", _admin_token, None)
+    r.unknown(t, "admin", ("address", "port", "token"))
+    if token is None and not ipaddress.ip_address(address).is_loopback:
+        r.error(
+            "admin.address",
+            f'"{address}" is not a loopback address: the admin endpoints show the whole '
+            "instance, so set admin.token (every request then needs \"Authorization: Bearer "
+            '<token>") or bind 127.0.0.1',
+        )
+    for i, lst in enumerate(listeners):
+        if port is not None and lst.port == port and lst.address == address:
+            r.error("admin.port", f"{address}:{port} is already listeners[{i}]")
+    return Admin(address, port, token)
+
+
+def _admin_token(v: Any) -> str:
+    s = _str(v)
+    if len(s) < ADMIN_TOKEN_MIN or not re.match(r"^[A-Za-z0-9._~+/=-]+$", s):
+        raise _Bad(
+            f"expected at least {ADMIN_TOKEN_MIN} characters of letters, digits and "
+            "'._~+/=-' (e.g. the output of `openssl rand -hex 16`)"
+        )
     return s
 
 
@@ -782,6 +842,10 @@ def from_dict(data: dict[str, Any], source: str, digest: str = "") -> Config:
     up = r.table(top.pop("upstream", {}), "upstream") or {}
     up_max = r.take(up, "max_connections", "upstream", lambda v: _int(v, lo=1, hi=1 << 20), 4096)
     r.unknown(up, "upstream", ("max_connections",))
+    admin = _read_admin(r, top.pop("admin"), listeners) if "admin" in top else Admin()
+    mt = r.table(top.pop("metrics", {}), "metrics") or {}
+    metrics = Metrics(enabled=r.take(mt, "enabled", "metrics", _bool, True))
+    r.unknown(mt, "metrics", ("enabled",))
     dests = _read_destinations(r, top.pop("destinations", None)) if "destinations" in top else {}
     if not dests:
         r.error("destinations", "expected at least one [destinations.<name>] table")
@@ -828,6 +892,8 @@ def from_dict(data: dict[str, Any], source: str, digest: str = "") -> Config:
         timeouts=timeouts,
         access_log=access_log,
         upstream_max_connections=up_max,
+        admin=admin,
+        metrics=metrics,
         source=source,
         hash=digest,
     )
@@ -852,9 +918,15 @@ def load(path: str | Path) -> Config:
 
 
 def quick(
-    listen: str, upstreams: list[str], *, access_log: bool = True, instance: str = "default"
+    listen: str,
+    upstreams: list[str],
+    *,
+    access_log: bool = True,
+    instance: str = "default",
+    admin: str | None = None,
 ) -> Config:
-    """Quick mode (`weft run --listen A --upstream B ...`): one route, round robin."""
+    """Quick mode (`weft run --listen A --upstream B ...`): one route, round robin; `admin`
+    is the ``--admin HOST:PORT`` of the admin listener."""
     errors = []
     try:
         lhost, lport = parse_hostport(listen)
@@ -870,16 +942,26 @@ def quick(
             eps.append(list(parse_hostport(u)))
         except ValueError as e:
             errors.append(f"--upstream {u}: {e}")
+    admin_table: dict[str, Any] | None = None
+    if admin is not None:
+        try:
+            ahost, aport = parse_hostport(admin)
+            ipaddress.ip_address(ahost)
+            admin_table = {"address": ahost, "port": aport}
+        except ValueError as e:
+            errors.append(f"--admin: {e}")
     if errors:
         raise ConfigError(errors)
-    data = {
+    data: dict[str, Any] = {
         "listeners": [{"address": lhost, "port": lport}],
         "destinations": {"upstream": {"endpoints": [Endpoint(h, p).authority for h, p in eps]}},
         "routes": [{"name": "default", "destination": "upstream"}],
         "access_log": {"enabled": access_log},
         "server": {"instance": instance},
     }
+    if admin_table is not None:
+        data["admin"] = admin_table
     digest = hashlib.sha256(
-        repr((listen, upstreams, access_log, instance)).encode()
+        repr((listen, upstreams, access_log, instance, admin)).encode()
     ).hexdigest()[:16]
     return from_dict(data, "<quick mode>", digest)

@@ -109,6 +109,19 @@ def send(pidfile: Path, signum: int) -> int:
     return pid
 
 
+def _running(pid: int) -> bool:
+    """Whether `pid` still runs. An exited process its parent has not reaped yet is a zombie,
+    for which ``kill(pid, 0)`` still succeeds: /proc tells the two apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    # The state follows the parenthesised command name, which may itself contain ") ".
+    return stat[stat.rindex(")") + 2 :][:1] not in ("Z", "X")
+
+
 def reload(pidfile: Path, timeout: float) -> dict[str, Any]:
     """Ask for a reload and wait for its outcome (the state file's ``reload`` entry)."""
     before = read_state(pidfile).get("reload", {}).get("seq", 0)
@@ -132,9 +145,7 @@ def stop(pidfile: Path, timeout: float, *, fast: bool = False) -> int:
     pid = send(pidfile, signal.SIGQUIT if fast else signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not _running(pid):
             return pid
         time.sleep(0.05)
     raise ControlError(f"weft (pid {pid}) still running after {timeout:g}s")

@@ -54,7 +54,7 @@ __all__ = [
 BOOTING = 1
 READY = 2
 DRAINING = 3
-STATE_NAMES = {BOOTING: "booting", READY: "ready", DRAINING: "draining"}
+STATE_NAMES = {BOOTING: "BOOTING", READY: "READY", DRAINING: "DRAINING"}
 
 # Word indexes inside the seqlock record (after the owner and sequence words).
 _PID, _SLOT, _GENERATION, _STATE, _ACKED, _HEARTBEAT, _INFLIGHT, _REQUESTS = range(8)
