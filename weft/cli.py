@@ -37,10 +37,13 @@ def _load(
     upstreams: tuple[str, ...],
     no_access_log: bool,
     instance: str | None,
+    admin: str | None = None,
 ) -> tuple[cfgmod.Config, Callable[[], cfgmod.Config]]:
     """The config and how to load it again on reload (the file, or the same quick flags)."""
     if config_path and (listen or upstreams):
         raise click.UsageError("use either -c FILE or --listen/--upstream, not both")
+    if config_path and admin:
+        raise click.UsageError("--admin is for quick mode; set [admin] in the file")
     if config_path:
         if instance:
             raise click.UsageError(
@@ -60,7 +63,11 @@ def _load(
 
     def load_quick() -> cfgmod.Config:
         return cfgmod.quick(
-            listen, list(upstreams), access_log=not no_access_log, instance=instance or "default"
+            listen,
+            list(upstreams),
+            access_log=not no_access_log,
+            instance=instance or "default",
+            admin=admin,
         )
 
     return load_quick(), load_quick
@@ -118,6 +125,12 @@ def main() -> None:
 @click.option("--no-access-log", is_flag=True, help="Quick mode: no access log on stdout.")
 @click.option("--instance", help='Quick mode: instance name (default "default").')
 @click.option(
+    "--admin",
+    metavar="HOST:PORT",
+    help="Quick mode: serve the admin endpoints (/metrics, /healthz, /readyz, /status) here; "
+    "a loopback address.",
+)
+@click.option(
     "--workers",
     type=click.IntRange(1, 256),
     help="Worker processes (default: [server] workers, else one per CPU).",
@@ -132,6 +145,7 @@ def run(
     upstreams: tuple[str, ...],
     no_access_log: bool,
     instance: str | None,
+    admin: str | None,
     workers: int | None,
     pidfile: str | None,
     log_level: str,
@@ -145,7 +159,7 @@ def run(
     from weft.supervisor import Supervisor
 
     try:
-        config, loader = _load(config_path, listen, upstreams, no_access_log, instance)
+        config, loader = _load(config_path, listen, upstreams, no_access_log, instance, admin)
     except cfgmod.ConfigError as e:
         click.echo("\n".join(e.errors), err=True)
         sys.exit(1)
@@ -211,7 +225,8 @@ def stop(
 def status(
     pidfile: str | None, config_path: str | None, instance: str | None, as_json: bool
 ) -> None:
-    """Show a running weft: its config, generation and workers (from shared memory)."""
+    """Show a running weft: its config, generation, workers (from shared memory) and
+    upstream endpoints with their pool figures (from its metrics files)."""
     from weft.status import collect, render
 
     path = _pidfile(pidfile, config_path, instance)

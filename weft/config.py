@@ -783,7 +783,7 @@ def _read_admin(r: _Reader, raw: Any, listeners: tuple[Listener, ...]) -> Admin:
         r.error(
             "admin.address",
             f'"{address}" is not a loopback address: the admin endpoints show the whole '
-            "instance, so set admin.token (every request then needs \"Authorization: Bearer "
+            'instance, so set admin.token (every request then needs "Authorization: Bearer '
             '<token>") or bind 127.0.0.1',
         )
     for i, lst in enumerate(listeners):

@@ -132,6 +132,8 @@ class App:
         for route in config.routes:
             entries.append((route, chain(mws.get(route.name, []), forwarders[route.destination])))
         self.router: Router[Next] = Router(entries)
+        # Called once a request is matched to its route (metrics count it in flight from here).
+        self.on_route: Callable[[Request], None] | None = None
 
     async def __call__(self, request: Request) -> Response:
         if request.target == "*":
@@ -151,6 +153,8 @@ class App:
                 resp.headers.add(k, v)
             return resp
         request.route = route
+        if self.on_route is not None:
+            self.on_route(request)
         body = request.body
         body.limit = route.max_body_bytes
         if body.length is not None and body.length > route.max_body_bytes:

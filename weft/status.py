@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from weft import control
+from weft import control, metrics
 from weft.shm.segment import SegmentError
 from weft.shm.worktable import STATE_NAMES
 from weft.workers.shared import SharedState
@@ -52,6 +52,19 @@ def collect(pidfile: Path) -> dict[str, Any]:
         "generation": state.get("generation"),
         "workers": workers,
         "last_reload": state.get("reload"),
+        "stopping": state.get("stopping"),
+        "admin": state.get("admin"),
+        "destinations": destinations(pidfile),
+    }
+
+
+def destinations(pidfile: Path) -> dict[str, list[dict[str, Any]]]:
+    """Pool figures per destination and endpoint, summed over the live workers, as they last
+    sampled them into the instance's metrics files (at most a second old)."""
+    figures = metrics.pool_figures(metrics.directory_for(pidfile))
+    return {
+        dest: [{"endpoint": ep, **values} for ep, values in sorted(eps.items())]
+        for dest, eps in sorted(figures.items())
     }
 
 
@@ -76,4 +89,24 @@ def render(info: dict[str, Any]) -> str:
         )
     if not info["workers"]:
         lines.append("(no workers)")
+    dests = info.get("destinations") or {}
+    if dests:
+        width = max(len(e["endpoint"]) for eps in dests.values() for e in eps)
+        dwidth = max(len("destination"), *(len(d) for d in dests))
+        lines.append("")
+        lines.append(
+            f"{'destination':<{dwidth}} {'endpoint':<{width}} {'open':>6} {'idle':>6} "
+            f"{'waiting':>8}"
+        )
+        for dest, eps in dests.items():
+            for e in eps:
+                lines.append(
+                    f"{dest:<{dwidth}} {e['endpoint']:<{width}} {e['open']:>6} {e['idle']:>6} "
+                    f"{e['waiting']:>8}"
+                )
+    if info.get("admin"):
+        lines.append("")
+        lines.append(f"admin    http://{info['admin']}/ (/metrics, /healthz, /readyz, /status)")
+    if info.get("stopping"):
+        lines.insert(1, f"STOPPING ({info['stopping']})")
     return "\n".join(lines)

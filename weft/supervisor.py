@@ -42,7 +42,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from weft import control
+from weft import control, metrics
+from weft.admin import AdminProcess
 from weft.config import Config, ConfigError, Listener
 from weft.shm.segment import InstanceLock, InstanceRunning, remove_instance
 from weft.shm.worktable import READY
@@ -126,6 +127,9 @@ class Supervisor:
         self._parent_pipe: tuple[int, int] | None = None
         self._next_watchdog = 0.0
         self._first_start = True
+        self.metrics_dir: Path | None = None  # see _start_observability
+        self.supervisor_metrics: metrics.SupervisorMetrics | None = None
+        self.admin: AdminProcess | None = None
 
     def _worker_count(self, config: Config) -> int:
         if self.workers_flag:
@@ -171,6 +175,7 @@ class Supervisor:
             raise StartupError(f"weft: {e.strerror}") from None
         control.write_pidfile(self.pidfile)
         self._write_state()
+        self._start_observability()
         self.notifier.status(f"starting {self.nworkers} workers")
         pids = [self.spawn(slot, self.generation, self.config) for slot in range(self.nworkers)]
         ok, reason = self.wait_ready(pids, self.config.boot_timeout)
@@ -238,6 +243,7 @@ class Supervisor:
         sock.close()
 
     def cleanup(self) -> None:
+        self._stop_observability()
         for sock in list(self.sockets.values()):
             sock.close()
         self.sockets.clear()
@@ -272,6 +278,8 @@ class Supervisor:
         close.append(self.lock.fileno())
         if self.notifier.fileno() is not None:
             close.append(self.notifier.fileno())  # only the supervisor notifies systemd
+        if self.admin is not None and self.admin.fileno() is not None:
+            close.append(self.admin.fileno())  # type: ignore[arg-type]
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child's life is in weft.workers.child
             child_mod.run(
@@ -329,6 +337,8 @@ class Supervisor:
             child = self.children.pop(pid, None)
             if child is not None:
                 self._child_exited(child, info.si_code, info.si_status)
+            elif self.admin is not None:
+                self.admin.reaped(pid, _how(info.si_code, info.si_status))
 
     def _reclaim(self, pid: int) -> None:
         """Release what a dead worker held in shared memory (it is still a zombie here)."""
@@ -339,6 +349,8 @@ class Supervisor:
         for row in self.shared.table.rows_of(pid):
             self.shared.inflight.clear_row(row)
         self.shared.table.free(pid)
+        if self.supervisor_metrics is not None:
+            self.supervisor_metrics.process_dead(pid)  # its live gauges leave the sums
 
     def _child_exited(self, child: Child, code: int, status: int) -> None:
         how = (
@@ -377,6 +389,8 @@ class Supervisor:
                     for c in self.children.values()
                 ):
                     continue
+                if self.supervisor_metrics is not None:
+                    self.supervisor_metrics.worker_restarted()
                 self.spawn(slot, self.generation, self.config)
 
     def _watchdog(self) -> None:
@@ -428,6 +442,8 @@ class Supervisor:
             self._respawn_due()
             self._watchdog()
             self._ping_systemd()
+            if self.admin is not None:
+                self.admin.tick(self._admin_close_fds())
 
     def _wait(self, timeout: float) -> None:
         assert self._wakeup is not None
@@ -585,6 +601,8 @@ class Supervisor:
             return
         self.generation = generation
         self.config = new
+        if self.admin is not None:
+            self.admin.reconfigure(new.admin)
         old_slots = self.nworkers
         self.nworkers = nworkers
         for child in old:
@@ -605,6 +623,8 @@ class Supervisor:
             log.info("reload %d: %s", seq, message)
         else:
             log.error("reload %d failed: %s", seq, message)
+        if self.supervisor_metrics is not None:
+            self.supervisor_metrics.reload_done(ok, self.generation)
         self._write_state()
 
     def _write_state(self) -> None:
@@ -618,6 +638,8 @@ class Supervisor:
                 "config_hash": self.config.hash,
                 "generation": self.generation,
                 "workers": self.nworkers,
+                "stopping": self.stopping,  # the admin's /readyz is 503 from here on
+                "admin": self.admin.address if self.admin is not None else None,
                 "reload": {
                     "seq": r.seq,
                     "ok": r.ok,
@@ -632,6 +654,7 @@ class Supervisor:
     def _stop(self) -> None:
         fast = self.stopping == "fast"
         self.notifier.stopping()
+        self._write_state()  # publishes "stopping"
         now = time.monotonic()
         grace = KILL_GRACE if fast else self.config.timeouts.drain + DRAIN_MARGIN
         for child in self.children.values():
@@ -659,3 +682,57 @@ class Supervisor:
                     child.kill_at = None
                     self._kill(child.pid, signal.SIGKILL)
         log.info("stopped")
+
+    # -- metrics and the admin listener (weft.metrics, weft.admin) -----------------------------
+
+    def _start_observability(self) -> None:
+        """Make the metrics directory (before any worker is forked: workers inherit
+        $PROMETHEUS_MULTIPROC_DIR) and start the admin process (before the workers, so that
+        /readyz answers 503 while they boot)."""
+        assert self.shared is not None
+        try:
+            self.metrics_dir = metrics.prepare_directory(self.pidfile)
+        except OSError as e:
+            raise StartupError(f"weft: cannot make the metrics directory: {e}") from None
+        self.supervisor_metrics = metrics.SupervisorMetrics(self.metrics_dir, self.generation)
+        if not self.config.admin.enabled:
+            return
+        self.admin = AdminProcess(
+            self.config.admin,
+            pidfile=self.pidfile,
+            metrics_dir=self.metrics_dir,
+            shared=self.shared,
+        )
+        try:
+            self.admin.bind()
+        except OSError as e:
+            self.admin = None
+            raise StartupError(f"weft: admin listener: {e.strerror}") from None
+        self._write_state()  # with the admin's address
+        self.admin.spawn(self._admin_close_fds())
+
+    def _admin_close_fds(self) -> list[int]:
+        """What the admin process must not keep: everything of the supervisor's but its own
+        socket (the instance lock above all: a held lock would outlive the supervisor)."""
+        assert self._wakeup is not None and self._parent_pipe is not None
+        assert self.lock is not None
+        close = [s.fileno() for s in self.sockets.values()]
+        close += [*self._wakeup, *self._parent_pipe, self.lock.fileno()]
+        if self.notifier.fileno() is not None:
+            close.append(self.notifier.fileno())  # type: ignore[arg-type]
+        return close
+
+    def _stop_observability(self) -> None:
+        """Last of all (the admin answers /readyz 503 while the workers drain)."""
+        if self.admin is not None:
+            self.admin.stop()
+            self.admin = None
+        if self.metrics_dir is not None:
+            metrics.remove_directory(self.metrics_dir)
+            self.metrics_dir = None
+
+
+def _how(code: int, status: int) -> str:
+    if code == os.CLD_EXITED:
+        return f"exit code {status}"
+    return f"signal {signal.Signals(status).name}"

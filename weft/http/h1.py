@@ -112,6 +112,9 @@ class ServerState:
         self.on_exchange: (
             Callable[[Request | None, Response, str | None, tuple[str, int], float], None] | None
         ) = None
+        # Called for a request whose client went away before it got a response (no exchange
+        # to log; metrics count it as nginx's 499 and end its in-flight count).
+        self.on_abandon: Callable[[Request], None] | None = None
 
     def drain(self) -> None:
         """Stop keep-alive: idle connections close now, busy ones after their response."""
@@ -407,6 +410,8 @@ class H1Server:
             request_id = request.id
             response = await self.state.app(request)
         except ClientGone:
+            if request is not None and self.state.on_abandon is not None:
+                self.state.on_abandon(request)
             raise
         except ClientError as e:
             if request is not None:

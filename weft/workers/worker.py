@@ -30,6 +30,7 @@ from collections.abc import AsyncIterator, Callable
 
 import trio
 
+from weft import metrics as metrics_mod
 from weft.accesslog import AccessLog
 from weft.config import Config, Destination
 from weft.connection import UpstreamPools
@@ -37,6 +38,7 @@ from weft.forward import Inflight
 from weft.handler import App, Middleware
 from weft.http.h1 import H1Server, ServerState
 from weft.http.io import accept
+from weft.http.messages import Request, Response
 
 log = logging.getLogger("weft.worker")
 
@@ -121,6 +123,32 @@ class Worker:
             self.state.on_exchange = self.access_log.record
         self.connections = trio.Semaphore(config.limits.max_connections)
         self.stop = trio.Event()
+        # Metrics (weft.metrics): None when off, or when no supervisor collects them.
+        self.metrics = metrics_mod.for_worker(config, self.pools)
+        if self.metrics is not None:
+            self._install_metrics(self.metrics)
+
+    def _install_metrics(self, metrics: metrics_mod.WorkerMetrics) -> None:
+        """Hook the metrics into the data path, next to the access log."""
+        self.app.on_route = metrics.route_started
+        self.state.on_abandon = metrics.abandoned
+        record = self.state.on_exchange
+        if record is None:
+            self.state.on_exchange = metrics.exchange
+            return
+        count = metrics.exchange
+
+        def both(
+            request: Request | None,
+            response: Response,
+            error: str | None,
+            client: tuple[str, int],
+            duration: float,
+        ) -> None:
+            count(request, response, error, client, duration)
+            record(request, response, error, client, duration)
+
+        self.state.on_exchange = both
 
     async def accept_loop(self, listener: socket.socket, nursery: trio.Nursery) -> None:
         burst = 0
@@ -245,6 +273,8 @@ async def _serve(
             await service.start(worker.pools.run)
             if worker.access_log is not None:
                 await service.start(worker.access_log.run)
+            if worker.metrics is not None:
+                await service.start(worker.metrics.run)
             service.start_soon(_heartbeat, hooks, worker.state)
             if hooks.parent_fd is not None:
                 service.start_soon(_watch_parent, worker, hooks.parent_fd)
