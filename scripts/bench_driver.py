@@ -88,6 +88,9 @@ port = {port}
 [access_log]
 enabled = false
 
+[metrics]
+enabled = {metrics}
+
 [destinations.bench]
 strategy = "round_robin"
 endpoints = ["127.0.0.1:{upstream_port}"]
@@ -245,11 +248,18 @@ class Lab:
             raise BenchError(f"nginx -t rejected {template} (as {conf}):\n{check.stderr.strip()}")
         return self.spawn(name, [*argv, "-g", "daemon off;"], (error_log,))
 
-    def start_weft(self, name: str, workers: int, upstream_port: int, port: int) -> Proc:
+    def start_weft(
+        self, name: str, workers: int, upstream_port: int, port: int, metrics: bool = True
+    ) -> Proc:
         config = self.workdir / f"{name}.toml"
-        instance = f"bench-{os.getpid()}-w{workers}"
+        instance = f"bench-{os.getpid()}-w{workers}{'' if metrics else '-nm'}"
         config.write_text(
-            WEFT_CONFIG.format(instance=instance, port=port, upstream_port=upstream_port)
+            WEFT_CONFIG.format(
+                instance=instance,
+                port=port,
+                upstream_port=upstream_port,
+                metrics="true" if metrics else "false",
+            )
         )
         argv = [sys.executable, "-m", "weft", "run", "-c", str(config)]
         if workers > 1:
@@ -413,12 +423,16 @@ def start_all(lab: Lab, args: argparse.Namespace) -> tuple[Proc, list[Target], l
         add("nginx-twin", twin, port, "nginx, 2 workers")
         return upstream, targets, skipped
 
-    for workers in args.workers:
+    variants = [True, False] if args.compare_metrics else [True]
+    for workers, metrics in [(w, m) for w in args.workers for m in variants]:
         name = "weft" if args.workers == [1] else f"weft-w{workers}"
+        if not metrics:
+            name += "-nometrics"
         port = free_port()
-        weft = lab.start_weft(name, workers, upstream_port, port)
+        weft = lab.start_weft(name, workers, upstream_port, port, metrics)
         try:
-            add(name, weft, port, f"weft, {workers} worker{'s' if workers > 1 else ''}")
+            what = f"weft, {workers} worker{'s' if workers > 1 else ''}"
+            add(name, weft, port, what + ("" if metrics else ", no metrics"))
         except BenchError as exc:
             if workers == 1:
                 raise
@@ -669,6 +683,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--sizes", default=",".join(SIZES), help=f"body sizes (default {','.join(SIZES)})"
+    )
+    parser.add_argument(
+        "--compare-metrics",
+        action="store_true",
+        help="also run each weft with [metrics] enabled = false (named *-nometrics), to "
+        "measure what recording metrics costs",
     )
     # Harness check: a second nginx proxy stands in for weft.
     parser.add_argument("--self-test", action="store_true", help=argparse.SUPPRESS)

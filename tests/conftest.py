@@ -10,6 +10,7 @@ segment of ours outlived its test.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -84,6 +85,8 @@ def _nothing_left_behind() -> Iterator[None]:
     yield
     left_procs = _live_children()
     ours = sorted(Path("/dev/shm").glob(f"weft-{procs.INSTANCE_PREFIX}*"))
+    # weft.metrics keeps an instance's metrics files in /dev/shm/weft.<instance>.metrics/
+    metrics_dirs = sorted(Path("/dev/shm").glob(f"weft.{procs.INSTANCE_PREFIX}*"))
     problems = []
     if left_procs:
         problems.append(f"processes left running: {sorted(left_procs)}")
@@ -91,4 +94,8 @@ def _nothing_left_behind() -> Iterator[None]:
         problems.append(f"shared-memory segments left: {[str(s) for s in ours]}")
         for seg in ours:
             seg.unlink(missing_ok=True)
+    if metrics_dirs:
+        problems.append(f"metrics directories left: {[str(d) for d in metrics_dirs]}")
+        for d in metrics_dirs:
+            shutil.rmtree(d, ignore_errors=True)
     assert not problems, "; ".join(problems)

@@ -54,14 +54,14 @@ def collect(pidfile: Path) -> dict[str, Any]:
         "last_reload": state.get("reload"),
         "stopping": state.get("stopping"),
         "admin": state.get("admin"),
-        "destinations": destinations(pidfile),
+        "destinations": destinations(state["instance"]),
     }
 
 
-def destinations(pidfile: Path) -> dict[str, list[dict[str, Any]]]:
+def destinations(instance: str) -> dict[str, list[dict[str, Any]]]:
     """Pool figures per destination and endpoint, summed over the live workers, as they last
     sampled them into the instance's metrics files (at most a second old)."""
-    figures = metrics.pool_figures(metrics.directory_for(pidfile))
+    figures = metrics.pool_figures(metrics.directory_for(instance))
     return {
         dest: [{"endpoint": ep, **values} for ep, values in sorted(eps.items())]
         for dest, eps in sorted(figures.items())

@@ -46,7 +46,7 @@ from weft import control, metrics
 from weft.admin import AdminProcess
 from weft.config import Config, ConfigError, Listener
 from weft.shm.segment import InstanceLock, InstanceRunning, remove_instance
-from weft.shm.worktable import READY
+from weft.shm.worktable import DRAINING, READY
 from weft.sock import bind_listener
 from weft.systemd import Notifier
 from weft.workers import child as child_mod
@@ -60,6 +60,7 @@ KILL_GRACE = 2.0  # SIGABRT -> SIGKILL, fast stop -> SIGKILL
 DRAIN_MARGIN = 5.0  # a draining worker is SIGKILLed this long after the drain deadline
 TICK = 0.5  # loop wake-up when nothing happens (watchdog, respawns, systemd pings)
 WAIT_TICK = 0.02  # polling the worker table while workers boot
+DRAIN_ACK_TIMEOUT = 5.0  # a reload waits this long for old workers to stop accepting
 
 
 class StartupError(Exception):
@@ -319,6 +320,20 @@ class Supervisor:
             self._wait(WAIT_TICK)
             self._dispatch(defer_reload=True)
         return True, ""
+
+    def wait_state(self, pids: list[int], state: int, timeout: float) -> bool:
+        """Wait until each pid has left or shows `state` in its row (dispatching signals, a
+        reload deferred). Returns whether that happened within `timeout`."""
+        assert self.shared is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            rows = {i.pid: i.state for i in self.shared.table.snapshot()}
+            if all(pid not in self.children or rows.get(pid) == state for pid in pids):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            self._wait(WAIT_TICK)
+            self._dispatch(defer_reload=True)
 
     def reap(self) -> None:
         while True:
@@ -607,6 +622,9 @@ class Supervisor:
         self.nworkers = nworkers
         for child in old:
             self._retire(child)
+        # Report success only once the old workers no longer accept: until a worker has
+        # processed its SIGTERM, a new connection can still land on it and meet the old config.
+        self.wait_state([c.pid for c in old], DRAINING, DRAIN_ACK_TIMEOUT)
         for slot in range(nworkers, old_slots):
             self._close_removed_slot(slot)
         # Sockets of listeners the new config dropped: the old workers still hold their own
@@ -691,7 +709,7 @@ class Supervisor:
         /readyz answers 503 while they boot)."""
         assert self.shared is not None
         try:
-            self.metrics_dir = metrics.prepare_directory(self.pidfile)
+            self.metrics_dir = metrics.prepare_directory(self.instance)
         except OSError as e:
             raise StartupError(f"weft: cannot make the metrics directory: {e}") from None
         self.supervisor_metrics = metrics.SupervisorMetrics(self.metrics_dir, self.generation)
