@@ -2,8 +2,10 @@
 
 The state file (`weft.control`) says which config and generation serve; the worker table in
 shared memory says, live, which processes serve it, in which state, with how many requests in
-flight and how fresh their heartbeat is. Reading shared memory needs no cooperation from the
-supervisor, so status works even while it is busy with a reload.
+flight and how fresh their heartbeat is; the instance's metrics files (`weft.metrics`) give the
+upstream pool figures each worker samples every second. Reading them needs no cooperation from
+the supervisor, so status works even while it is busy with a reload. The admin listener's
+``/status`` serves the same document.
 """
 
 from __future__ import annotations
