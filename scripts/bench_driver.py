@@ -261,9 +261,8 @@ class Lab:
                 metrics="true" if metrics else "false",
             )
         )
-        argv = [sys.executable, "-m", "weft", "run", "-c", str(config)]
-        if workers > 1:
-            argv += ["--workers", str(workers)]
+        # Always explicit: without --workers, `weft run` starts one worker per CPU.
+        argv = [sys.executable, "-m", "weft", "run", "-c", str(config), "--workers", str(workers)]
         return self.spawn(name, argv)
 
     def stop(self, proc: Proc) -> None:
@@ -433,16 +432,9 @@ def start_all(lab: Lab, args: argparse.Namespace) -> tuple[Proc, list[Target], l
         try:
             what = f"weft, {workers} worker{'s' if workers > 1 else ''}"
             add(name, weft, port, what + ("" if metrics else ", no metrics"))
-        except BenchError as exc:
-            if workers == 1:
-                raise
+        except BenchError:
             lab.stop(weft)
-            reason = (
-                f"weft with --workers {workers} did not start (before the supervisor lands, "
-                f"`weft run` has no --workers): {exc}"
-            )
-            print(f"skipping {name}: {reason}")
-            skipped.append({"target": name, "reason": reason})
+            raise
     return upstream, targets, skipped
 
 
@@ -678,8 +670,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--workers",
         default="1",
-        help="comma-separated weft worker counts, one weft per value (default 1); "
-        "values above 1 pass --workers N to `weft run`",
+        help="comma-separated weft worker counts, one weft per value (default 1), each "
+        "passed as --workers N to `weft run`",
     )
     parser.add_argument(
         "--sizes", default=",".join(SIZES), help=f"body sizes (default {','.join(SIZES)})"
