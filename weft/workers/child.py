@@ -23,6 +23,7 @@ so that nothing inherited (atexit handlers, the supervisor's buffers) runs twice
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 import os
 import signal
@@ -130,6 +131,13 @@ def run(
         os.set_blocking(parent_fd, False)
         hooks = ChildHooks(state, slot, generation, columns, parent_fd)
         middleware: dict[str, list[Middleware]] = load_all_middleware(config)
+        # What exists now (modules, config, tables) lives as long as the worker: freeze it so
+        # that full collections stop rescanning it, and collect the young generation less
+        # often (the request path frees nearly everything by reference counting; what it
+        # leaves is cycles from exceptions and cancelled tasks). Measured on the 1 KiB
+        # benchmark, 1 worker, 4 alternating rounds: 741 -> 698 µs of CPU per request (noisy).
+        gc.freeze()
+        gc.set_threshold(50_000, 50, 100)
         serve(sockets, config, middleware=middleware, hooks=hooks)
         code = 0
     except BaseException as e:  # the child reports everything, then exits
