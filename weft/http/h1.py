@@ -264,8 +264,24 @@ class H1Server:
         state = self.state
         if state.draining:
             return await self._drain_grace()
-        timeout = self.timeouts.client_keepalive if self.requests else self.timeouts.client_header
         sock = self.sock
+        try:
+            data = sock.recv(READ_SIZE)
+        except BlockingIOError:
+            pass
+        except OSError:
+            return False
+        else:
+            # Already there (a busy client): no wait, and no yield either, except every 16th
+            # request, so that a client pipelining requests weft answers without I/O (404s)
+            # cannot starve the other connections. A checkpoint costs ~10 µs here.
+            if not self.requests & 15:
+                await trio.lowlevel.checkpoint()
+            if not data:
+                return False
+            self.buf += data
+            return True
+        timeout = self.timeouts.client_keepalive if self.requests else self.timeouts.client_header
         state.waiting.add(sock)
         try:
             data = await recv_until(sock, READ_SIZE, trio.current_time() + timeout, state.timers)
