@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+from abc import ABC, abstractmethod
 from array import array
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
@@ -56,11 +57,12 @@ MAGLEV_TABLE_SIZE = 65537
 _TCHAR = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 
 
-class Balancer:
+class Balancer(ABC):
     """Chooses an endpoint index for each request; one instance per destination per worker."""
 
     __slots__ = ()
 
+    @abstractmethod
     def pick(
         self,
         *,
@@ -75,7 +77,6 @@ class Balancer:
             inflight: current in-flight requests per endpoint index; empty means all zero.
             excluded: indices that must not be chosen, as a set (membership is tested per step).
         """
-        raise NotImplementedError
 
 
 class RoundRobin(Balancer):
