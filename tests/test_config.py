@@ -61,6 +61,26 @@ def api(extra: str) -> str:
 
 # (extra TOML appended to BASE, key path of the error, words its reason must contain)
 MISTAKES = [
+    # A trailing newline must not slip through a regex anchored with "$" (which matches before
+    # one): these values end up in request heads.
+    pytest.param(
+        api('endpoints = ["127.0.0.1:9003"]\nhost_header = "api.example\\n"'),
+        "destinations.api.host_header",
+        ["not a valid host"],
+        id="host-header-with-trailing-newline",
+    ),
+    pytest.param(
+        '[server]\nvia = "weft\\n"',
+        "server.via",
+        [],
+        id="via-with-trailing-newline",
+    ),
+    pytest.param(
+        route("", prefix="/a\\tb/"),
+        "routes[1].path_prefix",
+        ["control"],
+        id="path-prefix-with-a-control-character",
+    ),
     pytest.param(
         '[timeouts]\nupstream_heade = "5s"',
         "timeouts.upstream_heade",

@@ -213,11 +213,11 @@ _SIZE_UNITS = {
     "GB": 1000**3,
 }
 _HOSTNAME = re.compile(
-    r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_-]{1,63})*\.?$"
+    r"^(?=.{1,253}\Z)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_-]{1,63})*\.?\Z"
 )
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
-_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}\Z")
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
+_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*\Z")
 
 
 def _duration(v: Any, *, allow_zero: bool = False, max_s: float = 86400.0) -> float:
@@ -298,7 +298,7 @@ def _port(v: Any) -> int:
 
 def parse_hostport(s: str) -> tuple[str, int]:
     """Split ``host:port`` / ``[v6]:port``; raises ValueError with a reason."""
-    m = re.match(r"^\[([0-9A-Fa-f:.]+)\]:(\d+)$", s) or re.match(r"^([^:\[\]]+):(\d+)$", s)
+    m = re.match(r"^\[([0-9A-Fa-f:.]+)\]:(\d+)\Z", s) or re.match(r"^([^:\[\]]+):(\d+)\Z", s)
     if not m:
         raise ValueError(f'expected "host:port" (IPv6 as "[::1]:port"), got {s!r}')
     host, port = m.group(1), int(m.group(2))
@@ -637,8 +637,10 @@ def _path_prefix(v: Any) -> str:
     s = _str(v)
     if not s.startswith("/"):
         raise _Bad(f'must start with "/", got {s!r}')
-    if any(c in s for c in "?# ") or not s.isascii():
-        raise _Bad(f"a path prefix has no query, fragment, space or non-ASCII character: {s!r}")
+    if any(c in s for c in "?#") or not s.isascii() or any(c <= " " or c == "\x7f" for c in s):
+        raise _Bad(
+            f"a path prefix has no query, fragment, space, control or non-ASCII character: {s!r}"
+        )
     return s
 
 
@@ -647,7 +649,7 @@ def _methods(v: Any) -> frozenset[str]:
         raise _Bad('expected a non-empty list of methods like ["GET", "POST"]')
     out = set()
     for m in v:
-        if not isinstance(m, str) or not re.match(r"^[A-Z][A-Z0-9_-]*$", m):
+        if not isinstance(m, str) or not re.match(r"^[A-Z][A-Z0-9_-]*\Z", m):
             raise _Bad(f"{m!r} is not an HTTP method (upper case token)")
         if m == "CONNECT":
             raise _Bad("CONNECT is not proxied (weft answers it with 405)")
@@ -752,14 +754,14 @@ _SERVER_KEYS = (
 
 def _instance(v: Any) -> str:
     s = _str(v)
-    if not re.match(r"^[A-Za-z0-9_-]{1,32}$", s):
+    if not re.match(r"^[A-Za-z0-9_-]{1,32}\Z", s):
         raise _Bad(f"an instance name is 1-32 of letters, digits, '_', '-', got {s!r}")
     return s
 
 
 def _token(v: Any) -> str:
     s = _str(v)
-    if not re.match(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$", s):
+    if not re.match(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z", s):
         raise _Bad(f"expected a token (no spaces or separators), got {s!r}")
     return s
 
@@ -794,7 +796,7 @@ def _read_admin(r: _Reader, raw: Any, listeners: tuple[Listener, ...]) -> Admin:
 
 def _admin_token(v: Any) -> str:
     s = _str(v)
-    if len(s) < ADMIN_TOKEN_MIN or not re.match(r"^[A-Za-z0-9._~+/=-]+$", s):
+    if len(s) < ADMIN_TOKEN_MIN or not re.match(r"^[A-Za-z0-9._~+/=-]+\Z", s):
         raise _Bad(
             f"expected at least {ADMIN_TOKEN_MIN} characters of letters, digits and "
             "'._~+/=-' (e.g. the output of `openssl rand -hex 16`)"
