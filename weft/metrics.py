@@ -152,7 +152,7 @@ def remove_directory(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _prometheus_client() -> Any:
+def _prometheus_client(*, forks: bool = True) -> Any:
     """prometheus_client writing to this process's files in the metrics directory.
 
     The library picks its value class when it is first imported, and that class remembers the
@@ -161,12 +161,21 @@ def _prometheus_client() -> Any:
     writing process installs a fresh multiprocess value class before it makes its metrics.
     This also covers a user's middleware module that imported prometheus_client while the
     config was loaded, before ``$PROMETHEUS_MULTIPROC_DIR`` was set.
+
+    To notice a fork, that class calls ``os.getpid()`` on every write: a system call, six per
+    proxied request. A process that never forks after this point (a worker: `forks=False`)
+    gives it its pid as a constant instead, the library's documented ``process_identifier``
+    hook. The supervisor forks, so it keeps the check.
     """
     assert os.environ.get(ENV), f"{ENV} is not set"
     import prometheus_client
     from prometheus_client import values
 
-    values.ValueClass = values.MultiProcessValue()
+    if forks:
+        values.ValueClass = values.MultiProcessValue()
+    else:
+        pid = os.getpid()
+        values.ValueClass = values.MultiProcessValue(lambda: pid)
     return prometheus_client
 
 
@@ -184,7 +193,7 @@ class WorkerMetrics:
     """
 
     def __init__(self, config: Config, pools: UpstreamPools) -> None:
-        pc = _prometheus_client()
+        pc = _prometheus_client(forks=False)
         Counter, Gauge, Histogram = pc.Counter, pc.Gauge, pc.Histogram
         self.pools = pools
         self.requests = Counter(
