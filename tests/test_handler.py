@@ -521,3 +521,66 @@ async def test_a_request_goes_through_middleware_and_prefix_strip_to_the_upstrea
         assert pools.stats()["web"][0]["idle"] == 1
     finally:
         await pools.aclose()
+
+
+async def test_only_a_route_without_user_middleware_marks_its_requests_validated(nursery):
+    # A route whose chain is weft's alone lets the data path skip re-checking header fields;
+    # one with user middleware must not (middleware may write anything into them).
+    listeners = await nursery.start(partial(trio.serve_tcp, echo_head, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    seen = {}
+
+    async def answer(request: Request, next) -> Response:
+        seen[request.route.name] = request.validated
+        return Response(204)
+
+    cfg = make_config(
+        {"name": "mw", "path_prefix": "/mw/"}, {"name": "plain", "path_prefix": "/"}, port=port
+    )
+    pools = UpstreamPools(cfg.destinations.values(), 10, 1.0)
+    await nursery.start(pools.run)
+    try:
+        app = App(cfg, pools, {"mw": [answer]})
+        await app(make_request("GET", "/mw/x"))
+        assert seen == {"mw": False}
+
+        plain = make_request("GET", "/x")
+        assert plain.validated is False  # until the App says so
+        response = await app(plain)
+        assert await response.body.read() == b"GET /x HTTP/1.1\nhost: shop.example"
+        await response.body.aclose()
+        assert plain.validated is True
+    finally:
+        await pools.aclose()
+
+
+async def test_a_header_field_injected_by_middleware_is_refused_not_sent(nursery):
+    # The forwarder re-checks fields for routes with user middleware: a CR LF smuggled into a
+    # value is refused by h11 (a 500 for the middleware's request), and nothing reaches the
+    # upstream.
+    got: list[bytes] = []
+
+    async def record(stream: trio.SocketStream) -> None:
+        got.append(await stream.receive_some(65536))
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+
+    listeners = await nursery.start(partial(trio.serve_tcp, record, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+
+    async def inject(request: Request, next) -> Response:
+        request.headers.add("x-note", "a\r\nx-admin: yes")
+        return await next(request)
+
+    cfg = make_config({"name": "web", "path_prefix": "/"}, port=port)
+    pools = UpstreamPools(cfg.destinations.values(), 10, 1.0)
+    await nursery.start(pools.run)
+    try:
+        app = App(cfg, pools, {"web": [inject]})
+        request = make_request("GET", "/")
+        response = await app(request)
+        await response.body.aclose()
+        assert response.status == 500 and request.validated is False
+        await trio.sleep(0.05)
+        assert got == []
+    finally:
+        await pools.aclose()

@@ -315,9 +315,13 @@ class Forwarder:
             headers.append((b"content-length", str(length).encode()))
         method = request.method.encode("ascii")
         target = request.upstream_target.encode("latin-1")
-        # Middleware may have rebuilt any of these: pre-check them all at once and let h11
-        # skip its per-field checks, or let h11 check (and refuse) them itself.
-        trusted_fields = fields_valid(headers) and valid_request_line(method, target)
+        # h11 skips its per-field checks when told the fields are valid. They are when no user
+        # middleware ran (request.validated: parsed fields plus weft's own); otherwise
+        # middleware may have rebuilt any of them: pre-check them all at once, or let h11
+        # check (and refuse) them itself.
+        trusted_fields = valid_request_line(method, target) and (
+            request.validated or fields_valid(headers)
+        )
         h11_request = h11.Request(
             method=method, target=target, headers=headers, _parsed=trusted_fields
         )

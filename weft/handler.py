@@ -168,8 +168,10 @@ class App:
         total = route.timeouts.request_total
         deadline = request.start + total if total > 0 else float("inf")
         request.ctx["deadline"] = deadline
+        plain = route.name not in self.with_middleware
+        request.validated = plain
         try:
-            if total <= 0 or route.name not in self.with_middleware:
+            if total <= 0 or plain:
                 # The forwarder enforces the deadline on each of its own waits; a cancel scope
                 # (17 µs here) is needed only to bound user middleware.
                 return await handler(request)

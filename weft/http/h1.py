@@ -567,7 +567,9 @@ class H1Server:
             headers = [*headers, (b"connection", b"close")]
         try:
             reason = response.reason
-            trusted = fields_valid(headers) and _REASON.fullmatch(reason) is not None
+            trusted = (request.validated or fields_valid(headers)) and (
+                _REASON.fullmatch(reason) is not None
+            )
             data = conn.send(
                 h11.Response(
                     status_code=response.status, headers=headers, reason=reason, _parsed=trusted

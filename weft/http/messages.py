@@ -177,6 +177,7 @@ class Request:
         "scheme",
         "start",
         "target",
+        "validated",
     )
 
     def __init__(
@@ -209,6 +210,12 @@ class Request:
         self.ctx: dict[str, Any] = {}
         # Sends a 1xx response to the client (None when the client cannot take one).
         self.interim = interim
+        # True when no user code runs between the adapter and the forwarder, in either
+        # direction (the App sets it for a route without user middleware): the header fields
+        # are then those a parser validated plus values weft made from validated config, and
+        # the forwarder and the adapter build their h11 events without re-checking each field.
+        # Middleware may rewrite any field, so for its routes every field is checked again.
+        self.validated = False
 
     @property
     def upstream_target(self) -> str:
