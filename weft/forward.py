@@ -46,6 +46,7 @@ from weft.http.headers import (
     fields_valid,
     forward_request_headers,
     forward_response_headers,
+    has_field,
     is_trusted,
     is_upgrade_request,
 )
@@ -241,6 +242,9 @@ class Forwarder:
             dest.strategy == "consistent_hash" and dest.hash_balance_factor > 0
         )
         self.via = config.via.encode()
+        # The Via entries weft adds, by the HTTP version of the message it received.
+        self.via_request = {"1.1": b"1.1 " + self.via, "1.0": b"1.0 " + self.via}
+        self.via_response = b"1.1 " + self.via
         self.rid_header = config.request_id_header.encode()
         self.trusted = config.trusted_proxies
         host_header = dest.host_header
@@ -281,27 +285,36 @@ class Forwarder:
         request.ctx["endpoint"] = ep.authority
         route = request.route
         timeouts = route.timeouts if route is not None else self.config.timeouts
-        deadline = request.ctx.get("deadline", trio.current_time() + 1e9)
+        deadline = request.ctx.get("deadline")
+        if deadline is None:
+            deadline = trio.current_time() + 1e9
 
         raw = request.headers.raw
         upgrade = is_upgrade_request(raw)
-        host = request.headers.get("host")
+        host = None
+        for k, v in raw:
+            if k == b"host":
+                host = v
+                break
         if self.host_mode == "pass":
-            upstream_host = host.encode("latin-1") if host is not None else ep.authority.encode()
+            upstream_host = host if host is not None else ep.authority.encode()
         elif self.host_mode == "endpoint":
             upstream_host = ep.authority.encode()
         else:
             upstream_host = self.host_literal
+        version = request.http_version
+        via = self.via_request.get(version) or f"{version} ".encode() + self.via
+        rid = request.id.encode()
         headers = forward_request_headers(
             raw,
             client_ip=request.client[0],
             trusted=is_trusted(request.client[0], self.trusted),
             scheme=request.scheme,
-            host=host.encode("latin-1") if host is not None else None,
+            host=host,
             upstream_host=upstream_host,
-            via=f"{request.http_version} ".encode() + self.via,
+            via=via,
             request_id_header=self.rid_header,
-            request_id=request.id.encode(),
+            request_id=rid,
             upgrade=upgrade,
         )
         body = request.body
@@ -310,7 +323,7 @@ class Forwarder:
         if length is None:
             headers = [(k, v) for k, v in headers if k != b"content-length"]
             headers.append((b"transfer-encoding", b"chunked"))
-        elif length > 0 or any(k == b"content-length" for k, _ in raw):
+        elif length > 0 or has_field(raw, b"content-length"):
             headers = [(k, v) for k, v in headers if k != b"content-length"]
             headers.append((b"content-length", str(length).encode()))
         method = request.method.encode("ascii")
@@ -357,9 +370,11 @@ class Forwarder:
             request.ctx["upstream_time"] = trio.current_time() - started
             resp_headers = fields(ev.headers)
             has_cl = has_te = False
-            for k, _ in resp_headers:
+            length = None
+            for k, v in resp_headers:
                 if k == b"content-length":
                     has_cl = True
+                    length = int(v)  # h11 checked it (and that repeats agree)
                 elif k == b"transfer-encoding":
                     has_te = True
             if has_cl and has_te:
@@ -368,16 +383,13 @@ class Forwarder:
                     "upstream sent both Content-Length and Transfer-Encoding", reason="bad_response"
                 )
             if type(ev) is h11.InformationalResponse:  # 101
-                out = forward_response_headers(resp_headers, via=b"1.1 " + self.via, upgrade=True)
+                out = forward_response_headers(resp_headers, via=self.via_response, upgrade=True)
                 tunnel = Tunnel(self, idx, pool, up, timeouts.websocket_idle)
                 handed_off = True
                 return Response(101, Headers(out), reason=ev.reason, tunnel=tunnel)
-            out = forward_response_headers(resp_headers, via=b"1.1 " + self.via)
-            if not any(k == self.rid_header for k, _ in out):
-                out.append((self.rid_header, request.id.encode()))
-            length = None
-            if has_cl:
-                length = int(next(v for k, v in resp_headers if k == b"content-length"))
+            out = forward_response_headers(resp_headers, via=self.via_response)
+            if not has_field(out, self.rid_header):
+                out.append((self.rid_header, rid))
             rbody = UpstreamBody(self, idx, pool, up, timeouts.upstream_body_idle, deadline, length)
             handed_off = True
             return Response(ev.status_code, Headers(out), rbody, reason=ev.reason)
@@ -468,7 +480,7 @@ class Forwarder:
                 if ev.status_code != 100 and request.interim is not None:
                     await request.interim(
                         ev.status_code,
-                        forward_response_headers(fields(ev.headers), via=b"1.1 " + self.via),
+                        forward_response_headers(fields(ev.headers), via=self.via_response),
                     )
                 continue
             raise UpstreamError(

@@ -39,7 +39,7 @@ import h11
 import trio
 
 from weft.http.errors import ClientError, ClientGone, UpstreamError
-from weft.http.headers import fields_valid, new_request_id, valid_request_id
+from weft.http.headers import fields_valid, has_field, new_request_id, valid_request_id
 from weft.http.io import Timers, close, recv, recv_until, send_all
 from weft.http.messages import Body, BodyTooLarge, Headers, Request, Response
 
@@ -477,15 +477,20 @@ class H1Server:
         headers = fields(ev.headers)
         if len(headers) > self.limits.max_headers:
             raise ClientError("too many header fields", status=431, reason="too_many_headers")
-        hosts = [v for k, v in headers if k == b"host"]
+        hosts = []
         has_cl = has_te = False
         rid = b""
+        length = 0
+        rid_header = self.rid_header
         for k, v in headers:
-            if k == b"content-length":
+            if k == b"host":
+                hosts.append(v)
+            elif k == b"content-length":
                 has_cl = True
+                length = int(v)  # h11 checked it (and that repeats agree)
             elif k == b"transfer-encoding":
                 has_te = True
-            elif k == self.rid_header:
+            elif k == rid_header:
                 rid = v
         if has_cl and has_te:
             raise ClientError(
@@ -512,10 +517,6 @@ class H1Server:
             target = b"/" + path
         if has_te:
             length = None
-        elif has_cl:
-            length = int(next(v for k, v in headers if k == b"content-length"))
-        else:
-            length = 0
         request_id = rid.decode("ascii") if valid_request_id(rid) else new_request_id()
         body = H1RequestBody(self, conn, length)
         if length == 0:
@@ -581,9 +582,7 @@ class H1Server:
             ) from None
         body = response.body
         no_body = request.method == "HEAD" or response.status in (204, 304)
-        chunked = request.http_version == "1.1" and not any(
-            k == b"content-length" for k, _ in headers
-        )
+        chunked = request.http_version == "1.1" and not has_field(headers, b"content-length")
         chunks, complete = body.prefetched()
         out = [data]
         sent = 0

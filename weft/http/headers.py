@@ -153,7 +153,7 @@ def forward_request_headers(
     """
     # One pass over the fields (this runs for every request): ordinary fields are copied, the
     # few that need a decision are looked up in one set.
-    named = connection_tokens(headers) if _has(headers, b"connection") else ()
+    named = connection_tokens(headers) if has_field(headers, b"connection") else ()
     out: HeaderList = []
     xff: list[bytes] = []
     xfp = xfh = via_value = upgrade_value = None
@@ -196,7 +196,9 @@ def forward_request_headers(
     return out
 
 
-def _has(headers: HeaderList, name: bytes) -> bool:
+def has_field(headers: HeaderList, name: bytes) -> bool:
+    """Whether a field called `name` (lowercase) is present. A plain loop: `any()` over a
+    generator costs twice as much, and this runs several times per request."""
     for k, _ in headers:
         if k == name:
             return True
@@ -218,13 +220,28 @@ def forward_response_headers(
     headers: HeaderList, *, via: bytes, upgrade: bool = False
 ) -> HeaderList:
     """The upstream's response headers as sent to the client."""
-    if not upgrade and not _has(headers, b"connection"):
-        # The common case, in one pass: no field named by Connection.
+    if not upgrade and not _names_other_fields(headers):
+        # The common case, in one pass: Connection absent or only "keep-alive"/"close".
         out = [(k, v) for k, v in headers if k not in HOP_BY_HOP]
     else:
         out = strip_hop_by_hop(headers, keep_upgrade=upgrade)
     _append_via(out, via)
     return out
+
+
+def _names_other_fields(headers: HeaderList) -> bool:
+    """Whether a Connection field names fields besides the hop-by-hop ones (which go anyway).
+
+    Most upstreams send ``Connection: keep-alive`` on every response; that needs no more than
+    the common pass over HOP_BY_HOP.
+    """
+    for k, v in headers:
+        if k == b"connection" and v.lower() not in _PLAIN_CONNECTION:
+            return True
+    return False
+
+
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
 
 
 def _append_via(out: HeaderList, via: bytes) -> None:
