@@ -103,11 +103,12 @@ class Endpoint:
     host: str
     port: int
     weight: int = 1
+    # "host:port" ("[v6]:port"): made once, the data path reads it for every request.
+    authority: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def authority(self) -> str:
+    def __post_init__(self) -> None:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+        object.__setattr__(self, "authority", f"{host}:{self.port}")
 
 
 @dataclass(frozen=True, slots=True)

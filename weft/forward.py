@@ -41,7 +41,15 @@ from weft.config import Config, Destination
 from weft.connection import EndpointPool
 from weft.dst import HashKeySource, make_balancer
 from weft.http.errors import ClientError, UpstreamError
-from weft.http.h1 import READ_SIZE, H1Upstream, error_response, fields, valid_request_line
+from weft.http.h1 import (
+    END,
+    READ_SIZE,
+    H1Upstream,
+    end_of_message,
+    error_response,
+    fields,
+    valid_request_line,
+)
 from weft.http.headers import (
     fields_valid,
     forward_request_headers,
@@ -131,11 +139,13 @@ class UpstreamBody(Body):
             return self._chunks.pop(0)
         if self._complete:
             return b""
-        timeout = min(self._idle, self._deadline - trio.current_time())
+        now = trio.current_time()
         try:
-            if timeout <= 0:
+            if now >= self._deadline:
                 raise UpstreamError("request_total exceeded", status=504, reason="request_timeout")
-            ev = await self._up.next_event(timeout, "upstream_body_timeout")
+            ev = await self._up.next_event(
+                min(now + self._idle, self._deadline), "upstream_body_timeout"
+            )
         except BaseException:
             self._finish(False)
             raise
@@ -412,7 +422,7 @@ class Forwarder:
         body_timeout = timeouts.upstream_body_idle  # type: ignore[attr-defined]
         data = conn.send(h11_request)
         if not has_body:
-            await up.send(data + conn.send(h11.EndOfMessage()), head_timeout)
+            await up.send(data + conn.send(END), head_timeout)
             return await self._read_head(request, up, head_timeout, deadline)
         body = request.body
         first = await body.receive()
@@ -421,7 +431,7 @@ class Forwarder:
             # The whole body arrived with the head: one write.
             if first:
                 data += conn.send(h11.Data(data=first))
-            data += conn.send(h11.EndOfMessage(headers=body.trailers if chunked else []))
+            data += conn.send(end_of_message(body.trailers if chunked else []))
             await up.send(data, body_timeout)
             return await self._read_head(request, up, head_timeout, deadline)
         await up.send(data + conn.send(h11.Data(data=first)), body_timeout)
@@ -434,7 +444,7 @@ class Forwarder:
             try:
                 while chunk := await body.receive():
                     await up.send(conn.send(h11.Data(data=chunk)), body_timeout)
-                end = h11.EndOfMessage(headers=body.trailers if chunked else [])
+                end = end_of_message(body.trailers if chunked else [])
                 await up.send(conn.send(end), body_timeout)
             except ClientError as e:
                 client_error = e
@@ -467,10 +477,10 @@ class Forwarder:
         self, request: Request, up: H1Upstream, timeout: float, deadline: float
     ) -> h11.Response | h11.InformationalResponse:
         while True:
-            remaining = deadline - trio.current_time()
-            if remaining <= 0:
+            now = trio.current_time()
+            if now >= deadline:
                 raise UpstreamError("request_total exceeded", status=504, reason="request_timeout")
-            ev = await up.next_event(min(timeout, remaining), "upstream_header_timeout")
+            ev = await up.next_event(min(now + timeout, deadline), "upstream_header_timeout")
             t = type(ev)
             if t is h11.Response:
                 return ev

@@ -67,6 +67,14 @@ _HEAD_END = re.compile(rb"\r?\n\r?\n")
 _TARGET_BAD = re.compile(rb"[^\x21-\x7e]|#")
 _REASON = re.compile(rb"[\t \x21-\x7e\x80-\xff]*")  # RFC 9112 §4 reason-phrase
 
+# h11 events are immutable: the end of a message without trailers is made once (making one
+# runs h11's header normalisation over an empty list, twice per proxied request otherwise).
+END = h11.EndOfMessage()
+
+
+def end_of_message(trailers: list[tuple[bytes, bytes]]) -> h11.EndOfMessage:
+    return h11.EndOfMessage(headers=trailers) if trailers else END
+
 
 def fields(headers: h11._headers.Headers) -> list[tuple[bytes, bytes]]:
     """(lowercase name, value) pairs of an h11 event's headers.
@@ -592,7 +600,7 @@ class H1Server:
                 out.append(conn.send(h11.Data(data=c)))
         if complete:
             trailers = body.trailers if chunked and not no_body else []
-            out.append(conn.send(h11.EndOfMessage(headers=trailers)))
+            out.append(conn.send(end_of_message(trailers)))
         await self.send_bytes(b"".join(out))
         if not complete:
             while chunk := await body.receive():
@@ -608,7 +616,7 @@ class H1Server:
                 await self.send_bytes(data)
             trailers = body.trailers if chunked and not no_body else []
             try:
-                data = conn.send(h11.EndOfMessage(headers=trailers))
+                data = conn.send(end_of_message(trailers))
             except h11.LocalProtocolError as e:
                 raise UpstreamError(
                     f"response body incomplete: {e}", reason="bad_response"
@@ -658,7 +666,7 @@ class H1Server:
             if request is None or request.method != "HEAD":
                 for c in chunks:
                     data += conn.send(h11.Data(data=c))
-            data += conn.send(h11.EndOfMessage())
+            data += conn.send(END)
             await self.send_bytes(data)
         except (ClientGone, h11.LocalProtocolError):
             return
@@ -730,11 +738,11 @@ class H1Upstream:
                 f"upstream connection broke while sending: {e}", reason="upstream_reset"
             ) from None
 
-    async def next_event(self, timeout: float, what: str) -> h11.Event:
+    async def next_event(self, deadline: float, what: str) -> h11.Event:
         """The next h11 event from the upstream, reading as needed.
 
-        Raises UpstreamError: 504 (reason `what`) after `timeout` without a byte, 502 when the
-        upstream closes early or violates HTTP/1.1.
+        Raises UpstreamError: 504 (reason `what`) when no byte came by `deadline` (trio time),
+        502 when the upstream closes early or violates HTTP/1.1.
         """
         conn = self.conn
         while True:
@@ -747,9 +755,7 @@ class H1Upstream:
             if ev is not h11.NEED_DATA:
                 return ev
             try:
-                data = await recv_until(
-                    self.sock, READ_SIZE, trio.current_time() + timeout, self.timers
-                )
+                data = await recv_until(self.sock, READ_SIZE, deadline, self.timers)
             except TimeoutError:
                 raise UpstreamError(
                     f"upstream too slow ({what})", status=504, reason=what
