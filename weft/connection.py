@@ -60,8 +60,15 @@ class EndpointPool:
         self.waiting = 0
         self.created = 0  # connections ever opened (tests and status read it)
 
-    async def acquire(self, *, fresh: bool = False) -> tuple[H1Upstream, bool]:
+    async def acquire(
+        self, *, fresh: bool = False, check_idle: bool = True
+    ) -> tuple[H1Upstream, bool]:
         """A connection for one exchange, and whether it was reused.
+
+        `check_idle` asks whether an idle connection was closed by the upstream meanwhile (a
+        system call). A caller that retries a request that fails on a reused connection before
+        any byte came back (`fresh=True`) can skip it: the dead connection then costs one
+        failed write, not a 502. That is Go's rule; it saves the call for most requests.
 
         Raises PoolFull (503) when the queue is full or the wait times out, UpstreamError
         (502 refused/unreachable, 504 connect timeout) when opening fails.
@@ -69,7 +76,7 @@ class EndpointPool:
         owner = self.owner
         if owner.closing:
             raise UpstreamError("worker is shutting down", status=503, reason="draining")
-        conn = None if fresh else self._take_idle()
+        conn = None if fresh else self._take_idle(check_idle)
         if conn is not None:
             return conn, True
         if fresh and self.open >= self.cfg.max_per_endpoint:
@@ -78,12 +85,12 @@ class EndpointPool:
             return await self._open(), False
         return await self._wait(fresh)
 
-    def _take_idle(self) -> H1Upstream | None:
+    def _take_idle(self, check: bool = True) -> H1Upstream | None:
         idle = self.idle
         while idle:
             conn = idle.pop()
             self.owner.idle_count -= 1
-            if conn.closed_while_idle():
+            if check and conn.closed_while_idle():
                 self._discard(conn)
                 continue
             return conn

@@ -355,7 +355,9 @@ class Forwarder:
         try:
             attempt = 0
             while True:
-                up, reused = await pool.acquire(fresh=attempt > 0)
+                # A retryable request is retried if its reused connection turns out dead, so
+                # the pool need not check the connection first.
+                up, reused = await pool.acquire(fresh=attempt > 0, check_idle=not retryable)
                 try:
                     ev = await self._exchange(
                         request, up, h11_request, has_body, timeouts, deadline

@@ -189,3 +189,21 @@ def test_upstream_closing_an_idle_pooled_connection_is_not_an_error(upstream, we
     assert first.status_code == 200
     assert second.status_code == 200
     assert second.json()["connection_id"] != first.json()["connection_id"]
+
+
+def test_a_post_after_the_upstream_closed_an_idle_connection_is_not_an_error(
+    upstream, weft, free_port
+):
+    """A request with a body is never retried, so the pool checks an idle connection before
+    reusing it for one (a GET skips that check and is retried instead; see the test above)."""
+    up = upstream("stale")
+    proxy = weft(simple_config(free_port(), [up.address]))
+    with httpx.Client(base_url=proxy.url, timeout=5.0) as client:
+        first = client.get("/echo", params={"idle_close": 0.2})
+        wait_for(lambda: up.stats()["open_connections"] == 0, 5.0,
+                 "the upstream to close its idle connection")
+        second = client.post("/echo", content=b"x" * 1000)
+    assert first.status_code == 200
+    assert second.status_code == 200
+    assert second.json()["connection_id"] != first.json()["connection_id"]
+    assert up.stats()["connections_accepted"] == 2

@@ -764,6 +764,12 @@ class H1Upstream:
                 raise UpstreamError(
                     f"upstream connection reset: {e}", reason="upstream_reset"
                 ) from None
+            if not data and not self.received:
+                # Closed before answering at all (for a reused connection: the upstream's
+                # keep-alive timeout raced our request). h11 would call it a protocol error.
+                raise UpstreamError(
+                    "upstream closed the connection before responding", reason="upstream_reset"
+                )
             self.received += len(data)
             conn.receive_data(data)
 
