@@ -697,7 +697,16 @@ class H1Server:
 class H1Upstream:
     """An HTTP/1.1 connection to one upstream endpoint; owned by the pool between requests."""
 
-    __slots__ = ("conn", "endpoint", "idle_since", "received", "requests", "sock", "timers")
+    __slots__ = (
+        "conn",
+        "endpoint",
+        "idle_since",
+        "received",
+        "requests",
+        "sent",
+        "sock",
+        "timers",
+    )
 
     def __init__(self, sock: socket.socket, endpoint: object, timers: Timers) -> None:
         self.sock = sock
@@ -707,6 +716,7 @@ class H1Upstream:
         self.requests = 0
         self.idle_since = 0.0
         self.received = 0  # bytes received in the current exchange
+        self.sent = False  # written to since the last read (the answer is likely not there yet)
 
     def reusable(self) -> bool:
         c = self.conn
@@ -727,6 +737,7 @@ class H1Upstream:
 
     async def send(self, data: bytes, timeout: float = math.inf) -> None:
         """Write to the upstream; 504 after `timeout` without progress, 502 on a reset."""
+        self.sent = True
         try:
             await send_all(self.sock, data, timeout)
         except TimeoutError:
@@ -755,7 +766,10 @@ class H1Upstream:
             if ev is not h11.NEED_DATA:
                 return ev
             try:
-                data = await recv_until(self.sock, READ_SIZE, deadline, self.timers)
+                data = await recv_until(
+                    self.sock, READ_SIZE, deadline, self.timers, try_first=not self.sent
+                )
+                self.sent = False
             except TimeoutError:
                 raise UpstreamError(
                     f"upstream too slow ({what})", status=504, reason=what
