@@ -321,3 +321,25 @@ def test_a_101_response_keeps_upgrade_for_the_client():
         (b"upgrade", b"websocket"),
         (b"via", b"1.1 weft"),
     ]
+
+
+def test_request_ids_are_version_4_uuids_and_differ_across_forks():
+    import os
+    import uuid
+
+    ids = {new_request_id() for _ in range(1000)}
+    assert len(ids) == 1000
+    for rid in list(ids)[:50]:
+        u = uuid.UUID(rid)
+        assert (u.version, u.variant, str(u)) == (4, uuid.RFC_4122, rid)
+    # Forked workers must not repeat each other's ids (nor the parent's next ones).
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.write(w, new_request_id().encode())
+        os._exit(0)
+    os.close(w)
+    child_id = os.read(r, 100).decode()
+    os.close(r)
+    os.waitpid(pid, 0)
+    assert child_id != new_request_id() and uuid.UUID(child_id).version == 4

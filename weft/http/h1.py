@@ -65,6 +65,11 @@ _HOST = re.compile(rb"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]+)(?::[0
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
 # What a request target may contain: RFC 3986 characters, no fragment (RFC 9112 §3.2).
 _TARGET_BAD = re.compile(rb"[^\x21-\x7e]|#")
+# The common request line, accepted in one match: token method, origin-form target of
+# visible ASCII without "#", HTTP/1.0 or 1.1 (what the rules below accept, minus CONNECT).
+_PLAIN_REQUEST_LINE = re.compile(
+    rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) (/[\x21\x22\x24-\x7e]*) (HTTP/1\.[01])\r?"
+)
 _REASON = re.compile(rb"[\t \x21-\x7e\x80-\xff]*")  # RFC 9112 §4 reason-phrase
 
 # h11 events are immutable: the end of a message without trailers is made once (making one
@@ -324,45 +329,55 @@ class H1Server:
         self.buf += data
         return True
 
+    def _head_length(self) -> int:
+        """Length of the complete head at the start of the buffer, -1 while incomplete.
+        Raises ClientError when a limit is passed."""
+        lim = self.limits
+        buf = self.buf
+        # RFC 9112 §2.2: ignore empty lines before the request line.
+        if buf[:1] in (b"\r", b"\n"):
+            n = 0
+            while n < len(buf) and buf[n] in (13, 10):
+                n += 1
+            del buf[:n]
+        end = buf.find(b"\r\n\r\n")
+        if end >= 0:
+            head_len = end + 4
+        elif b"\n\n" in buf or b"\n\r\n" in buf:
+            m = _HEAD_END.search(buf)
+            head_len = m.end() if m else -1
+        else:
+            head_len = -1
+        nl = buf.find(b"\n")
+        line_len = nl if nl >= 0 else len(buf)
+        if line_len > lim.max_request_line + 1:
+            raise ClientError("request line too long", status=414, reason="uri_too_long")
+        if head_len >= 0:
+            if head_len > lim.max_header_bytes:
+                raise ClientError("request head too large", status=431, reason="head_too_large")
+            return head_len
+        if len(buf) > lim.max_header_bytes:
+            raise ClientError("request head too large", status=431, reason="head_too_large")
+        return -1
+
     async def _read_head(self) -> int:
         """Read until the end of the head; returns its length. Raises ClientError on limits."""
-        lim = self.limits
         deadline = trio.current_time() + self.timeouts.client_header
-        buf = self.buf
-        while True:
-            # RFC 9112 §2.2: ignore empty lines before the request line.
-            if buf[:1] in (b"\r", b"\n"):
-                n = 0
-                while n < len(buf) and buf[n] in (13, 10):
-                    n += 1
-                del buf[:n]
-            end = buf.find(b"\r\n\r\n")
-            if end >= 0:
-                head_len = end + 4
-            elif b"\n\n" in buf or b"\n\r\n" in buf:
-                m = _HEAD_END.search(buf)
-                head_len = m.end() if m else -1
-            else:
-                head_len = -1
-            nl = buf.find(b"\n")
-            line_len = nl if nl >= 0 else len(buf)
-            if line_len > lim.max_request_line + 1:
-                raise ClientError("request line too long", status=414, reason="uri_too_long")
-            if head_len >= 0:
-                if head_len > lim.max_header_bytes:
-                    raise ClientError("request head too large", status=431, reason="head_too_large")
-                return head_len
-            if len(buf) > lim.max_header_bytes:
-                raise ClientError("request head too large", status=431, reason="head_too_large")
+        while (head_len := self._head_length()) < 0:
             remaining = deadline - trio.current_time()
             if remaining <= 0:
                 raise _ClientTimeout("client_header_timeout")
             data = await self.receive(remaining, "client_header_timeout")
             if not data:
                 raise ClientGone("client closed mid-head")
-            buf += data
+            self.buf += data
+        return head_len
 
     def _check_request_line(self, line: bytes) -> tuple[bytes, bytes, bytes]:
+        m = _PLAIN_REQUEST_LINE.fullmatch(line)
+        if m is not None and m.group(1) != b"CONNECT":
+            return m.group(1), m.group(2), m.group(3)
+        # Anything else is checked rule by rule, to give each refusal its status and reason.
         parts = line.rstrip(b"\r").split(b" ")
         if len(parts) != 3:
             if len(parts) == 2 and _METHOD.match(parts[0]):
@@ -411,7 +426,9 @@ class H1Server:
         conn: h11.Connection | None = None
 
         try:
-            head_len = await self._read_head()
+            head_len = self._head_length()  # usually complete: no coroutine for it
+            if head_len < 0:
+                head_len = await self._read_head()
             buf = self.buf
             nl = buf.find(b"\n")
             method, target, version = self._check_request_line(bytes(buf[:nl]))
@@ -419,7 +436,7 @@ class H1Server:
                 raise ClientError("too many header fields", status=431, reason="too_many_headers")
             conn = h11.Connection(h11.SERVER, max_incomplete_event_size=head_len + 1)
             self._current_conn = conn
-            conn.receive_data(bytes(buf))
+            conn.receive_data(buf)  # h11 copies it into its own buffer
             buf.clear()
             try:
                 ev = conn.next_event()

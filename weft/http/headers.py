@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import random
 import re
 from collections.abc import Sequence
 
@@ -115,10 +116,28 @@ def is_trusted(client_ip: str, trusted: Sequence[Network]) -> bool:
 
 
 def new_request_id() -> str:
-    """A random 128-bit id in UUID text form (what tracing systems expect)."""
-    h = os.urandom(16).hex()
-    variant = "89ab"[int(h[16], 16) & 3]  # RFC 9562 §4.1: variant bits 10
-    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{variant}{h[17:20]}-{h[20:]}"
+    """A random version-4 UUID in text form (what tracing systems expect).
+
+    The bits come from a per-process generator seeded from the OS (`_random_bits`), not from
+    a system call per request: a request id must be unique, not secret.
+    """
+    h = "%032x" % (_random_bits(128) & _UUID_MASK | _UUID_V4)
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+# RFC 9562 §5.4: version 4 in bits 48-51, variant 0b10 in bits 64-65 (counted from the left).
+_UUID_MASK = ~(0xF << 76 | 0x3 << 62) & ((1 << 128) - 1)
+_UUID_V4 = 0x4 << 76 | 0x2 << 62
+_random_bits = random.Random(os.urandom(32)).getrandbits
+
+
+def _reseed() -> None:
+    # A forked worker would otherwise repeat its siblings' ids: all inherit the parent's state.
+    global _random_bits
+    _random_bits = random.Random(os.urandom(32)).getrandbits
+
+
+os.register_at_fork(after_in_child=_reseed)
 
 
 def valid_request_id(value: bytes) -> bool:
