@@ -250,7 +250,16 @@ class H1Server:
     async def send_bytes(self, data: bytes) -> None:
         """Write to the client. Raises ClientGone on a reset or after `client_send_idle`."""
         try:
-            await send_all(self.sock, data, self.send_idle)
+            # The common case inline: the kernel takes it all (see io.send_all).
+            sent = self.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as e:
+            raise ClientGone(f"client connection broke: {e}") from None
+        if sent == len(data):
+            return
+        try:
+            await send_all(self.sock, memoryview(data)[sent:], self.send_idle)
         except TimeoutError:
             raise ClientGone("client stopped reading (client_send_idle)") from None
         except OSError as e:
@@ -260,8 +269,19 @@ class H1Server:
 
     async def serve(self) -> None:
         """Serve requests until the connection ends. Closes the socket; never raises."""
+        state = self.state
         try:
-            while await self._serve_one():
+            # The exchange runs right in this loop, not in a helper coroutine: every frame of
+            # the await chain is re-entered each time the task resumes, twice per request.
+            while await self._wait_first_byte():
+                state.inflight += 1
+                state.requests += 1
+                try:
+                    keep = await self._exchange()
+                finally:
+                    state.inflight -= 1
+                if not keep:
+                    break
                 self.requests += 1
         except ClientGone:
             pass
@@ -405,18 +425,6 @@ class H1Server:
         elif target[:1] != b"/" and not (target.startswith((b"http://", b"https://"))):
             raise ClientError("malformed request target", reason="bad_target")
         return method, target, version
-
-    async def _serve_one(self) -> bool:
-        """One request/response exchange. Returns whether the connection stays open."""
-        if not await self._wait_first_byte():
-            return False
-        state = self.state
-        state.inflight += 1
-        state.requests += 1
-        try:
-            return await self._exchange()
-        finally:
-            state.inflight -= 1
 
     async def _exchange(self) -> bool:
         start = trio.current_time()
@@ -756,7 +764,18 @@ class H1Upstream:
         """Write to the upstream; 504 after `timeout` without progress, 502 on a reset."""
         self.sent = True
         try:
-            await send_all(self.sock, data, timeout)
+            # The common case inline: the kernel takes it all (see io.send_all).
+            sent = self.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as e:
+            raise UpstreamError(
+                f"upstream connection broke while sending: {e}", reason="upstream_reset"
+            ) from None
+        if sent == len(data):
+            return
+        try:
+            await send_all(self.sock, memoryview(data)[sent:], timeout)
         except TimeoutError:
             raise UpstreamError(
                 "upstream stopped reading the request", status=504, reason="upstream_send_timeout"

@@ -46,7 +46,9 @@ async def recv(sock: socket.socket, size: int) -> bytes:
             continue
 
 
-async def send_all(sock: socket.socket, data: bytes, timeout: float = math.inf) -> None:
+async def send_all(
+    sock: socket.socket, data: bytes | memoryview, timeout: float = math.inf
+) -> None:
     """Write all of `data`, waiting while the socket buffer is full, at most `timeout` seconds
     without progress. Raises TimeoutError, or OSError from the socket.
 
