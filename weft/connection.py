@@ -37,6 +37,9 @@ from weft.http.io import Timers, connect
 log = logging.getLogger("weft.pool")
 
 SWEEP_INTERVAL = 1.0  # seconds between idle sweeps; idle_timeout is honoured to within this
+# An idle connection reused sooner than this is not checked for a close by the upstream when
+# the request can be retried (see EndpointPool.acquire).
+RECENT_IDLE = 0.5  # seconds
 
 
 class PoolFull(UpstreamError):
@@ -65,10 +68,15 @@ class EndpointPool:
     ) -> tuple[H1Upstream, bool]:
         """A connection for one exchange, and whether it was reused.
 
-        `check_idle` asks whether an idle connection was closed by the upstream meanwhile (a
-        system call). A caller that retries a request that fails on a reused connection before
-        any byte came back (`fresh=True`) can skip it: the dead connection then costs one
-        failed write, not a 502. That is Go's rule; it saves the call for most requests.
+        An idle connection is checked for a close (or bytes nobody asked for) by the upstream
+        before it is handed out: a select() call. `check_idle=False` skips that for a
+        connection idle less than RECENT_IDLE, for a caller that retries a request failing on
+        a reused connection before any byte came back (`fresh=True`): such a connection was
+        just released, so an upstream idle timeout (seconds at the least) cannot have closed
+        it, and a close for another reason costs one failed write and a retry, not a 502. A
+        longer idle one is always checked: some servers answer their idle timeout with an
+        unsolicited 408 before closing, which must never be read as a response. Under load
+        nearly every connection is recent, so this saves the call for most requests.
 
         Raises PoolFull (503) when the queue is full or the wait times out, UpstreamError
         (502 refused/unreachable, 504 connect timeout) when opening fails.
@@ -76,7 +84,7 @@ class EndpointPool:
         owner = self.owner
         if owner.closing:
             raise UpstreamError("worker is shutting down", status=503, reason="draining")
-        conn = None if fresh else self._take_idle(check_idle)
+        conn = None if fresh else self._take_idle(recent_ok=not check_idle)
         if conn is not None:
             return conn, True
         if fresh and self.open >= self.cfg.max_per_endpoint:
@@ -85,12 +93,14 @@ class EndpointPool:
             return await self._open(), False
         return await self._wait(fresh)
 
-    def _take_idle(self, check: bool = True) -> H1Upstream | None:
+    def _take_idle(self, recent_ok: bool = False) -> H1Upstream | None:
         idle = self.idle
         while idle:
             conn = idle.pop()
             self.owner.idle_count -= 1
-            if check and conn.closed_while_idle():
+            if (
+                not recent_ok or trio.current_time() - conn.idle_since >= RECENT_IDLE
+            ) and conn.closed_while_idle():
                 self._discard(conn)
                 continue
             return conn

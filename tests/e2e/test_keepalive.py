@@ -207,3 +207,21 @@ def test_a_post_after_the_upstream_closed_an_idle_connection_is_not_an_error(
     assert second.status_code == 200
     assert second.json()["connection_id"] != first.json()["connection_id"]
     assert up.stats()["connections_accepted"] == 2
+
+
+def test_an_unsolicited_408_on_a_long_idle_connection_is_never_taken_for_a_response(
+    upstream, weft, free_port
+):
+    """Some servers answer their idle timeout with a 408 before closing. A connection idle for
+    longer than weft's RECENT_IDLE is always checked before reuse, even for a GET (which skips
+    the check on a connection released moments ago, and is retried if that one is dead)."""
+    up = upstream("stale408")
+    proxy = weft(simple_config(free_port(), [up.address]))
+    with httpx.Client(base_url=proxy.url, timeout=5.0) as client:
+        first = client.get("/echo", params={"idle_408": 0.6})  # above RECENT_IDLE (0.5 s)
+        wait_for(lambda: up.stats()["open_connections"] == 0, 5.0,
+                 "the upstream to send its 408 and close the idle connection")
+        second = client.get("/echo")
+    assert first.status_code == 200
+    assert second.status_code == 200, second.text
+    assert second.json()["connection_id"] != first.json()["connection_id"]

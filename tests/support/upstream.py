@@ -44,6 +44,8 @@ anything else                       404 with the JSON of /echo
 
 ``?idle_close=S`` on any keep-alive request: the server closes the connection if no next request
 arrives within S seconds (a keep-alive timeout, not announced in the response).
+``?idle_408=S`` does the same, but first writes an unsolicited ``408 Request Timeout`` response
+(as some servers do on their idle timeout).
 
 A request that carries ``Expect: 100-continue`` gets ``100 Continue`` before its body is read,
 on every path. ``Connection: close`` from the client (or ``?close=1``) closes after the
@@ -156,6 +158,7 @@ class Conn:
         # ?idle_close=S on a request: after its response, close if no next request within S s
         # (a server-side keep-alive timeout, without announcing it in Connection: close).
         self.idle_close: float | None = None
+        self.idle_408 = False  # ... and then send an unsolicited 408 before closing
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -169,6 +172,12 @@ class Conn:
                 try:
                     data = self.sock.recv(BLOCK)
                 except TimeoutError:
+                    if self.idle_408:
+                        with contextlib.suppress(OSError):
+                            self.sock.sendall(
+                                b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\n"
+                                b"content-length: 0\r\n\r\n"
+                            )
                     raise Closed("idle_close: no next request in time") from None
                 except OSError:
                     data = b""
@@ -278,6 +287,9 @@ class Conn:
                 if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
                     if "idle_close" in self.query:
                         self.idle_close = self.qfloat("idle_close", 1.0)
+                    elif "idle_408" in self.query:
+                        self.idle_close = self.qfloat("idle_408", 1.0)
+                        self.idle_408 = True
                     self.h11.start_next_cycle()
                     self.request_index += 1
                 else:
