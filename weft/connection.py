@@ -4,8 +4,10 @@ One `UpstreamPools` per worker process holds an `EndpointPool` per endpoint of e
 The rules, in the order a request meets them:
 
 1. **Reuse first.** An idle connection is taken newest-first (LIFO: the warmest socket, and the
-   oldest ones age out by the idle timer). One the upstream closed while idle is detected by a
-   non-blocking peek and thrown away.
+   oldest ones age out by the idle timer). One the upstream closed while idle (or sent bytes
+   on, like an unsolicited 408) is detected by a non-blocking select() and thrown away. A
+   request the forwarder would retry skips that check on a connection idle less than
+   RECENT_IDLE (see `EndpointPool.acquire`).
 2. **Open within caps.** A new connection needs room under the endpoint's ``max_per_endpoint``
    and the worker's ``[upstream] max_connections``. At the worker cap an idle connection of
    another endpoint is closed to make room (idle sockets are worth less than a waiting request).
