@@ -27,8 +27,9 @@ ensure_tools() {  # ensure_tools CMD:PKG...: install the packages whose command 
 # /usr/bin/python3 when it is 3.11 or newer (what a systemd deployment on the host runs), else
 # python3 from PATH. Which build matters for speed: Debian's CPython is built with PGO and LTO
 # and links libpython statically into the interpreter; pyenv's default build has neither
-# (--enable-shared, no --enable-optimizations). weft's CPU per proxied request measured with
-# scripts/bench: 482 µs on Debian's 3.11.2 against 514 µs on pyenv's 3.11.7 (same machine).
+# (--enable-shared, no --enable-optimizations). weft's CPU per proxied 1 KiB request measured
+# with scripts/bench, same commit, same machine: 454 µs on Debian's 3.11.2, 587 µs on pyenv's
+# 3.11.7.
 pick_python() {
     if [[ -n ${WEFT_PYTHON:-} ]]; then
         echo "$WEFT_PYTHON"
