@@ -317,7 +317,9 @@ class H1Server:
         timeout = self.timeouts.client_keepalive if self.requests else self.timeouts.client_header
         state.waiting.add(sock)
         try:
-            data = await recv_until(sock, READ_SIZE, trio.current_time() + timeout, state.timers)
+            data = await recv_until(  # the read just above found nothing: wait first
+                sock, READ_SIZE, trio.current_time() + timeout, state.timers, try_first=False
+            )
         except trio.ClosedResourceError:
             return state.draining and await self._drain_grace()
         except (TimeoutError, OSError):
