@@ -261,147 +261,9 @@ class Forwarder:
         self.host_mode = host_header if host_header in ("pass", "endpoint") else "literal"
         self.host_literal = host_header.encode()
 
-    def _pick(self, request: Request) -> int | None:
-        key = None
-        if self.hash_source is not None:
-            key = self.hash_source.extract(
-                request.headers.raw, request.client[0], request.path.encode("latin-1")
-            )
-        counts = self.counts.view() if self.needs_counts else ()
-        return self.balancer.pick(key=key, inflight=counts)
-
     async def __call__(self, request: Request) -> Response:
-        # One coroutine for the whole exchange (no wrapper around it): every frame of the await
-        # chain is re-entered each time the task resumes, twice per request.
         try:
-            idx = self._pick(request)
-            if idx is None:
-                raise UpstreamError(
-                    "no endpoint available", status=503, reason="no_endpoint", retry_after=1
-                )
-            pool = self.pools[idx]
-            ep = pool.endpoint
-            request.ctx["endpoint"] = ep.authority
-            route = request.route
-            timeouts = route.timeouts if route is not None else self.config.timeouts
-            deadline = request.ctx.get("deadline")
-            if deadline is None:
-                deadline = trio.current_time() + 1e9
-
-            raw = request.headers.raw
-            upgrade = is_upgrade_request(raw)
-            host = None
-            for k, v in raw:
-                if k == b"host":
-                    host = v
-                    break
-            if self.host_mode == "pass":
-                upstream_host = host if host is not None else ep.authority.encode()
-            elif self.host_mode == "endpoint":
-                upstream_host = ep.authority.encode()
-            else:
-                upstream_host = self.host_literal
-            version = request.http_version
-            via = self.via_request.get(version) or f"{version} ".encode() + self.via
-            rid = request.id.encode()
-            headers = forward_request_headers(
-                raw,
-                client_ip=request.client[0],
-                trusted=is_trusted(request.client[0], self.trusted),
-                scheme=request.scheme,
-                host=host,
-                upstream_host=upstream_host,
-                via=via,
-                request_id_header=self.rid_header,
-                request_id=rid,
-                upgrade=upgrade,
-            )
-            body = request.body
-            length = body.length
-            has_body = length is None or length > 0
-            if length is None:
-                headers = [(k, v) for k, v in headers if k != b"content-length"]
-                headers.append((b"transfer-encoding", b"chunked"))
-            elif length > 0 or has_field(raw, b"content-length"):
-                headers = [(k, v) for k, v in headers if k != b"content-length"]
-                headers.append((b"content-length", str(length).encode()))
-            method = request.method.encode("ascii")
-            target = request.upstream_target.encode("latin-1")
-            # h11 skips its per-field checks when told the fields are valid. They are when no user
-            # middleware ran (request.validated: parsed fields plus weft's own); otherwise
-            # middleware may have rebuilt any of them: pre-check them all at once, or let h11
-            # check (and refuse) them itself.
-            trusted_fields = valid_request_line(method, target) and (
-                request.validated or fields_valid(headers)
-            )
-            h11_request = h11.Request(
-                method=method, target=target, headers=headers, _parsed=trusted_fields
-            )
-            retryable = not has_body and request.method in IDEMPOTENT
-            started = trio.current_time()
-            self.counts.add(idx, 1)
-            handed_off = False
-            try:
-                attempt = 0
-                while True:
-                    # A retryable request is retried if its reused connection turns out dead, so
-                    # the pool need not check the connection first.
-                    up, reused = await pool.acquire(fresh=attempt > 0, check_idle=not retryable)
-                    try:
-                        ev = await self._exchange(
-                            request, up, h11_request, has_body, timeouts, deadline
-                        )
-                    except UpstreamError as e:
-                        pool.discard(up)
-                        if (
-                            reused
-                            and retryable
-                            and attempt == 0
-                            and up.received == 0
-                            and e.reason == "upstream_reset"
-                        ):
-                            attempt += 1
-                            log.debug("retrying %s on a fresh connection: %s", request.id, e.detail)
-                            continue
-                        raise
-                    except BaseException:
-                        pool.discard(up)
-                        raise
-                    break
-                request.ctx["upstream_time"] = trio.current_time() - started
-                resp_headers = fields(ev.headers)
-                has_cl = has_te = False
-                length = None
-                for k, v in resp_headers:
-                    if k == b"content-length":
-                        has_cl = True
-                        length = int(v)  # h11 checked it (and that repeats agree)
-                    elif k == b"transfer-encoding":
-                        has_te = True
-                if has_cl and has_te:
-                    pool.discard(up)
-                    raise UpstreamError(
-                        "upstream sent both Content-Length and Transfer-Encoding",
-                        reason="bad_response",
-                    )
-                if type(ev) is h11.InformationalResponse:  # 101
-                    out = forward_response_headers(
-                        resp_headers, via=self.via_response, upgrade=True
-                    )
-                    tunnel = Tunnel(self, idx, pool, up, timeouts.websocket_idle)
-                    handed_off = True
-                    return Response(101, Headers(out), reason=ev.reason, tunnel=tunnel)
-                out = forward_response_headers(resp_headers, via=self.via_response)
-                if not has_field(out, self.rid_header):
-                    out.append((self.rid_header, rid))
-                rbody = UpstreamBody(
-                    self, idx, pool, up, timeouts.upstream_body_idle, deadline, length
-                )
-                handed_off = True
-                return Response(ev.status_code, Headers(out), rbody, reason=ev.reason)
-            finally:
-                if not handed_off:
-                    self.counts.add(idx, -1)
+            return await self._forward(request)
         except UpstreamError as e:
             request.ctx["error"] = e.reason
             log.info("request %s to %s: %s", request.id, request.ctx.get("endpoint", "-"), e.detail)
@@ -412,6 +274,139 @@ class Forwarder:
                 close=False,
                 retry_after=e.retry_after if e.status == 503 else None,
             )
+
+    def _pick(self, request: Request) -> int | None:
+        key = None
+        if self.hash_source is not None:
+            key = self.hash_source.extract(
+                request.headers.raw, request.client[0], request.path.encode("latin-1")
+            )
+        counts = self.counts.view() if self.needs_counts else ()
+        return self.balancer.pick(key=key, inflight=counts)
+
+    async def _forward(self, request: Request) -> Response:
+        idx = self._pick(request)
+        if idx is None:
+            raise UpstreamError(
+                "no endpoint available", status=503, reason="no_endpoint", retry_after=1
+            )
+        pool = self.pools[idx]
+        ep = pool.endpoint
+        request.ctx["endpoint"] = ep.authority
+        route = request.route
+        timeouts = route.timeouts if route is not None else self.config.timeouts
+        deadline = request.ctx.get("deadline")
+        if deadline is None:
+            deadline = trio.current_time() + 1e9
+
+        raw = request.headers.raw
+        upgrade = is_upgrade_request(raw)
+        host = None
+        for k, v in raw:
+            if k == b"host":
+                host = v
+                break
+        if self.host_mode == "pass":
+            upstream_host = host if host is not None else ep.authority.encode()
+        elif self.host_mode == "endpoint":
+            upstream_host = ep.authority.encode()
+        else:
+            upstream_host = self.host_literal
+        version = request.http_version
+        via = self.via_request.get(version) or f"{version} ".encode() + self.via
+        rid = request.id.encode()
+        headers = forward_request_headers(
+            raw,
+            client_ip=request.client[0],
+            trusted=is_trusted(request.client[0], self.trusted),
+            scheme=request.scheme,
+            host=host,
+            upstream_host=upstream_host,
+            via=via,
+            request_id_header=self.rid_header,
+            request_id=rid,
+            upgrade=upgrade,
+        )
+        body = request.body
+        length = body.length
+        has_body = length is None or length > 0
+        if length is None:
+            headers = [(k, v) for k, v in headers if k != b"content-length"]
+            headers.append((b"transfer-encoding", b"chunked"))
+        elif length > 0 or has_field(raw, b"content-length"):
+            headers = [(k, v) for k, v in headers if k != b"content-length"]
+            headers.append((b"content-length", str(length).encode()))
+        method = request.method.encode("ascii")
+        target = request.upstream_target.encode("latin-1")
+        # h11 skips its per-field checks when told the fields are valid. They are when no user
+        # middleware ran (request.validated: parsed fields plus weft's own); otherwise
+        # middleware may have rebuilt any of them: pre-check them all at once, or let h11
+        # check (and refuse) them itself.
+        trusted_fields = valid_request_line(method, target) and (
+            request.validated or fields_valid(headers)
+        )
+        h11_request = h11.Request(
+            method=method, target=target, headers=headers, _parsed=trusted_fields
+        )
+        retryable = not has_body and request.method in IDEMPOTENT
+        started = trio.current_time()
+        self.counts.add(idx, 1)
+        handed_off = False
+        try:
+            attempt = 0
+            while True:
+                up, reused = await pool.acquire(fresh=attempt > 0, retryable=retryable)
+                try:
+                    ev = await self._exchange(
+                        request, up, h11_request, has_body, timeouts, deadline
+                    )
+                except UpstreamError as e:
+                    pool.discard(up)
+                    if (
+                        reused
+                        and retryable
+                        and attempt == 0
+                        and up.received == 0
+                        and e.reason == "upstream_reset"
+                    ):
+                        attempt += 1
+                        log.debug("retrying %s on a fresh connection: %s", request.id, e.detail)
+                        continue
+                    raise
+                except BaseException:
+                    pool.discard(up)
+                    raise
+                break
+            request.ctx["upstream_time"] = trio.current_time() - started
+            resp_headers = fields(ev.headers)
+            has_cl = has_te = False
+            length = None
+            for k, v in resp_headers:
+                if k == b"content-length":
+                    has_cl = True
+                    length = int(v)  # h11 checked it (and that repeats agree)
+                elif k == b"transfer-encoding":
+                    has_te = True
+            if has_cl and has_te:
+                pool.discard(up)
+                raise UpstreamError(
+                    "upstream sent both Content-Length and Transfer-Encoding",
+                    reason="bad_response",
+                )
+            if type(ev) is h11.InformationalResponse:  # 101
+                out = forward_response_headers(resp_headers, via=self.via_response, upgrade=True)
+                tunnel = Tunnel(self, idx, pool, up, timeouts.websocket_idle)
+                handed_off = True
+                return Response(101, Headers(out), reason=ev.reason, tunnel=tunnel)
+            out = forward_response_headers(resp_headers, via=self.via_response)
+            if not has_field(out, self.rid_header):
+                out.append((self.rid_header, rid))
+            rbody = UpstreamBody(self, idx, pool, up, timeouts.upstream_body_idle, deadline, length)
+            handed_off = True
+            return Response(ev.status_code, Headers(out), rbody, reason=ev.reason)
+        finally:
+            if not handed_off:
+                self.counts.add(idx, -1)
 
     async def _exchange(
         self,
