@@ -66,19 +66,19 @@ class EndpointPool:
         self.created = 0  # connections ever opened (tests and status read it)
 
     async def acquire(
-        self, *, fresh: bool = False, check_idle: bool = True
+        self, *, fresh: bool = False, retryable: bool = False
     ) -> tuple[H1Upstream, bool]:
         """A connection for one exchange, and whether it was reused.
 
         An idle connection is checked for a close (or bytes nobody asked for) by the upstream
-        before it is handed out: a select() call. `check_idle=False` skips that for a
-        connection idle less than RECENT_IDLE, for a caller that retries a request failing on
-        a reused connection before any byte came back (`fresh=True`): such a connection was
-        just released, so an upstream idle timeout (seconds at the least) cannot have closed
-        it, and a close for another reason costs one failed write and a retry, not a 502. A
-        longer idle one is always checked: some servers answer their idle timeout with an
-        unsolicited 408 before closing, which must never be read as a response. Under load
-        nearly every connection is recent, so this saves the call for most requests.
+        before it is handed out: a select() call. For a `retryable` request (the caller
+        retries it with `fresh=True` when its reused connection fails before any byte came
+        back) that check is skipped on a connection idle less than RECENT_IDLE: an upstream
+        idle timeout (seconds at the least) cannot have closed it, and a close for another
+        reason costs one failed write and a retry, not a 502. A longer idle one is always
+        checked: some servers answer their idle timeout with an unsolicited 408 before
+        closing, which must never be read as a response. Under load nearly every connection
+        is recent, so this saves the call for most requests.
 
         Raises PoolFull (503) when the queue is full or the wait times out, UpstreamError
         (502 refused/unreachable, 504 connect timeout) when opening fails.
@@ -86,7 +86,7 @@ class EndpointPool:
         owner = self.owner
         if owner.closing:
             raise UpstreamError("worker is shutting down", status=503, reason="draining")
-        conn = None if fresh else self._take_idle(recent_ok=not check_idle)
+        conn = None if fresh else self._take_idle(retryable)
         if conn is not None:
             return conn, True
         if fresh and self.open >= self.cfg.max_per_endpoint:
@@ -95,13 +95,13 @@ class EndpointPool:
             return await self._open(), False
         return await self._wait(fresh)
 
-    def _take_idle(self, recent_ok: bool = False) -> H1Upstream | None:
+    def _take_idle(self, retryable: bool = False) -> H1Upstream | None:
         idle = self.idle
         while idle:
             conn = idle.pop()
             self.owner.idle_count -= 1
             if (
-                not recent_ok or trio.current_time() - conn.idle_since >= RECENT_IDLE
+                not retryable or trio.current_time() - conn.idle_since >= RECENT_IDLE
             ) and conn.closed_while_idle():
                 self._discard(conn)
                 continue

@@ -40,7 +40,7 @@ import trio
 
 from weft.http.errors import ClientError, ClientGone, UpstreamError
 from weft.http.headers import fields_valid, has_field, new_request_id, valid_request_id
-from weft.http.io import Timers, close, recv, recv_until, send_all
+from weft.http.io import Timers, close, recv, recv_until, send_all, send_some
 from weft.http.messages import Body, BodyTooLarge, Headers, Request, Response
 
 if TYPE_CHECKING:
@@ -250,16 +250,9 @@ class H1Server:
     async def send_bytes(self, data: bytes) -> None:
         """Write to the client. Raises ClientGone on a reset or after `client_send_idle`."""
         try:
-            # The common case inline: the kernel takes it all (see io.send_all).
-            sent = self.sock.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError as e:
-            raise ClientGone(f"client connection broke: {e}") from None
-        if sent == len(data):
-            return
-        try:
-            await send_all(self.sock, memoryview(data)[sent:], self.send_idle)
+            sent = send_some(self.sock, data)
+            if sent < len(data):
+                await send_all(self.sock, memoryview(data)[sent:], self.send_idle)
         except TimeoutError:
             raise ClientGone("client stopped reading (client_send_idle)") from None
         except OSError as e:
@@ -271,8 +264,6 @@ class H1Server:
         """Serve requests until the connection ends. Closes the socket; never raises."""
         state = self.state
         try:
-            # The exchange runs right in this loop, not in a helper coroutine: every frame of
-            # the await chain is re-entered each time the task resumes, twice per request.
             while await self._wait_first_byte():
                 state.inflight += 1
                 state.requests += 1
@@ -766,18 +757,9 @@ class H1Upstream:
         """Write to the upstream; 504 after `timeout` without progress, 502 on a reset."""
         self.sent = True
         try:
-            # The common case inline: the kernel takes it all (see io.send_all).
-            sent = self.sock.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError as e:
-            raise UpstreamError(
-                f"upstream connection broke while sending: {e}", reason="upstream_reset"
-            ) from None
-        if sent == len(data):
-            return
-        try:
-            await send_all(self.sock, memoryview(data)[sent:], timeout)
+            sent = send_some(self.sock, data)
+            if sent < len(data):
+                await send_all(self.sock, memoryview(data)[sent:], timeout)
         except TimeoutError:
             raise UpstreamError(
                 "upstream stopped reading the request", status=504, reason="upstream_send_timeout"

@@ -46,6 +46,19 @@ async def recv(sock: socket.socket, size: int) -> bytes:
             continue
 
 
+def send_some(sock: socket.socket, data: bytes | memoryview) -> int:
+    """One non-blocking write: how many bytes the kernel took (0 when its buffer is full).
+    Raises OSError.
+
+    Callers on the data path write with this first and await `send_all` only for a rest, so
+    the common case (the kernel takes everything) costs no coroutine at all.
+    """
+    try:
+        return sock.send(data)
+    except BlockingIOError:
+        return 0
+
+
 async def send_all(
     sock: socket.socket, data: bytes | memoryview, timeout: float = math.inf
 ) -> None:
@@ -55,10 +68,7 @@ async def send_all(
     The common case (the kernel takes everything at once) enters no cancel scope and does not
     yield; only a write that has to wait pays for the timeout machinery.
     """
-    try:
-        sent = sock.send(data)
-    except BlockingIOError:
-        sent = 0
+    sent = send_some(sock, data)
     if sent == len(data):
         return
     view = memoryview(data)[sent:]
@@ -67,11 +77,7 @@ async def send_all(
             await wait_writable(sock)
         if scope.cancelled_caught:
             raise TimeoutError(f"no write progress in {timeout:g}s")
-        try:
-            sent = sock.send(view)
-        except BlockingIOError:
-            continue
-        view = view[sent:]
+        view = view[send_some(sock, view) :]
 
 
 async def accept(listener: socket.socket) -> tuple[socket.socket, tuple[str, int]]:
