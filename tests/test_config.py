@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from weft import config
-from weft.config import ConfigError, Limits, PoolConfig, Timeouts
+from weft.schema import ConfigError, Limits, PoolConfig, Timeouts
 
 REPO = Path(__file__).resolve().parents[1]
 

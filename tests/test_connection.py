@@ -16,10 +16,10 @@ import pytest
 import trio
 import trio.testing
 
-from weft.config import Destination, Endpoint, PoolConfig
 from weft.connection import PoolFull, UpstreamPools
 from weft.http.errors import UpstreamError
-from weft.http.h1 import H1Upstream
+from weft.http.h1_client import H1Upstream
+from weft.schema import Destination, Endpoint, PoolConfig
 
 OK = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
 

@@ -16,11 +16,11 @@ import pytest
 import trio
 
 from weft import config
-from weft.config import ConfigError, MiddlewareSpec
 from weft.connection import UpstreamPools
 from weft.handler import App, chain, load_all_middleware, load_middleware
 from weft.http.errors import ClientError
 from weft.http.messages import Body, BodyTooLarge, BytesBody, Headers, Request, Response
+from weft.schema import ConfigError, MiddlewareSpec
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from weft import control
-from weft.config import Admin, Listener
+from weft.schema import Admin, Listener
 from weft.shm.worktable import READY, STATE_NAMES
 from weft.sock import bind_listener
 

@@ -25,168 +25,27 @@ import ipaddress
 import re
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-STRATEGIES = ("round_robin", "weighted", "least_conn", "consistent_hash")
-HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE")
-
-
-class ConfigError(Exception):
-    """A configuration that cannot be used; `errors` holds one line per mistake."""
-
-    def __init__(self, errors: list[str]) -> None:
-        super().__init__("\n".join(errors))
-        self.errors = errors
-
-
-# ---------------------------------------------------------------------------------------------
-# The dataclasses the rest of weft sees.
-
-
-@dataclass(frozen=True, slots=True)
-class Timeouts:
-    """Every timeout in seconds. Defaults follow nginx where it has the same knob."""
-
-    client_header: float = 10.0
-    client_body_idle: float = 30.0
-    client_keepalive: float = 60.0  # nginx keepalive_timeout is 75s; 60s is Envoy's idle default
-    client_send_idle: float = 60.0  # nginx send_timeout
-    upstream_connect: float = 5.0
-    upstream_header: float = 60.0  # nginx proxy_read_timeout
-    upstream_body_idle: float = 60.0
-    request_total: float = 300.0  # 0 disables
-    websocket_idle: float = 300.0
-    drain: float = 30.0
-
-
-# Timeouts a route may override: those that apply to one request, not to a connection or process.
-ROUTE_TIMEOUTS = (
-    "client_body_idle",
-    "upstream_connect",
-    "upstream_header",
-    "upstream_body_idle",
-    "request_total",
-    "websocket_idle",
+from weft.schema import (
+    ROUTE_TIMEOUTS,
+    STRATEGIES,
+    AccessLog,
+    Admin,
+    Config,
+    ConfigError,
+    Destination,
+    Endpoint,
+    Limits,
+    Listener,
+    Metrics,
+    MiddlewareSpec,
+    PoolConfig,
+    Route,
+    Timeouts,
 )
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    max_request_line: int = 8 * 1024  # nginx large_client_header_buffers 4 8k
-    max_header_bytes: int = 32 * 1024  # 4 x 8k, as nginx
-    max_headers: int = 100  # Envoy's max_headers_count default
-    max_body_bytes: int = 100 * 1024 * 1024
-    max_connections: int = 10000
-
-
-@dataclass(frozen=True, slots=True)
-class Listener:
-    address: str
-    port: int
-    backlog: int = 1024
-
-
-@dataclass(frozen=True, slots=True)
-class PoolConfig:
-    max_per_endpoint: int = 256
-    max_idle_per_endpoint: int = 64
-    idle_timeout: float = 60.0
-    max_requests: int = 10000  # 0 = unlimited
-    queue_size: int = 1024
-    queue_timeout: float = 5.0
-
-
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    host: str
-    port: int
-    weight: int = 1
-    # "host:port" ("[v6]:port"): made once, the data path reads it for every request.
-    authority: str = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        object.__setattr__(self, "authority", f"{host}:{self.port}")
-
-
-@dataclass(frozen=True, slots=True)
-class Destination:
-    name: str
-    endpoints: tuple[Endpoint, ...]
-    strategy: str = "round_robin"
-    host_header: str = "pass"  # "pass" | "endpoint" | literal value
-    hash_key: str | None = None
-    hash_balance_factor: float = 1.25
-    pool: PoolConfig = field(default_factory=PoolConfig)
-
-
-@dataclass(frozen=True, slots=True)
-class MiddlewareSpec:
-    use: str  # "package.module:factory"
-    config: dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class Route:
-    name: str
-    destination: str
-    host: str | None = None  # exact, "*.suffix", or None for any
-    path_prefix: str = "/"
-    methods: frozenset[str] | None = None
-    strip_prefix: bool = False
-    rewrite_prefix: str | None = None
-    timeouts: Timeouts = field(default_factory=Timeouts)
-    max_body_bytes: int = 100 * 1024 * 1024
-    middleware: tuple[MiddlewareSpec, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class AccessLog:
-    enabled: bool = True
-    path: str = "-"
-
-
-@dataclass(frozen=True, slots=True)
-class Admin:
-    """The admin listener (`weft.admin`): off unless a port is configured."""
-
-    address: str = "127.0.0.1"
-    port: int | None = None  # None: no admin listener
-    token: str | None = None  # every request then needs "Authorization: Bearer <token>"
-
-    @property
-    def enabled(self) -> bool:
-        return self.port is not None
-
-
-@dataclass(frozen=True, slots=True)
-class Metrics:
-    enabled: bool = True  # workers record the request families (weft.metrics)
-
-
-@dataclass(frozen=True, slots=True)
-class Config:
-    listeners: tuple[Listener, ...]
-    destinations: dict[str, Destination]
-    routes: tuple[Route, ...]
-    instance: str = "default"
-    workers: int = 0  # 0: one per CPU
-    boot_timeout: float = 30.0  # a new worker must be READY within this (start and reload)
-    heartbeat_timeout: float = 20.0  # a worker whose event loop is silent this long is killed
-    via: str = "weft"
-    request_id_header: str = "x-request-id"
-    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
-    limits: Limits = field(default_factory=Limits)
-    timeouts: Timeouts = field(default_factory=Timeouts)
-    access_log: AccessLog = field(default_factory=AccessLog)
-    upstream_max_connections: int = 4096
-    admin: Admin = field(default_factory=Admin)
-    metrics: Metrics = field(default_factory=Metrics)
-    source: str = "<quick mode>"
-    hash: str = ""
-
 
 # ---------------------------------------------------------------------------------------------
 # Value parsers: each returns the value or raises _Bad with the reason.

@@ -31,10 +31,10 @@ from collections.abc import Iterable
 
 import trio
 
-from weft.config import Destination, Endpoint, PoolConfig
 from weft.http.errors import UpstreamError
-from weft.http.h1 import H1Upstream
+from weft.http.h1_client import H1Upstream
 from weft.http.io import Timers, connect
+from weft.schema import Destination, Endpoint, PoolConfig
 
 log = logging.getLogger("weft.pool")
 

@@ -37,19 +37,11 @@ from typing import Protocol
 import h11
 import trio
 
-from weft.config import Config, Destination
 from weft.connection import EndpointPool
 from weft.dst import HashKeySource, make_balancer
-from weft.http.errors import ClientError, UpstreamError
-from weft.http.h1 import (
-    END,
-    READ_SIZE,
-    H1Upstream,
-    end_of_message,
-    error_response,
-    fields,
-    valid_request_line,
-)
+from weft.http.errors import ClientError, UpstreamError, error_response
+from weft.http.h1 import END, READ_SIZE, end_of_message, fields, valid_request_line
+from weft.http.h1_client import H1Upstream
 from weft.http.headers import (
     fields_valid,
     forward_request_headers,
@@ -60,6 +52,7 @@ from weft.http.headers import (
 )
 from weft.http.io import recv, send_all
 from weft.http.messages import Body, Headers, Request, Response
+from weft.schema import Config, Destination
 
 log = logging.getLogger("weft.forward")
 

@@ -34,13 +34,12 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from weft.config import Config, ConfigError, Destination, MiddlewareSpec, Route
 from weft.connection import UpstreamPools
 from weft.forward import Forwarder, Inflight
-from weft.http.errors import ClientError
-from weft.http.h1 import error_response
+from weft.http.errors import ClientError, error_response
 from weft.http.messages import BodyTooLarge, BytesBody, Headers, Request, Response
 from weft.routes import NoRoute, Router
+from weft.schema import Config, ConfigError, Destination, MiddlewareSpec, Route
 
 log = logging.getLogger("weft.handler")
 

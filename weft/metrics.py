@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from weft.config import HTTP_METHODS, Config
+from weft.schema import HTTP_METHODS, Config
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Generic, TypeVar
 
-from weft.config import Route
+from weft.schema import Route
 
 T = TypeVar("T")
 

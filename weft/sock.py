@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import socket
 
-from weft.config import Listener
+from weft.schema import Listener
 
 
 def bind_listener(listener: Listener, *, reuseport: bool = True) -> socket.socket:

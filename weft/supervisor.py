@@ -44,7 +44,7 @@ from pathlib import Path
 
 from weft import control, metrics
 from weft.admin import AdminProcess
-from weft.config import Config, ConfigError, Listener
+from weft.schema import Config, ConfigError, Listener
 from weft.shm.segment import InstanceLock, InstanceRunning, remove_instance
 from weft.shm.worktable import DRAINING, READY
 from weft.sock import bind_listener

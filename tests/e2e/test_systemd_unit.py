@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 from support.procs import REPO_ROOT
 
-from weft.config import Config, Timeouts
+from weft.schema import Config, Timeouts
 
 pytestmark = pytest.mark.e2e
 

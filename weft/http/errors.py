@@ -8,6 +8,8 @@ short stable word used in the access log and, later, as a metric label.
 
 from __future__ import annotations
 
+from http import HTTPStatus
+
 
 class ProxyError(Exception):
     """An outcome with a status the proxy itself produces."""
@@ -57,3 +59,33 @@ class UpstreamError(ProxyError):
     status = 502
     reason = "upstream"
     close = False
+
+
+def reason_phrase(status: int) -> str:
+    """The standard reason phrase of `status` (RFC 9110 §15), or "Error" for an unknown one."""
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+def error_response(
+    status: int, reason: str, request_id: str, *, close: bool, retry_after: int | None = None
+) -> messages.Response:
+    """A response the proxy itself makes: ``<status> <phrase>: <reason>`` as plain text.
+
+    `reason` is what the client is told; it must be a plain sentence without internal detail
+    (the detail goes to the log). `close` adds ``Connection: close``; `retry_after` (seconds)
+    adds Retry-After, as 503 and 429 answers carry.
+    """
+    extra = [("x-request-id", request_id)] if request_id else []
+    if retry_after is not None:
+        extra.append(("retry-after", str(retry_after)))
+    if close:
+        extra.append(("connection", "close"))
+    return messages.Response.text(status, f"{status} {reason_phrase(status)}: {reason}\n", extra)
+
+
+# At the end: messages imports this module's ClientError, and error_response only needs
+# messages.Response when it is called.
+from weft.http import messages  # noqa: E402

@@ -33,9 +33,9 @@ import time
 import traceback
 from collections.abc import Iterable
 
-from weft.config import Config, Destination
 from weft.forward import Inflight
 from weft.handler import Middleware, load_all_middleware
+from weft.schema import Config, Destination
 from weft.shm.worktable import BOOTING, DRAINING, READY
 from weft.workers.shared import SharedState, inflight_for
 from weft.workers.worker import Hooks, serve

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from weft.config import Config, Destination
+from weft.schema import Config, Destination
 from weft.shm.counters import InflightMatrix
 from weft.shm.segment import Segment
 from weft.shm.worktable import WorkerRow, WorkerTable

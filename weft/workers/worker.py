@@ -32,13 +32,14 @@ import trio
 
 from weft import metrics as metrics_mod
 from weft.accesslog import AccessLog
-from weft.config import Config, Destination
 from weft.connection import UpstreamPools
 from weft.forward import Inflight
 from weft.handler import App, Middleware
-from weft.http.h1 import H1Server, ServerState
+from weft.http.h1_server import H1Server
 from weft.http.io import accept
 from weft.http.messages import Request, Response
+from weft.schema import Config, Destination
+from weft.workers.state import ServerState
 
 log = logging.getLogger("weft.worker")
 

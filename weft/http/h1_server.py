@@ -1,0 +1,616 @@
+"""The HTTP/1.1 server side: one `H1Server` per client connection, with h11 doing the framing.
+
+It serves requests one after another (pipelined requests wait in the buffer and are answered in
+order), turning each into a neutral `Request` for the App and writing its `Response` back.
+
+What weft adds to h11, and why (see ARCHITECTURE.md, "Known pitfalls"):
+
+* **The request head is found and measured before h11 sees it.** h11 only enforces its size
+  limit on heads that arrive in pieces, so weft keeps its own buffer, finds the end of the head
+  itself, and applies the request-line (414), head-size and field-count (431) limits to every
+  request, pipelined or not. Each request then gets a fresh `h11.Connection` fed with that buffer;
+  what h11 has not consumed when the exchange ends (`trailing_data`) becomes the start of the
+  next request. A fresh h11 object costs a few microseconds and keeps the limits exact.
+* **Checks h11 leaves out**: Content-Length together with Transfer-Encoding, Transfer-Encoding
+  on HTTP/1.0, Host syntax, ``#`` in the target, asterisk-form for anything but OPTIONS, versions
+  other than 1.0/1.1 (505), CONNECT (405: weft is not a forward proxy) and the HTTP/2 preface
+  (505). h11 would pause on the last two; weft answers them before h11 sees them.
+* **Closing is lingering**: after an error response the write side is shut and the read side
+  drained briefly, so the client reads the response instead of a reset (nginx's lingering_close).
+* **100-continue** is answered by weft the moment the forwarder starts reading the body.
+
+The server never lets a request kill the connection task with an unexpected exception: the
+handler (`weft.handler`) turns middleware failures into 500s, and the errors in
+`weft.http.errors` become their status here.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+from typing import TYPE_CHECKING
+
+import h11
+import trio
+
+from weft.http.errors import ClientError, ClientGone, UpstreamError, error_response
+from weft.http.h1 import END, METHOD, READ_SIZE, TARGET_BAD, end_of_message, fields
+from weft.http.headers import fields_valid, has_field, new_request_id, valid_request_id
+from weft.http.io import close, recv, recv_until, send_all, send_some
+from weft.http.messages import Body, BodyTooLarge, Headers, Request, Response
+
+if TYPE_CHECKING:
+    from weft.workers.state import ServerState
+
+log = logging.getLogger("weft.h1")
+
+# After an error response: how long and how much to read before the final close.
+LINGER_SECONDS = 2.0  # nginx lingering_time is 30s; 2s covers a client finishing its send
+LINGER_BYTES = 1024 * 1024
+# Unread request body we still read and discard to keep a connection alive (nginx discards
+# bodies of any size; a bound keeps a slow client from holding a worker slot).
+DISCARD_BYTES = 256 * 1024
+# How long an idle keep-alive connection of a draining worker still waits for a request
+# (see H1Server._drain_grace); far below the drain deadline, above a busy client's think time.
+DRAIN_IDLE_GRACE = 1.0  # seconds
+
+_VERSION = re.compile(rb"^HTTP/(\d)\.(\d)$")
+_HOST = re.compile(rb"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]+)(?::[0-9]{0,5})?$")
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
+# The common request line, accepted in one match: token method, origin-form target of
+# visible ASCII without "#", HTTP/1.0 or 1.1 (what the rules below accept, minus CONNECT).
+_PLAIN_REQUEST_LINE = re.compile(
+    rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) (/[\x21\x22\x24-\x7e]*) (HTTP/1\.[01])\r?"
+)
+_REASON = re.compile(rb"[\t \x21-\x7e\x80-\xff]*")  # RFC 9112 §4 reason-phrase
+
+
+class _ClientTimeout(ClientError):
+    status = 408
+    reason = "client_timeout"
+
+
+class H1RequestBody(Body):
+    """The body of the request being served, pulled from the client connection on demand."""
+
+    __slots__ = ("_conn", "_done", "_srv", "limit", "received")
+
+    def __init__(self, srv: H1Server, conn: h11.Connection, length: int | None) -> None:
+        super().__init__()
+        self._srv = srv
+        self._conn = conn
+        self.length = length
+        self.limit: int | None = None
+        self.received = 0
+        self._done = length == 0
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    async def receive(self) -> bytes:
+        if self._done:
+            return b""
+        conn = self._conn
+        if conn.client_is_waiting_for_100_continue:
+            await self._srv.send_bytes(
+                conn.send(h11.InformationalResponse(status_code=100, headers=[]))
+            )
+        while True:
+            try:
+                ev = conn.next_event()
+            except h11.RemoteProtocolError as e:
+                raise ClientError(f"malformed request body: {e}", reason="bad_body") from None
+            if ev is h11.NEED_DATA:
+                data = await self._srv.receive(self._srv.body_idle, "client_body_timeout")
+                if not data:
+                    raise ClientGone("client closed while sending the body")
+                conn.receive_data(data)
+                continue
+            t = type(ev)
+            if t is h11.Data:
+                self.received += len(ev.data)
+                if self.limit is not None and self.received > self.limit:
+                    raise BodyTooLarge(self.limit)
+                if self.length is not None and self.received >= self.length:
+                    # h11 yields EndOfMessage next without I/O: take it now so the forwarder
+                    # knows the body is complete and can send it in one write.
+                    end = conn.next_event()
+                    if type(end) is h11.EndOfMessage:
+                        self._done = True
+                return bytes(ev.data)
+            if t is h11.EndOfMessage:
+                self.trailers = fields(ev.headers)
+                self._done = True
+                return b""
+            raise ClientError(f"unexpected {ev!r} in request body", reason="bad_body")
+
+
+class H1Server:
+    """Serves one client connection until it closes, fails, or the worker drains."""
+
+    def __init__(self, sock: socket.socket, state: ServerState, client: tuple[str, int]) -> None:
+        self.sock = sock
+        self.state = state
+        self.client = client
+        cfg = state.config
+        self.limits = cfg.limits
+        self.timeouts = cfg.timeouts
+        self.body_idle = cfg.timeouts.client_body_idle
+        self.send_idle = cfg.timeouts.client_send_idle
+        self.rid_header = cfg.request_id_header.encode()
+        self.buf = bytearray()
+        self.requests = 0
+
+    # -- I/O with timeouts -------------------------------------------------------------------
+
+    async def receive(self, timeout: float, what: str) -> bytes:
+        """One read from the client. Raises _ClientTimeout after `timeout`, ClientGone on reset."""
+        with trio.move_on_after(timeout) as cs:
+            try:
+                return await recv(self.sock, READ_SIZE)
+            except OSError as e:
+                raise ClientGone(f"client connection broke: {e}") from None
+        assert cs.cancelled_caught
+        raise _ClientTimeout(what)
+
+    async def send_bytes(self, data: bytes) -> None:
+        """Write to the client. Raises ClientGone on a reset or after `client_send_idle`."""
+        try:
+            sent = send_some(self.sock, data)
+            if sent < len(data):
+                await send_all(self.sock, memoryview(data)[sent:], self.send_idle)
+        except TimeoutError:
+            raise ClientGone("client stopped reading (client_send_idle)") from None
+        except OSError as e:
+            raise ClientGone(f"client connection broke: {e}") from None
+
+    # -- the connection loop -----------------------------------------------------------------
+
+    async def serve(self) -> None:
+        """Serve requests until the connection ends. Closes the socket; never raises."""
+        state = self.state
+        try:
+            while await self._wait_first_byte():
+                state.inflight += 1
+                state.requests += 1
+                try:
+                    keep = await self._exchange()
+                finally:
+                    state.inflight -= 1
+                if not keep:
+                    break
+                self.requests += 1
+        except ClientGone:
+            pass
+        except Exception:
+            log.exception("connection from %s:%d failed", *self.client)
+        finally:
+            close(self.sock)
+
+    async def _wait_first_byte(self) -> bool:
+        """Wait for the next request to start. False: close quietly (idle, EOF, drain)."""
+        if self.buf:
+            return True
+        state = self.state
+        if state.draining:
+            return await self._drain_grace()
+        sock = self.sock
+        try:
+            data = sock.recv(READ_SIZE)
+        except BlockingIOError:
+            pass
+        except OSError:
+            return False
+        else:
+            # Already there (a busy client): no wait, and no yield either, except every 16th
+            # request, so that a client pipelining requests weft answers without I/O (404s)
+            # cannot starve the other connections. A checkpoint costs ~10 µs here.
+            if not self.requests & 15:
+                await trio.lowlevel.checkpoint()
+            if not data:
+                return False
+            self.buf += data
+            return True
+        timeout = self.timeouts.client_keepalive if self.requests else self.timeouts.client_header
+        state.waiting.add(sock)
+        try:
+            data = await recv_until(  # the read just above found nothing: wait first
+                sock, READ_SIZE, trio.current_time() + timeout, state.timers, try_first=False
+            )
+        except trio.ClosedResourceError:
+            return state.draining and await self._drain_grace()
+        except (TimeoutError, OSError):
+            return False  # idle too long, or reset
+        finally:
+            state.waiting.discard(sock)
+        if not data:
+            return False
+        self.buf += data
+        return True
+
+    async def _drain_grace(self) -> bool:
+        """The worker drains while this connection waits for a request.
+
+        Closing it at once would race a request the client is sending right now: that request
+        would be lost, and the close, with unread data, would be a reset (measured: ~1 % of
+        requests during reloads under keep-alive load). So a request that arrives within
+        `DRAIN_IDLE_GRACE` is still served, with ``Connection: close``; a connection that stays
+        idle is closed after it.
+        """
+        try:
+            data = await recv_until(
+                self.sock, READ_SIZE, trio.current_time() + DRAIN_IDLE_GRACE, self.state.timers
+            )
+        except (TimeoutError, OSError, trio.ClosedResourceError):
+            return False
+        if not data:
+            return False
+        self.buf += data
+        return True
+
+    def _head_length(self) -> int:
+        """Length of the complete head at the start of the buffer, -1 while incomplete.
+        Raises ClientError when a limit is passed."""
+        lim = self.limits
+        buf = self.buf
+        # RFC 9112 §2.2: ignore empty lines before the request line.
+        if buf[:1] in (b"\r", b"\n"):
+            n = 0
+            while n < len(buf) and buf[n] in (13, 10):
+                n += 1
+            del buf[:n]
+        end = buf.find(b"\r\n\r\n")
+        if end >= 0:
+            head_len = end + 4
+        elif b"\n\n" in buf or b"\n\r\n" in buf:
+            m = _HEAD_END.search(buf)
+            head_len = m.end() if m else -1
+        else:
+            head_len = -1
+        nl = buf.find(b"\n")
+        line_len = nl if nl >= 0 else len(buf)
+        if line_len > lim.max_request_line + 1:
+            raise ClientError("request line too long", status=414, reason="uri_too_long")
+        if head_len >= 0:
+            if head_len > lim.max_header_bytes:
+                raise ClientError("request head too large", status=431, reason="head_too_large")
+            return head_len
+        if len(buf) > lim.max_header_bytes:
+            raise ClientError("request head too large", status=431, reason="head_too_large")
+        return -1
+
+    async def _read_head(self) -> int:
+        """Read until the end of the head; returns its length. Raises ClientError on limits."""
+        deadline = trio.current_time() + self.timeouts.client_header
+        while (head_len := self._head_length()) < 0:
+            remaining = deadline - trio.current_time()
+            if remaining <= 0:
+                raise _ClientTimeout("client_header_timeout")
+            data = await self.receive(remaining, "client_header_timeout")
+            if not data:
+                raise ClientGone("client closed mid-head")
+            self.buf += data
+        return head_len
+
+    def _check_request_line(self, line: bytes) -> tuple[bytes, bytes, bytes]:
+        m = _PLAIN_REQUEST_LINE.fullmatch(line)
+        if m is not None and m.group(1) != b"CONNECT":
+            return m.group(1), m.group(2), m.group(3)
+        # Anything else is checked rule by rule, to give each refusal its status and reason.
+        parts = line.rstrip(b"\r").split(b" ")
+        if len(parts) != 3:
+            if len(parts) == 2 and METHOD.match(parts[0]):
+                raise ClientError(
+                    "HTTP/0.9 request line is not supported", reason="bad_request_line"
+                )
+            raise ClientError("malformed request line", reason="bad_request_line")
+        method, target, version = parts
+        m = _VERSION.match(version)
+        if not m:
+            raise ClientError("malformed HTTP version", reason="bad_version")
+        if method == b"PRI" and target == b"*" and version == b"HTTP/2.0":
+            raise ClientError("HTTP/2 is not served on this port", status=505, reason="h2_preface")
+        if m.group(1) != b"1" or m.group(2) not in (b"0", b"1"):
+            raise ClientError("HTTP version not supported", status=505, reason="bad_version")
+        if not METHOD.match(method):
+            raise ClientError("malformed method", reason="bad_method")
+        if not target or TARGET_BAD.search(target):
+            raise ClientError("malformed request target", reason="bad_target")
+        if method == b"CONNECT":
+            raise ClientError("CONNECT is not supported", status=405, reason="connect")
+        if target == b"*":
+            if method != b"OPTIONS":
+                raise ClientError("asterisk-form is only valid for OPTIONS", reason="bad_target")
+        elif target[:1] != b"/" and not (target.startswith((b"http://", b"https://"))):
+            raise ClientError("malformed request target", reason="bad_target")
+        return method, target, version
+
+    async def _exchange(self) -> bool:
+        start = trio.current_time()
+        request_id = ""
+        response: Response | None = None
+        request: Request | None = None
+        conn: h11.Connection | None = None
+
+        try:
+            head_len = self._head_length()  # usually complete: no coroutine for it
+            if head_len < 0:
+                head_len = await self._read_head()
+            buf = self.buf
+            nl = buf.find(b"\n")
+            method, target, version = self._check_request_line(bytes(buf[:nl]))
+            if buf.count(b"\n", 0, head_len) - 2 > self.limits.max_headers:
+                raise ClientError("too many header fields", status=431, reason="too_many_headers")
+            conn = h11.Connection(h11.SERVER, max_incomplete_event_size=head_len + 1)
+            self._current_conn = conn
+            conn.receive_data(buf)  # h11 copies it into its own buffer
+            buf.clear()
+            try:
+                ev = conn.next_event()
+            except h11.RemoteProtocolError as e:
+                raise ClientError(
+                    f"malformed request: {e}",
+                    status=e.error_status_hint if e.error_status_hint != 400 else None,
+                    reason="bad_request",
+                ) from None
+            assert type(ev) is h11.Request, ev
+            request = self._make_request(conn, ev, method, target, version, start)
+            request_id = request.id
+            response = await self.state.app(request)
+        except ClientGone:
+            if request is not None and self.state.on_abandon is not None:
+                self.state.on_abandon(request)
+            raise
+        except ClientError as e:
+            if request is not None:
+                request.ctx.setdefault("error", e.reason)
+            response = error_response(e.status, e.detail, request_id, close=True)
+            self._log(request, response, e.reason, start)
+            await self._send_error_and_close(conn, response, request)
+            return False
+        # From here on, a response exists and is ours to send and close.
+        try:
+            await self._send_response(conn, request, response)
+        except UpstreamError as e:
+            # The upstream failed mid-body: the client got a truncated response; it must see
+            # the connection close, never a well-framed but incomplete body.
+            request.ctx["error"] = e.reason
+            log.warning("request %s: %s", request.id, e.detail)
+            return False
+        except ClientError as e:
+            request.ctx["error"] = e.reason
+            return False
+        finally:
+            await response.body.aclose()
+            self._log(request, response, request.ctx.get("error"), start)
+        if response.tunnel is not None:
+            return False
+        return await self._finish_exchange(conn, request)
+
+    def _log(
+        self, request: Request | None, response: Response, error: str | None, start: float
+    ) -> None:
+        hook = self.state.on_exchange
+        if hook is not None:
+            try:
+                hook(request, response, error, self.client, trio.current_time() - start)
+            except Exception:
+                log.exception("access log hook failed")
+
+    def _make_request(
+        self,
+        conn: h11.Connection,
+        ev: h11.Request,
+        method: bytes,
+        target: bytes,
+        version: bytes,
+        start: float,
+    ) -> Request:
+        headers = fields(ev.headers)
+        if len(headers) > self.limits.max_headers:
+            raise ClientError("too many header fields", status=431, reason="too_many_headers")
+        hosts = []
+        has_cl = has_te = False
+        rid = b""
+        length = 0
+        rid_header = self.rid_header
+        for k, v in headers:
+            if k == b"host":
+                hosts.append(v)
+            elif k == b"content-length":
+                has_cl = True
+                length = int(v)  # h11 checked it (and that repeats agree)
+            elif k == b"transfer-encoding":
+                has_te = True
+            elif k == rid_header:
+                rid = v
+        if has_cl and has_te:
+            raise ClientError(
+                "both Content-Length and Transfer-Encoding", reason="ambiguous_framing"
+            )
+        if has_te and version == b"HTTP/1.0":
+            raise ClientError(
+                "Transfer-Encoding in an HTTP/1.0 request", reason="ambiguous_framing"
+            )
+        if len(hosts) > 1:
+            raise ClientError("more than one Host header", reason="bad_host")
+        if hosts and not _HOST.match(hosts[0]):
+            raise ClientError("malformed Host header", reason="bad_host")
+        if not hosts and version == b"HTTP/1.1":
+            raise ClientError("missing Host header", reason="bad_host")
+        if target[:1] != b"/" and target != b"*":
+            # absolute-form (RFC 9112 §3.2.2): the target's authority replaces Host.
+            rest = target.split(b"://", 1)[1]
+            authority, _, path = rest.partition(b"/")
+            if not authority or not _HOST.match(authority) or b"@" in authority:
+                raise ClientError("malformed absolute-form target", reason="bad_target")
+            headers = [(k, v) for k, v in headers if k != b"host"]
+            headers.insert(0, (b"host", authority))
+            target = b"/" + path
+        if has_te:
+            length = None
+        request_id = rid.decode("ascii") if valid_request_id(rid) else new_request_id()
+        body = H1RequestBody(self, conn, length)
+        if length == 0:
+            end = conn.next_event()  # no body: h11 has the EndOfMessage ready, take it now
+            assert type(end) is h11.EndOfMessage, end
+        interim = self._send_interim if version == b"HTTP/1.1" else None
+        req = Request(
+            method.decode("ascii"),
+            target.decode("latin-1"),
+            Headers(headers),
+            body,
+            http_version=version[5:].decode(),
+            client=self.client,
+            request_id=request_id,
+            start=start,
+            interim=interim,
+        )
+        if self.state.draining:
+            req.ctx["close"] = True
+        return req
+
+    async def _send_interim(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        """Relay a 1xx (not 101) to the client. Only offered to HTTP/1.1 clients."""
+        req_conn = self._current_conn
+        if req_conn is None or req_conn.our_state is not h11.SEND_RESPONSE:
+            return
+        await self.send_bytes(
+            req_conn.send(h11.InformationalResponse(status_code=status, headers=headers))
+        )
+
+    _current_conn: h11.Connection | None = None
+
+    async def _send_response(
+        self, conn: h11.Connection, request: Request, response: Response
+    ) -> bool:
+        """Write the response head and stream its body. Returns True once the head went out."""
+        self._current_conn = conn
+        headers = response.headers.raw
+        close = request.ctx.get("close") or self.state.draining
+        if response.tunnel is not None:
+            data = conn.send(
+                h11.InformationalResponse(status_code=101, headers=headers, reason=response.reason)
+            )
+            await self.send_bytes(data)
+            client_rest = conn.trailing_data[0]
+            await response.tunnel.run(self, client_rest)
+            return True
+        if close:
+            headers = [*headers, (b"connection", b"close")]
+        try:
+            reason = response.reason
+            trusted = (request.validated or fields_valid(headers)) and (
+                _REASON.fullmatch(reason) is not None
+            )
+            data = conn.send(
+                h11.Response(
+                    status_code=response.status, headers=headers, reason=reason, _parsed=trusted
+                )
+            )
+        except h11.LocalProtocolError as e:
+            raise UpstreamError(
+                f"response head cannot be sent: {e}", reason="bad_response"
+            ) from None
+        body = response.body
+        no_body = request.method == "HEAD" or response.status in (204, 304)
+        chunked = request.http_version == "1.1" and not has_field(headers, b"content-length")
+        chunks, complete = body.prefetched()
+        out = [data]
+        sent = 0
+        if not no_body:
+            for c in chunks:
+                sent += len(c)
+                out.append(conn.send(h11.Data(data=c)))
+        if complete:
+            trailers = body.trailers if chunked and not no_body else []
+            out.append(conn.send(end_of_message(trailers)))
+        await self.send_bytes(b"".join(out))
+        if not complete:
+            while chunk := await body.receive():
+                if no_body:
+                    continue
+                sent += len(chunk)
+                try:
+                    data = conn.send(h11.Data(data=chunk))
+                except h11.LocalProtocolError as e:
+                    raise UpstreamError(
+                        f"upstream sent more than it declared: {e}", reason="bad_response"
+                    ) from None
+                await self.send_bytes(data)
+            trailers = body.trailers if chunked and not no_body else []
+            try:
+                data = conn.send(end_of_message(trailers))
+            except h11.LocalProtocolError as e:
+                raise UpstreamError(
+                    f"response body incomplete: {e}", reason="bad_response"
+                ) from None
+            if data:
+                await self.send_bytes(data)
+        request.ctx["bytes_out"] = sent
+        return True
+
+    async def _finish_exchange(self, conn: h11.Connection, request: Request) -> bool:
+        """After the response: discard an unread body if cheap, decide on keep-alive."""
+        body = request.body
+        assert isinstance(body, H1RequestBody)
+        if not body.done:
+            if conn.client_is_waiting_for_100_continue or request.ctx.get("close"):
+                return await self._linger_close()
+            discarded = 0
+            try:
+                with trio.move_on_after(min(self.body_idle, LINGER_SECONDS)):
+                    while chunk := await body.receive():
+                        discarded += len(chunk)
+                        if discarded > DISCARD_BYTES:
+                            break
+            except ClientError:
+                return False
+            if not body.done:
+                return await self._linger_close()
+        if conn.our_state is h11.DONE and conn.their_state is h11.DONE and not self.state.draining:
+            self.buf = bytearray(conn.trailing_data[0])
+            return True
+        return await self._linger_close() if conn.their_state is not h11.DONE else False
+
+    async def _send_error_and_close(
+        self, conn: h11.Connection | None, response: Response, request: Request | None
+    ) -> None:
+        """Send an error response the proxy made, then close (lingering)."""
+        if conn is None or conn.our_state is not h11.SEND_RESPONSE:
+            # h11 never parsed the head: write our response with a throwaway connection.
+            conn = h11.Connection(h11.SERVER)
+            conn.receive_data(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            conn.next_event()
+        try:
+            data = conn.send(
+                h11.Response(status_code=response.status, headers=response.headers.raw)
+            )
+            chunks, _ = response.body.prefetched()
+            if request is None or request.method != "HEAD":
+                for c in chunks:
+                    data += conn.send(h11.Data(data=c))
+            data += conn.send(END)
+            await self.send_bytes(data)
+        except (ClientGone, h11.LocalProtocolError):
+            return
+        await self._linger_close()
+
+    async def _linger_close(self) -> bool:
+        """Shut our write side and read what the client still sends, briefly. Returns False."""
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            return False
+        total = 0
+        with trio.move_on_after(LINGER_SECONDS):
+            try:
+                while data := await recv(self.sock, READ_SIZE):
+                    total += len(data)
+                    if total > LINGER_BYTES:
+                        break
+            except OSError:
+                pass
+        return False

@@ -1,0 +1,57 @@
+"""The state a worker shares with the connections it serves: config, the app, timers, drain.
+
+It lives with the worker, not in a protocol adapter, because every adapter (h1 today, h2 next)
+serves under the same worker: the drain signal, the in-flight counts the heartbeat publishes,
+and the exchange hooks (access log, metrics) are the worker's. Drain is a callback per
+connection (`register`): each adapter answers it in its own way (h1 with ``Connection: close``
+on the next response, h2 with GOAWAY).
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from weft.http.io import Timers
+from weft.http.messages import Request, Response
+from weft.schema import Config
+
+ServerApp = Callable[[Request], Awaitable[Response]]
+
+
+class ServerState:
+    """What a connection needs from its worker: config, the app, the worker's timers, and the
+    drain signal.
+
+    Connections waiting for a request are in `waiting` so that a drain can wake them (it marks
+    their sockets closing, which ends their wait with `trio.ClosedResourceError`).
+    """
+
+    def __init__(self, config: Config, app: ServerApp, timers: Timers) -> None:
+        self.config = config
+        self.app = app
+        self.timers = timers
+        self.draining = False
+        self.waiting: set[socket.socket] = set()
+        # Requests being served now, and served in all (published by the worker's heartbeat).
+        self.inflight = 0
+        self.requests = 0
+        # Called once per finished exchange: (request or None, response, error reason, client,
+        # duration in seconds). The access log and metrics hang here.
+        self.on_exchange: (
+            Callable[[Request | None, Response, str | None, tuple[str, int], float], None] | None
+        ) = None
+        # Called for a request whose client went away before it got a response (no exchange
+        # to log; metrics count it as nginx's 499 and end its in-flight count).
+        self.on_abandon: Callable[[Request], None] | None = None
+
+    def drain(self) -> None:
+        """Stop keep-alive: idle connections close now, busy ones after their response."""
+        self.draining = True
+        for sock in list(self.waiting):
+            trio.lowlevel.notify_closing(sock)
+        self.waiting.clear()
+
+
