@@ -43,9 +43,15 @@ class Timeouts:
     upstream_connect: float = 5.0
     upstream_header: float = 60.0  # nginx proxy_read_timeout
     upstream_body_idle: float = 60.0
+    # Longest stall writing a request (body) to an upstream that stopped reading; like
+    # client_send_idle on the other side (nginx proxy_send_timeout is 60s).
+    upstream_send_idle: float = 60.0
     request_total: float = 300.0  # 0 disables
     websocket_idle: float = 300.0
     drain: float = 30.0
+    # A draining worker closes a keep-alive connection only after it stayed idle this long: a
+    # client that sent nothing for 2s is not mid-send (HAProxy's close-spread-time idea).
+    drain_idle: float = 2.0
 
 
 # Timeouts a route may override: those that apply to one request, not to a connection or process.
@@ -54,6 +60,7 @@ ROUTE_TIMEOUTS = (
     "upstream_connect",
     "upstream_header",
     "upstream_body_idle",
+    "upstream_send_idle",
     "request_total",
     "websocket_idle",
 )
