@@ -5,9 +5,9 @@ The rules, in the order a request meets them:
 
 1. **Reuse first.** An idle connection is taken newest-first (LIFO: the warmest socket, and the
    oldest ones age out by the idle timer). One the upstream closed while idle (or sent bytes
-   on, like an unsolicited 408) is detected by a non-blocking select() and thrown away. A
-   request the forwarder would retry skips that check on a connection idle less than
-   RECENT_IDLE (see `EndpointPool.acquire`).
+   on, like an unsolicited 408 or a second response) is detected by a non-blocking select()
+   before every reuse and thrown away: bytes that belong to no request must never be read as
+   the answer to the next one (a response desync hands one client's response to another).
 2. **Open within caps.** A new connection needs room under the endpoint's ``max_per_endpoint``
    and the worker's ``[upstream] max_connections``. At the worker cap an idle connection of
    another endpoint is closed to make room (idle sockets are worth less than a waiting request).
@@ -34,14 +34,13 @@ import trio
 from weft.http.errors import UpstreamError
 from weft.http.h1_client import H1Upstream
 from weft.http.io import Timers, connect
+from weft.http.transport import TCPTransport
+from weft.http.upstream import UpstreamConnection
 from weft.schema import Destination, Endpoint, PoolConfig
 
 log = logging.getLogger("weft.pool")
 
 SWEEP_INTERVAL = 1.0  # seconds between idle sweeps; idle_timeout is honoured to within this
-# An idle connection reused sooner than this is not checked for a close by the upstream when
-# the request can be retried (see EndpointPool.acquire).
-RECENT_IDLE = 0.5  # seconds
 
 
 class PoolFull(UpstreamError):
@@ -59,26 +58,22 @@ class EndpointPool:
         self.endpoint = endpoint
         self.cfg = cfg
         self.connect_timeout = connect_timeout
-        self.idle: deque[H1Upstream] = deque()
+        self.idle: deque[UpstreamConnection] = deque()
         self.open = 0  # idle + busy + being opened
         self.waiters: deque[trio.Event] = deque()  # FIFO; a woken waiter that loses keeps its place
         self.waiting = 0
         self.created = 0  # connections ever opened (tests and status read it)
+        # Connections closed because the upstream sent bytes past the end of a response.
+        self.stray_responses = 0
 
-    async def acquire(
-        self, *, fresh: bool = False, retryable: bool = False
-    ) -> tuple[H1Upstream, bool]:
+    async def acquire(self, *, fresh: bool = False) -> tuple[UpstreamConnection, bool]:
         """A connection for one exchange, and whether it was reused.
 
         An idle connection is checked for a close (or bytes nobody asked for) by the upstream
-        before it is handed out: a select() call. For a `retryable` request (the caller
-        retries it with `fresh=True` when its reused connection fails before any byte came
-        back) that check is skipped on a connection idle less than RECENT_IDLE: an upstream
-        idle timeout (seconds at the least) cannot have closed it, and a close for another
-        reason costs one failed write and a retry, not a 502. A longer idle one is always
-        checked: some servers answer their idle timeout with an unsolicited 408 before
-        closing, which must never be read as a response. Under load nearly every connection
-        is recent, so this saves the call for most requests.
+        before it is handed out: one select() call. The check is never skipped: a connection
+        released a moment ago can already hold a second response its upstream sent late (a
+        desync), and that response would be read as the answer to this request. `fresh`
+        skips the idle list (the forwarder's retry after a reused connection failed).
 
         Raises PoolFull (503) when the queue is full or the wait times out, UpstreamError
         (502 refused/unreachable, 504 connect timeout) when opening fails.
@@ -86,7 +81,7 @@ class EndpointPool:
         owner = self.owner
         if owner.closing:
             raise UpstreamError("worker is shutting down", status=503, reason="draining")
-        conn = None if fresh else self._take_idle(retryable)
+        conn = None if fresh else self._take_idle()
         if conn is not None:
             return conn, True
         if fresh and self.open >= self.cfg.max_per_endpoint:
@@ -95,20 +90,18 @@ class EndpointPool:
             return await self._open(), False
         return await self._wait(fresh)
 
-    def _take_idle(self, retryable: bool = False) -> H1Upstream | None:
+    def _take_idle(self) -> UpstreamConnection | None:
         idle = self.idle
         while idle:
             conn = idle.pop()
             self.owner.idle_count -= 1
-            if (
-                not retryable or trio.current_time() - conn.idle_since >= RECENT_IDLE
-            ) and conn.closed_while_idle():
+            if conn.closed_while_idle():
                 self._discard(conn)
                 continue
             return conn
         return None
 
-    async def _wait(self, fresh: bool) -> tuple[H1Upstream, bool]:
+    async def _wait(self, fresh: bool) -> tuple[UpstreamConnection, bool]:
         owner = self.owner
         if self.waiting >= self.cfg.queue_size:
             raise PoolFull(
@@ -177,15 +170,26 @@ class EndpointPool:
             self.wake_one() or self.owner.wake_any()
             raise
         self.created += 1
-        return H1Upstream(sock, ep, self.owner.timers)
+        return H1Upstream(TCPTransport(sock), ep, self.owner.timers)
 
-    def release(self, conn: H1Upstream) -> None:
+    def release(self, conn: UpstreamConnection) -> None:
         """Give a connection back after an exchange (closed unless cleanly reusable)."""
         conn.requests += 1
         cfg = self.cfg
+        if not conn.reusable():
+            if conn.stray:
+                # Bytes past the end of a response: a second response nobody asked for (a
+                # desync). Reusing the connection would hand it to the next client.
+                self.stray_responses += 1
+                log.warning(
+                    "%s sent %d bytes past the end of a response: connection closed",
+                    self.endpoint.authority,
+                    conn.stray,
+                )
+            self._discard(conn)
+            return
         if (
             self.owner.closing
-            or not conn.reusable()
             or (cfg.max_requests and conn.requests >= cfg.max_requests)
             or len(self.idle) >= cfg.max_idle_per_endpoint
         ):
@@ -197,11 +201,11 @@ class EndpointPool:
         self.owner.idle_count += 1
         self.wake_one() or self.owner.wake_any()
 
-    def discard(self, conn: H1Upstream) -> None:
+    def discard(self, conn: UpstreamConnection) -> None:
         """Close a connection that must not be reused (broken or abandoned exchange)."""
         self._discard(conn)
 
-    def _discard(self, conn: H1Upstream) -> None:
+    def _discard(self, conn: UpstreamConnection) -> None:
         self.open -= 1
         self.owner.total -= 1
         conn.close()
@@ -307,6 +311,7 @@ class UpstreamPools:
                     "idle": len(p.idle),
                     "waiting": p.waiting,
                     "created": p.created,
+                    "stray_responses": p.stray_responses,
                 }
                 for p in pools
             ]

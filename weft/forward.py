@@ -1,22 +1,21 @@
 """The terminal handler of every route: send the request to an endpoint, return its response.
 
-One `Forwarder` per destination per worker. It owns the destination's balancer and in-flight
-counts; connections come from `weft.connection`, bytes go through `weft.http.h1.H1Upstream`.
+One `Forwarder` per destination per worker. It owns the destination's balancer, in-flight
+counts and header policy; connections come from `weft.connection`, and the exchange itself is
+the upstream adapter's (`weft.http.upstream.UpstreamConnection.exchange`, HTTP/1.1 in
+`weft.http.h1_client`). This module imports no protocol library.
 
-An exchange, step by step:
+A request, step by step:
 
-1. **Pick** an endpoint (`weft.dst`), count it in flight until the response body ends.
-2. **Acquire** a connection (reused or new; the pool may answer 503/502/504).
-3. **Send** the head. A body already complete in memory goes in the same write; a streaming
-   body is pumped by a second task while the first waits for the response head, so an upstream
-   that answers early (413, 401) is heard. The head timeout (``upstream_header``) starts when
-   the body is fully sent.
-4. **Read** the head: 1xx are relayed to the client (100 is swallowed: weft answered the
-   client's Expect itself), 101 turns the exchange into a byte tunnel when an upgrade was asked
-   for, anything malformed is a 502 and the connection is dropped.
-5. **Return** a Response whose body streams from the upstream. Body chunks h11 already holds are
-   handed out as prefetched, and when the whole body is in memory the connection goes back to
-   the pool before the client is even written to.
+1. **Pick** an endpoint (`weft.dst`), skipping those the destination's observer excludes, and
+   count it in flight until the response body ends.
+2. **Rewrite** the head: hop-by-hop fields out, forwarding fields and Via in, Host by the
+   destination's rule, the request id, the body's framing (`weft.http.headers`).
+3. **Acquire** a connection (reused or new; the pool may answer 503/502/504).
+4. **Exchange** on it (the adapter sends, streams the body, reads the head) and report the
+   attempt's outcome to the observer (`weft.outcome`).
+5. **Return** the adapter's Response with the response head rewritten the same way; its body
+   streams from the upstream and frees the connection when it ends.
 
 A reused connection that turns out dead (closed by the upstream while idle, no response byte
 received) is retried once on a fresh connection, as Go's http.Transport does: only when the
@@ -24,24 +23,22 @@ request has no body and its method is idempotent (RFC 9110 §9.2.2), because not
 guarantees the upstream did not act on it.
 
 Errors the proxy makes are returned as responses (so user middleware sees a 502 like any other
-response); `request.ctx["error"]` carries the reason for the access log.
+response) whose body names the failure in plain words; the detail goes to the log and
+`request.ctx["error"]` carries the reason word for the access log.
 """
 
 from __future__ import annotations
 
 import logging
-import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
-import h11
 import trio
 
+from weft import outcome
 from weft.connection import EndpointPool
 from weft.dst import HashKeySource, make_balancer
-from weft.http.errors import ClientError, UpstreamError, error_response
-from weft.http.h1 import END, READ_SIZE, end_of_message, fields, valid_request_line
-from weft.http.h1_client import H1Upstream
+from weft.http.errors import UpstreamError, error_response
 from weft.http.headers import (
     fields_valid,
     forward_request_headers,
@@ -50,148 +47,30 @@ from weft.http.headers import (
     is_trusted,
     is_upgrade_request,
 )
-from weft.http.io import recv, send_all
-from weft.http.messages import Body, Headers, Request, Response
+from weft.http.messages import HeaderList, Request, Response
+from weft.http.upstream import Outgoing, UpstreamConnection
+from weft.outcome import Observer
 from weft.schema import Config, Destination
 
 log = logging.getLogger("weft.forward")
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
-
-class UpstreamBody(Body):
-    """A response body streamed from an upstream connection; returns it to the pool at the end."""
-
-    __slots__ = (
-        "_chunks",
-        "_complete",
-        "_deadline",
-        "_done",
-        "_fwd",
-        "_idle",
-        "_idx",
-        "_pool",
-        "_up",
-    )
-
-    def __init__(
-        self,
-        fwd: Forwarder,
-        idx: int,
-        pool: EndpointPool,
-        up: H1Upstream,
-        idle: float,
-        deadline: float,
-        length: int | None,
-    ) -> None:
-        super().__init__()
-        self._fwd = fwd
-        self._idx = idx
-        self._pool = pool
-        self._up = up
-        self._idle = idle
-        self._deadline = deadline
-        self.length = length
-        self._done = False
-        self._chunks: list[bytes] = []
-        self._complete = False
-        # Take what h11 already holds, without I/O.
-        conn = up.conn
-        while True:
-            try:
-                ev = conn.next_event()
-            except h11.RemoteProtocolError:
-                break  # reported by the first receive()
-            t = type(ev)
-            if t is h11.Data:
-                self._chunks.append(bytes(ev.data))
-            elif t is h11.EndOfMessage:
-                self.trailers = fields(ev.headers)
-                self._complete = True
-                self._finish(True)
-                break
-            else:
-                break  # NEED_DATA (or PAUSED): the rest comes by receive()
-
-    def prefetched(self) -> tuple[list[bytes], bool]:
-        chunks, self._chunks = self._chunks, []
-        return chunks, self._complete
-
-    def _finish(self, reusable: bool) -> None:
-        if self._done:
-            return
-        self._done = True
-        self._fwd.counts.add(self._idx, -1)
-        if reusable:
-            self._pool.release(self._up)
-        else:
-            self._pool.discard(self._up)
-
-    async def receive(self) -> bytes:
-        if self._chunks:
-            return self._chunks.pop(0)
-        if self._complete:
-            return b""
-        now = trio.current_time()
-        try:
-            if now >= self._deadline:
-                raise UpstreamError("request_total exceeded", status=504, reason="request_timeout")
-            ev = await self._up.next_event(
-                min(now + self._idle, self._deadline), "upstream_body_timeout"
-            )
-        except BaseException:
-            self._finish(False)
-            raise
-        t = type(ev)
-        if t is h11.Data:
-            return bytes(ev.data)
-        if t is h11.EndOfMessage:
-            self.trailers = fields(ev.headers)
-            self._complete = True
-            self._finish(True)
-            return b""
-        self._finish(False)
-        raise UpstreamError(f"upstream closed mid-body ({ev!r})", reason="upstream_reset")
-
-    async def aclose(self) -> None:
-        self._chunks = []
-        self._finish(False)
-
-
-class Tunnel:
-    """Relays bytes both ways after a 101 (WebSocket), until either side ends or goes idle."""
-
-    def __init__(
-        self, fwd: Forwarder, idx: int, pool: EndpointPool, up: H1Upstream, idle: float
-    ) -> None:
-        self.fwd, self.idx, self.pool, self.up, self.idle = fwd, idx, pool, up, idle
-
-    async def run(self, server: object, client_rest: bytes) -> None:
-        client: socket.socket = server.sock  # type: ignore[attr-defined]
-        upstream = self.up.sock
-        upstream_rest = self.up.conn.trailing_data[0]
-        scope = trio.CancelScope()
-
-        async def copy(src: socket.socket, dst: socket.socket, first: bytes) -> None:
-            try:
-                if first:
-                    await send_all(dst, first)
-                while data := await recv(src, READ_SIZE):
-                    await send_all(dst, data)
-                    scope.deadline = trio.current_time() + self.idle
-                dst.shutdown(socket.SHUT_WR)  # pass the half-close on
-            except OSError:
-                scope.cancel()
-
-        try:
-            scope.deadline = trio.current_time() + self.idle
-            with scope:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(copy, client, upstream, client_rest)
-                    nursery.start_soon(copy, upstream, client, upstream_rest)
-        finally:
-            self.fwd.counts.add(self.idx, -1)
-            self.pool.discard(self.up)
+# What the client is told for each failure (the detail, which may name addresses or carry
+# the upstream's bytes, goes only to the log).
+PUBLIC_REASON = {
+    "connect_error": "could not connect to the upstream",
+    "connect_timeout": "timed out connecting to the upstream",
+    "upstream_reset": "the upstream closed the connection",
+    "bad_response": "the upstream sent an invalid response",
+    "upstream_header_timeout": "the upstream did not answer in time",
+    "upstream_body_timeout": "the upstream stalled",
+    "upstream_send_timeout": "the upstream stopped reading the request",
+    "request_timeout": "request_total exceeded",
+    "pool_full": "too many requests wait for an upstream connection",
+    "no_endpoint": "no upstream endpoint available",
+    "draining": "the server is shutting down",
+}
 
 
 class Inflight(Protocol):
@@ -227,6 +106,7 @@ class Forwarder:
         pools: Sequence[EndpointPool],
         config: Config,
         inflight: Inflight | None = None,
+        observer: Observer | None = None,
     ) -> None:
         self.dest = dest
         self.pools = list(pools)
@@ -240,6 +120,8 @@ class Forwarder:
         )
         self.hash_source = HashKeySource.parse(dest.hash_key) if dest.hash_key else None
         self.counts: Inflight = inflight if inflight is not None else LocalInflight(len(self.pools))
+        # Learns from every attempt and tells the balancer what to skip (weft.outcome).
+        self.observer = observer
         # Only these strategies look at in-flight counts; the others skip summing them.
         self.needs_counts = dest.strategy == "least_conn" or (
             dest.strategy == "consistent_hash" and dest.hash_balance_factor > 0
@@ -262,7 +144,7 @@ class Forwarder:
             log.info("request %s to %s: %s", request.id, request.ctx.get("endpoint", "-"), e.detail)
             return error_response(
                 e.status,
-                e.detail,
+                PUBLIC_REASON.get(e.reason, "upstream error"),
                 request.id,
                 close=False,
                 retry_after=e.retry_after if e.status == 503 else None,
@@ -275,7 +157,94 @@ class Forwarder:
                 request.headers.raw, request.client[0], request.path.encode("latin-1")
             )
         counts = self.counts.view() if self.needs_counts else ()
-        return self.balancer.pick(key=key, inflight=counts)
+        if self.observer is None:
+            return self.balancer.pick(key=key, inflight=counts)
+        return self.balancer.pick(key=key, inflight=counts, excluded=self.observer.excluded())
+
+    def _outgoing(self, request: Request, endpoint_authority: str) -> Outgoing:
+        """The request as it goes upstream: the header policy applied."""
+        raw = request.headers.raw
+        upgrade = is_upgrade_request(raw)
+        host = None
+        for k, v in raw:
+            if k == b"host":
+                host = v
+                break
+        if self.host_mode == "pass":
+            upstream_host = host if host is not None else endpoint_authority.encode()
+        elif self.host_mode == "endpoint":
+            upstream_host = endpoint_authority.encode()
+        else:
+            upstream_host = self.host_literal
+        version = request.http_version
+        via = self.via_request.get(version) or f"{version} ".encode() + self.via
+        headers = forward_request_headers(
+            raw,
+            client_ip=request.client[0],
+            trusted=is_trusted(request.client[0], self.trusted),
+            scheme=request.scheme,
+            host=host,
+            upstream_host=upstream_host,
+            via=via,
+            request_id_header=self.rid_header,
+            request_id=request.id.encode(),
+            upgrade=upgrade,
+        )
+        body = request.body
+        length = body.length
+        if length is None:
+            headers = [(k, v) for k, v in headers if k != b"content-length"]
+            headers.append((b"transfer-encoding", b"chunked"))
+        elif length > 0 or has_field(raw, b"content-length"):
+            headers = [(k, v) for k, v in headers if k != b"content-length"]
+            headers.append((b"content-length", str(length).encode()))
+        # The adapter skips its per-field checks when the fields are known valid. They are when
+        # no user middleware ran (request.validated: parsed fields plus weft's own); otherwise
+        # middleware may have rebuilt any of them: check them all at once, and refuse a
+        # request whose fields cannot be sent before any connection is taken for it.
+        if not request.validated and not fields_valid(headers):
+            raise ValueError("a header field set by middleware is not valid HTTP (RFC 9110 §5)")
+        return Outgoing(
+            request.method.encode("ascii"),
+            request.upstream_target.encode("latin-1"),
+            headers,
+            body,
+            has_body=length is None or length > 0,
+            fields_checked=True,
+            upgrade=upgrade,
+            client_gone=request.client_gone,
+        )
+
+    def _releaser(
+        self, idx: int, pool: EndpointPool, up: UpstreamConnection
+    ) -> Callable[[bool], None]:
+        """The `on_done` of one attempt: the endpoint's in-flight count ends, the connection
+        goes back to the pool (or is closed)."""
+        counts = self.counts
+
+        def done(reusable: bool) -> None:
+            counts.add(idx, -1)
+            if reusable:
+                pool.release(up)
+            else:
+                pool.discard(up)
+
+        return done
+
+    def _interim(self, request: Request) -> Callable[[int, HeaderList], object] | None:
+        relay = request.interim
+        if relay is None:
+            return None
+        via = self.via_response
+
+        async def interim(status: int, headers: HeaderList) -> None:
+            await relay(status, forward_response_headers(headers, via=via))
+
+        return interim
+
+    def _report(self, idx: int, result: str | None, status: int, started: float) -> None:
+        if result is not None and self.observer is not None:
+            self.observer.report(idx, result, status, trio.current_time() - started)
 
     async def _forward(self, request: Request) -> Response:
         idx = self._pick(request)
@@ -291,202 +260,53 @@ class Forwarder:
         deadline = request.ctx.get("deadline")
         if deadline is None:
             deadline = trio.current_time() + 1e9
-
-        raw = request.headers.raw
-        upgrade = is_upgrade_request(raw)
-        host = None
-        for k, v in raw:
-            if k == b"host":
-                host = v
-                break
-        if self.host_mode == "pass":
-            upstream_host = host if host is not None else ep.authority.encode()
-        elif self.host_mode == "endpoint":
-            upstream_host = ep.authority.encode()
-        else:
-            upstream_host = self.host_literal
-        version = request.http_version
-        via = self.via_request.get(version) or f"{version} ".encode() + self.via
-        rid = request.id.encode()
-        headers = forward_request_headers(
-            raw,
-            client_ip=request.client[0],
-            trusted=is_trusted(request.client[0], self.trusted),
-            scheme=request.scheme,
-            host=host,
-            upstream_host=upstream_host,
-            via=via,
-            request_id_header=self.rid_header,
-            request_id=rid,
-            upgrade=upgrade,
-        )
-        body = request.body
-        length = body.length
-        has_body = length is None or length > 0
-        if length is None:
-            headers = [(k, v) for k, v in headers if k != b"content-length"]
-            headers.append((b"transfer-encoding", b"chunked"))
-        elif length > 0 or has_field(raw, b"content-length"):
-            headers = [(k, v) for k, v in headers if k != b"content-length"]
-            headers.append((b"content-length", str(length).encode()))
-        method = request.method.encode("ascii")
-        target = request.upstream_target.encode("latin-1")
-        # h11 skips its per-field checks when told the fields are valid. They are when no user
-        # middleware ran (request.validated: parsed fields plus weft's own); otherwise
-        # middleware may have rebuilt any of them: pre-check them all at once, or let h11
-        # check (and refuse) them itself.
-        trusted_fields = valid_request_line(method, target) and (
-            request.validated or fields_valid(headers)
-        )
-        h11_request = h11.Request(
-            method=method, target=target, headers=headers, _parsed=trusted_fields
-        )
-        retryable = not has_body and request.method in IDEMPOTENT
+        out = self._outgoing(request, ep.authority)
+        retryable = not out.has_body and request.method in IDEMPOTENT
+        interim = self._interim(request)
         started = trio.current_time()
-        self.counts.add(idx, 1)
-        handed_off = False
-        try:
-            attempt = 0
-            while True:
-                up, reused = await pool.acquire(fresh=attempt > 0, retryable=retryable)
-                try:
-                    ev = await self._exchange(
-                        request, up, h11_request, has_body, timeouts, deadline
-                    )
-                except UpstreamError as e:
-                    pool.discard(up)
-                    if (
-                        reused
-                        and retryable
-                        and attempt == 0
-                        and up.received == 0
-                        and e.reason == "upstream_reset"
-                    ):
-                        attempt += 1
-                        log.debug("retrying %s on a fresh connection: %s", request.id, e.detail)
-                        continue
-                    raise
-                except BaseException:
-                    pool.discard(up)
-                    raise
-                break
-            request.ctx["upstream_time"] = trio.current_time() - started
-            resp_headers = fields(ev.headers)
-            has_cl = has_te = False
-            length = None
-            for k, v in resp_headers:
-                if k == b"content-length":
-                    has_cl = True
-                    length = int(v)  # h11 checked it (and that repeats agree)
-                elif k == b"transfer-encoding":
-                    has_te = True
-            if has_cl and has_te:
-                pool.discard(up)
-                raise UpstreamError(
-                    "upstream sent both Content-Length and Transfer-Encoding",
-                    reason="bad_response",
-                )
-            if type(ev) is h11.InformationalResponse:  # 101
-                out = forward_response_headers(resp_headers, via=self.via_response, upgrade=True)
-                tunnel = Tunnel(self, idx, pool, up, timeouts.websocket_idle)
-                handed_off = True
-                return Response(101, Headers(out), reason=ev.reason, tunnel=tunnel)
-            out = forward_response_headers(resp_headers, via=self.via_response)
-            if not has_field(out, self.rid_header):
-                out.append((self.rid_header, rid))
-            rbody = UpstreamBody(self, idx, pool, up, timeouts.upstream_body_idle, deadline, length)
-            handed_off = True
-            return Response(ev.status_code, Headers(out), rbody, reason=ev.reason)
-        finally:
-            if not handed_off:
-                self.counts.add(idx, -1)
-
-    async def _exchange(
-        self,
-        request: Request,
-        up: H1Upstream,
-        h11_request: h11.Request,
-        has_body: bool,
-        timeouts: object,
-        deadline: float,
-    ) -> h11.Response | h11.InformationalResponse:
-        """Send the request, return the response head (or a 101)."""
-        conn = up.conn
-        head_timeout = timeouts.upstream_header  # type: ignore[attr-defined]
-        body_timeout = timeouts.upstream_body_idle  # type: ignore[attr-defined]
-        data = conn.send(h11_request)
-        if not has_body:
-            await up.send(data + conn.send(END), head_timeout)
-            return await self._read_head(request, up, head_timeout, deadline)
-        body = request.body
-        first = await body.receive()
-        chunked = body.length is None
-        if not first or getattr(body, "done", False):
-            # The whole body arrived with the head: one write.
-            if first:
-                data += conn.send(h11.Data(data=first))
-            data += conn.send(end_of_message(body.trailers if chunked else []))
-            await up.send(data, body_timeout)
-            return await self._read_head(request, up, head_timeout, deadline)
-        await up.send(data + conn.send(h11.Data(data=first)), body_timeout)
-        client_error: ClientError | None = None
-        head_scope = trio.CancelScope(deadline=deadline)
-        result: list[h11.Response | h11.InformationalResponse] = []
-
-        async def pump() -> None:
-            nonlocal client_error
-            try:
-                while chunk := await body.receive():
-                    await up.send(conn.send(h11.Data(data=chunk)), body_timeout)
-                end = end_of_message(body.trailers if chunked else [])
-                await up.send(conn.send(end), body_timeout)
-            except ClientError as e:
-                client_error = e
-                head_scope.cancel()
-                return
-            except UpstreamError:
-                return  # the response read reports what the upstream did
-            head_scope.deadline = min(deadline, trio.current_time() + head_timeout)
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(pump)
-            with head_scope:
-                result.append(await self._read_head(request, up, 1e9, deadline))
-            nursery.cancel_scope.cancel()
-        if client_error is not None:
-            raise client_error
-        if not result:
-            raise UpstreamError(
-                "upstream too slow (upstream_header_timeout)",
-                status=504,
-                reason="upstream_header_timeout",
-            )
-        if conn.our_state is h11.SEND_BODY:
-            # The upstream answered before taking the whole body: neither connection can be
-            # reused (the client's rest of the body is unread).
-            request.ctx["close"] = True
-        return result[0]
-
-    async def _read_head(
-        self, request: Request, up: H1Upstream, timeout: float, deadline: float
-    ) -> h11.Response | h11.InformationalResponse:
+        attempt = 0
         while True:
-            now = trio.current_time()
-            if now >= deadline:
-                raise UpstreamError("request_total exceeded", status=504, reason="request_timeout")
-            ev = await up.next_event(min(now + timeout, deadline), "upstream_header_timeout")
-            t = type(ev)
-            if t is h11.Response:
-                return ev
-            if t is h11.InformationalResponse:
-                if ev.status_code == 101:
-                    return ev
-                if ev.status_code != 100 and request.interim is not None:
-                    await request.interim(
-                        ev.status_code,
-                        forward_response_headers(fields(ev.headers), via=self.via_response),
-                    )
-                continue
-            raise UpstreamError(
-                f"upstream closed before responding ({ev!r})", reason="upstream_reset"
+            self.counts.add(idx, 1)
+            try:
+                up, reused = await pool.acquire(fresh=attempt > 0)
+            except UpstreamError as e:
+                self.counts.add(idx, -1)
+                self._report(idx, outcome.result_of(e.reason), 0, started)
+                raise
+            except BaseException:
+                self.counts.add(idx, -1)
+                raise
+            try:
+                response = await up.exchange(
+                    out, timeouts, deadline, interim, self._releaser(idx, pool, up)
+                )
+            except UpstreamError as e:
+                # The exchange freed the connection (closed) and ended the in-flight count.
+                if (
+                    reused
+                    and retryable
+                    and attempt == 0
+                    and not up.response_started
+                    and e.reason == "upstream_reset"
+                ):
+                    attempt += 1
+                    log.debug("retrying %s on a fresh connection: %s", request.id, e.detail)
+                    continue
+                self._report(idx, outcome.result_of(e.reason), 0, started)
+                raise
+            break
+        now = trio.current_time()
+        request.ctx["upstream_time"] = now - started
+        self._report(idx, outcome.result_of_status(response.status), response.status, started)
+        if out.close_client:
+            request.ctx["close"] = True
+        if response.tunnel is not None:
+            response.headers.raw = forward_response_headers(
+                response.headers.raw, via=self.via_response, upgrade=True
             )
+            return response
+        headers = forward_response_headers(response.headers.raw, via=self.via_response)
+        if not has_field(headers, self.rid_header):
+            headers.append((self.rid_header, request.id.encode()))
+        response.headers.raw = headers
+        return response

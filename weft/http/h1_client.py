@@ -1,19 +1,70 @@
-"""The HTTP/1.1 client side: one `H1Upstream` per upstream connection, owned by the pool in
-`weft.connection` between exchanges, with h11 doing the framing.
+"""The HTTP/1.1 client side: one `H1Upstream` per upstream connection, h11 doing the framing.
+
+The forwarder (`weft.forward`) decides *what* is sent (the endpoint, the header policy, the
+retry); this module owns *how* one exchange goes on one HTTP/1.1 connection, behind the small
+interface every upstream adapter offers (`weft.http.upstream.UpstreamConnection`):
+``exchange(outgoing, timeouts, deadline, interim, on_done) -> Response`` plus the pool's
+questions (`reusable`, `closed_while_idle`, `close`). The pool hands out these objects without
+knowing the protocol; an h2 connection that multiplexes streams fits the same interface.
+
+An exchange, step by step:
+
+1. **Send** the head. A body already complete in memory goes in the same write; a streaming
+   body is pumped by a second task while the first waits for the response head, so an upstream
+   that answers early (413, 401) is heard. The head timeout (``upstream_header``) starts when
+   the body is fully sent. Every write that has to wait is bounded by ``upstream_send_idle``
+   (504 `upstream_send_timeout`: an upstream that stopped reading never holds a request
+   forever).
+2. **Watch the client** while the streamed body is done and the head is awaited: a client that
+   closes cancels the exchange (`ClientGone`), so its upstream socket is released at once.
+3. **Read** the head: 1xx are relayed to the client (100 is swallowed: weft answered the
+   client's Expect itself); a 101 becomes a byte tunnel only when the client asked for a
+   WebSocket upgrade and the upstream switched to WebSocket, anything else is a 502.
+   Content-Length with Transfer-Encoding in a response is refused (502), as in a request.
+4. **Return** a Response whose body streams from the upstream. Chunks h11 already holds are
+   handed out as prefetched; when the whole body is in memory the connection is given back
+   (`on_done`) before the client is even written to.
+
+**Reuse is decided on bytes, not only on states.** A connection is reusable when both sides of
+h11 are DONE *and* nothing is buffered past the end of the response: an upstream that sent a
+second response after the first (a desync, or a smuggled request's answer) would otherwise hand
+that response to the next client of the pool. Such a connection is closed and the event is
+counted (`EndpointPool.stray_responses`) and logged. Bytes that arrive while it is idle are
+caught by `closed_while_idle` before every reuse.
+
+Errors are `UpstreamError` with a reason word: ``upstream_reset`` (closed or reset before or
+during the response), ``bad_response`` (not HTTP/1.1), ``upstream_header_timeout``,
+``upstream_body_timeout``, ``upstream_send_timeout``, ``request_timeout``. None of them leaves
+this module wrapped in an ExceptionGroup: the pump's and the reader's outcomes are collected
+and the one that explains the failure is raised after the nursery closes.
 """
 
 from __future__ import annotations
 
-import math
-import select
-import socket
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import h11
 import trio
 
-from weft.http.errors import UpstreamError
-from weft.http.h1 import READ_SIZE
-from weft.http.io import Timers, close, recv_until, send_all, send_some
+from weft.http.errors import ClientError, ClientGone, UpstreamError
+from weft.http.h1 import END, READ_SIZE, end_of_message, fields, valid_request_line
+from weft.http.headers import connection_tokens
+from weft.http.messages import Body, Headers, Response
+from weft.http.transport import TCPTransport
+from weft.http.tunnel import Tunnel
+from weft.http.upstream import Outgoing
+
+if TYPE_CHECKING:
+    from weft.http.io import Timers
+    from weft.schema import Endpoint, Timeouts
+
+log = logging.getLogger("weft.upstream")
+
+Interim = Callable[[int, list[tuple[bytes, bytes]]], Awaitable[None]]
+# Called once when the exchange's connection is free again: True when it may be reused.
+OnDone = Callable[[bool], None]
 
 
 class H1Upstream:
@@ -26,12 +77,13 @@ class H1Upstream:
         "received",
         "requests",
         "sent",
-        "sock",
+        "stray",
         "timers",
+        "transport",
     )
 
-    def __init__(self, sock: socket.socket, endpoint: object, timers: Timers) -> None:
-        self.sock = sock
+    def __init__(self, transport: TCPTransport, endpoint: Endpoint, timers: Timers) -> None:
+        self.transport = transport
         self.timers = timers
         self.endpoint = endpoint
         self.conn = h11.Connection(h11.CLIENT)
@@ -39,39 +91,240 @@ class H1Upstream:
         self.idle_since = 0.0
         self.received = 0  # bytes received in the current exchange
         self.sent = False  # written to since the last read (the answer is likely not there yet)
+        self.stray = 0  # bytes found past the end of the last response (never reused then)
+
+    # -- what the pool asks ----------------------------------------------------------------
+
+    @property
+    def response_started(self) -> bool:
+        """Whether any byte of a response came back in the current exchange (a failure before
+        that, on a reused connection, is the upstream's keep-alive close racing our request)."""
+        return self.received > 0
 
     def reusable(self) -> bool:
         c = self.conn
-        return c.our_state is h11.DONE and c.their_state is h11.DONE
+        if c.our_state is not h11.DONE or c.their_state is not h11.DONE:
+            return False
+        rest, closed = c.trailing_data
+        if rest:
+            self.stray = len(rest)
+            return False
+        return not closed
 
     def recycle(self) -> None:
         self.conn.start_next_cycle()
         self.received = 0
 
     def closed_while_idle(self) -> bool:
-        """True when the upstream closed (or sent junk on) this idle connection."""
-        try:
-            readable, _, _ = select.select([self.sock.fileno()], [], [], 0)
-        except (OSError, ValueError):
-            return True
-        # Readable means EOF, a reset, or bytes nobody asked for: unusable either way.
-        return bool(readable)
+        """True when the upstream closed, reset, or sent bytes nobody asked for on this idle
+        connection: unusable either way."""
+        return self.transport.readable_now()
 
-    async def send(self, data: bytes, timeout: float = math.inf) -> None:
+    def close(self) -> None:
+        self.transport.close()
+
+    # -- one exchange --------------------------------------------------------------------------
+
+    async def exchange(
+        self,
+        out: Outgoing,
+        timeouts: Timeouts,
+        deadline: float,
+        interim: Interim | None,
+        on_done: OnDone,
+    ) -> Response:
+        """Send `out`, return the response with a body streaming from this connection.
+
+        `on_done(reusable)` is called exactly once when the connection is free again: when the
+        returned body ends or is closed, when the tunnel ends, or (with False) when this raises.
+        Raises UpstreamError (the upstream's fault) or ClientError (the client's, from reading
+        its body, or ClientGone when it left while the head was awaited).
+        """
+        handed_off = False
+        try:
+            ev = await self._send_and_read_head(out, timeouts, deadline, interim)
+            response = self._response(ev, out, timeouts, deadline, on_done)
+            handed_off = True
+            return response
+        finally:
+            if not handed_off:
+                on_done(False)
+
+    async def _send_and_read_head(
+        self, out: Outgoing, timeouts: Timeouts, deadline: float, interim: Interim | None
+    ) -> h11.Response | h11.InformationalResponse:
+        conn = self.conn
+        head_timeout = timeouts.upstream_header
+        send_idle = timeouts.upstream_send_idle
+        trusted = out.fields_checked and valid_request_line(out.method, out.target)
+        data = conn.send(
+            h11.Request(method=out.method, target=out.target, headers=out.headers, _parsed=trusted)
+        )
+        if not out.has_body:
+            await self._send(data + conn.send(END), send_idle)
+            return await self._read_head(interim, head_timeout, deadline)
+        body = out.body
+        first = await body.receive()
+        chunked = body.length is None
+        if not first or getattr(body, "done", False):
+            # The whole body arrived with the head: one write.
+            if first:
+                data += conn.send(h11.Data(data=first))
+            data += conn.send(end_of_message(body.trailers if chunked else []))
+            await self._send(data, send_idle)
+            return await self._read_head(interim, head_timeout, deadline)
+        await self._send(data + conn.send(h11.Data(data=first)), send_idle)
+        return await self._stream_body(out, body, chunked, timeouts, deadline, interim)
+
+    async def _stream_body(
+        self,
+        out: Outgoing,
+        body: Body,
+        chunked: bool,
+        timeouts: Timeouts,
+        deadline: float,
+        interim: Interim | None,
+    ) -> h11.Response | h11.InformationalResponse:
+        """Pump the rest of the body while the response head is awaited; see the module doc
+        for which failure wins."""
+        conn = self.conn
+        send_idle = timeouts.upstream_send_idle
+        head_timeout = timeouts.upstream_header
+        pump_error: ProxyErrorT | None = None
+        read_error: UpstreamError | None = None
+        head: list[h11.Response | h11.InformationalResponse] = []
+        read_scope = trio.CancelScope(deadline=deadline)
+
+        async def pump(cancel: trio.CancelScope) -> None:
+            nonlocal pump_error
+            try:
+                while chunk := await body.receive():
+                    await self._send(conn.send(h11.Data(data=chunk)), send_idle)
+                await self._send(
+                    conn.send(end_of_message(body.trailers if chunked else [])), send_idle
+                )
+            except ClientError as e:
+                pump_error = e  # the client's fault (gone, too slow, too large): stop all
+                cancel.cancel()
+                return
+            except UpstreamError as e:
+                pump_error = e
+                if e.reason == "upstream_send_timeout":
+                    cancel.cancel()  # it stopped reading: no answer is coming either
+                else:
+                    # Reset while we wrote: an answer it sent first (413, 401) may still be
+                    # readable; the reader gets `upstream_header` to find it.
+                    read_scope.deadline = min(deadline, trio.current_time() + head_timeout)
+                return
+            read_scope.deadline = min(deadline, trio.current_time() + head_timeout)
+            if out.client_gone is not None:
+                await out.client_gone()  # returns only when the client closed its side
+                pump_error = ClientGone("client closed while its response was awaited")
+                cancel.cancel()
+
+        async def read(cancel: trio.CancelScope) -> None:
+            nonlocal read_error
+            try:
+                with read_scope:
+                    head.append(await self._read_head(interim, 1e9, deadline))
+            except UpstreamError as e:
+                read_error = e
+            cancel.cancel()  # the head (or the reader's failure) ends the pump/watch
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pump, nursery.cancel_scope)
+            nursery.start_soon(read, nursery.cancel_scope)
+        if head:
+            if conn.our_state is h11.SEND_BODY:
+                # The upstream answered before taking the whole body: neither connection can
+                # be reused (the client's rest of the body is unread).
+                out.close_client = True
+            return head[0]
+        if isinstance(pump_error, ClientError):
+            raise pump_error
+        if read_error is not None:
+            raise read_error
+        if pump_error is not None:
+            raise pump_error
+        raise UpstreamError(
+            "upstream too slow (upstream_header_timeout)",
+            status=504,
+            reason="upstream_header_timeout",
+        )
+
+    def _response(
+        self,
+        ev: h11.Response | h11.InformationalResponse,
+        out: Outgoing,
+        timeouts: Timeouts,
+        deadline: float,
+        on_done: OnDone,
+    ) -> Response:
+        headers = fields(ev.headers)
+        length = None
+        has_cl = has_te = False
+        for k, v in headers:
+            if k == b"content-length":
+                has_cl = True
+                length = int(v)  # h11 checked it (and that repeats agree)
+            elif k == b"transfer-encoding":
+                has_te = True
+        if has_cl and has_te:
+            raise UpstreamError(
+                "upstream sent both Content-Length and Transfer-Encoding", reason="bad_response"
+            )
+        if type(ev) is h11.InformationalResponse:  # 101: see _read_head
+            if not (out.upgrade and _switches_to_websocket(headers)):
+                raise UpstreamError(
+                    "upstream switched protocols without a WebSocket upgrade being asked for",
+                    reason="bad_response",
+                )
+            tunnel = Tunnel(
+                self.transport, conn_rest(self.conn), timeouts.websocket_idle, on_done
+            )
+            return Response(101, Headers(headers), reason=ev.reason, tunnel=tunnel)
+        body = H1ResponseBody(self, on_done, timeouts.upstream_body_idle, deadline, length)
+        return Response(ev.status_code, Headers(headers), body, reason=ev.reason)
+
+    async def _send(self, data: bytes, timeout: float) -> None:
         """Write to the upstream; 504 after `timeout` without progress, 502 on a reset."""
         self.sent = True
+        transport = self.transport
         try:
-            sent = send_some(self.sock, data)
+            sent = transport.send_some(data)
             if sent < len(data):
-                await send_all(self.sock, memoryview(data)[sent:], timeout)
+                await transport.send_all(memoryview(data)[sent:], timeout)
         except TimeoutError:
             raise UpstreamError(
-                "upstream stopped reading the request", status=504, reason="upstream_send_timeout"
+                f"upstream stopped reading the request for {timeout:g}s (upstream_send_idle)",
+                status=504,
+                reason="upstream_send_timeout",
             ) from None
-        except OSError as e:
+        except (OSError, trio.ClosedResourceError) as e:
             raise UpstreamError(
                 f"upstream connection broke while sending: {e}", reason="upstream_reset"
             ) from None
+
+    async def _read_head(
+        self, interim: Interim | None, timeout: float, deadline: float
+    ) -> h11.Response | h11.InformationalResponse:
+        while True:
+            now = trio.current_time()
+            if now >= deadline:
+                raise UpstreamError("request_total exceeded", status=504, reason="request_timeout")
+            ev = await self.next_event(min(now + timeout, deadline), "upstream_header_timeout")
+            t = type(ev)
+            if t is h11.Response:
+                return ev
+            if t is h11.InformationalResponse:
+                if ev.status_code == 101:
+                    return ev
+                if ev.status_code != 100 and interim is not None:
+                    await interim(ev.status_code, fields(ev.headers))
+                continue
+            raise UpstreamError(
+                f"upstream closed before responding ({type(ev).__name__})", reason="upstream_reset"
+            )
 
     async def next_event(self, deadline: float, what: str) -> h11.Event:
         """The next h11 event from the upstream, reading as needed.
@@ -84,14 +337,15 @@ class H1Upstream:
             try:
                 ev = conn.next_event()
             except h11.RemoteProtocolError as e:
+                log.info("%s sent a malformed response: %s", self.endpoint.authority, e)
                 raise UpstreamError(
-                    f"upstream violated HTTP/1.1: {e}", reason="bad_response"
+                    "upstream sent a malformed response", reason="bad_response"
                 ) from None
             if ev is not h11.NEED_DATA:
                 return ev
             try:
-                data = await recv_until(
-                    self.sock, READ_SIZE, deadline, self.timers, try_first=not self.sent
+                data = await self.transport.recv_until(
+                    READ_SIZE, deadline, self.timers, try_first=not self.sent
                 )
                 self.sent = False
             except TimeoutError:
@@ -111,5 +365,103 @@ class H1Upstream:
             self.received += len(data)
             conn.receive_data(data)
 
-    def close(self) -> None:
-        close(self.sock)
+
+ProxyErrorT = ClientError | UpstreamError
+
+
+def conn_rest(conn: h11.Connection) -> bytes:
+    """What h11 read past the 101's head: the first bytes of the switched protocol."""
+    return bytes(conn.trailing_data[0])
+
+
+def _switches_to_websocket(headers: list[tuple[bytes, bytes]]) -> bool:
+    """A 101 that names WebSocket in Upgrade (RFC 6455 §4.2.2) and Upgrade in Connection."""
+    if b"upgrade" not in connection_tokens(headers):
+        return False
+    for k, v in headers:
+        if k == b"upgrade":
+            return v.strip().lower() == b"websocket"
+    return False
+
+
+class H1ResponseBody(Body):
+    """A response body streamed from an upstream connection; frees it (`on_done`) at the end."""
+
+    __slots__ = ("_chunks", "_complete", "_deadline", "_done", "_idle", "_on_done", "_up")
+
+    def __init__(
+        self,
+        up: H1Upstream,
+        on_done: OnDone,
+        idle: float,
+        deadline: float,
+        length: int | None,
+    ) -> None:
+        super().__init__()
+        self._up = up
+        self._on_done = on_done
+        self._idle = idle
+        self._deadline = deadline
+        self.length = length
+        self._done = False
+        self._chunks: list[bytes] = []
+        self._complete = False
+        # Take what h11 already holds, without I/O.
+        conn = up.conn
+        while True:
+            try:
+                ev = conn.next_event()
+            except h11.RemoteProtocolError:
+                break  # reported by the first receive()
+            t = type(ev)
+            if t is h11.Data:
+                self._chunks.append(bytes(ev.data))
+            elif t is h11.EndOfMessage:
+                self.trailers = fields(ev.headers)
+                self._complete = True
+                self._finish(True)
+                break
+            else:
+                break  # NEED_DATA (or PAUSED): the rest comes by receive()
+
+    def prefetched(self) -> tuple[list[bytes], bool]:
+        chunks, self._chunks = self._chunks, []
+        return chunks, self._complete
+
+    def _finish(self, reusable: bool) -> None:
+        if not self._done:
+            self._done = True
+            self._on_done(reusable)
+
+    async def receive(self) -> bytes:
+        if self._chunks:
+            return self._chunks.pop(0)
+        if self._complete:
+            return b""
+        now = trio.current_time()
+        try:
+            if now >= self._deadline:
+                raise UpstreamError("request_total exceeded", status=504, reason="request_timeout")
+            ev = await self._up.next_event(
+                min(now + self._idle, self._deadline), "upstream_body_timeout"
+            )
+        except BaseException:
+            self._finish(False)
+            raise
+        t = type(ev)
+        if t is h11.Data:
+            return bytes(ev.data)
+        if t is h11.EndOfMessage:
+            self.trailers = fields(ev.headers)
+            self._complete = True
+            self._finish(True)
+            return b""
+        self._finish(False)
+        raise UpstreamError(
+            f"upstream closed mid-body ({type(ev).__name__})", reason="upstream_reset"
+        )
+
+    async def aclose(self) -> None:
+        self._chunks = []
+        self._finish(False)
+

@@ -39,6 +39,7 @@ from weft.http.h1 import END, METHOD, READ_SIZE, TARGET_BAD, end_of_message, fie
 from weft.http.headers import fields_valid, has_field, new_request_id, valid_request_id
 from weft.http.io import close, recv, recv_until, send_all, send_some
 from weft.http.messages import Body, BodyTooLarge, Headers, Request, Response
+from weft.http.transport import TCPTransport
 
 if TYPE_CHECKING:
     from weft.workers.state import ServerState
@@ -165,6 +166,22 @@ class H1Server:
             raise ClientGone("client stopped reading (client_send_idle)") from None
         except OSError as e:
             raise ClientGone(f"client connection broke: {e}") from None
+
+    async def _client_gone(self) -> None:
+        """Return once the client has closed (or reset) its connection.
+
+        The forwarder awaits this while the upstream works on a request whose body was fully
+        read, so that a client that gives up cancels its upstream exchange. Readable with data
+        waiting means a pipelined request: the client is there, and this never returns.
+        """
+        await trio.lowlevel.wait_readable(self.sock)
+        try:
+            if self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
+                await trio.sleep_forever()
+        except BlockingIOError:
+            await trio.sleep_forever()
+        except OSError:
+            pass
 
     # -- the connection loop -----------------------------------------------------------------
 
@@ -357,6 +374,7 @@ class H1Server:
                 ) from None
             assert type(ev) is h11.Request, ev
             request = self._make_request(conn, ev, method, target, version, start)
+            request.client_gone = self._client_gone
             request_id = request.id
             response = await self.state.app(request)
         except ClientGone:
@@ -496,7 +514,7 @@ class H1Server:
             )
             await self.send_bytes(data)
             client_rest = conn.trailing_data[0]
-            await response.tunnel.run(self, client_rest)
+            await response.tunnel.run(TCPTransport(self.sock), client_rest)
             return True
         if close:
             headers = [*headers, (b"connection", b"close")]

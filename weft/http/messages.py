@@ -165,6 +165,7 @@ class Request:
     __slots__ = (
         "body",
         "client",
+        "client_gone",
         "ctx",
         "headers",
         "http_version",
@@ -216,6 +217,9 @@ class Request:
         # the forwarder and the adapter build their h11 events without re-checking each field.
         # Middleware may rewrite any field, so for its routes every field is checked again.
         self.validated = False
+        # Set by the adapter: returns when the client has closed its connection (the upstream
+        # side watches it while a response is awaited); None when the adapter cannot tell.
+        self.client_gone: Callable[[], Any] | None = None
 
     @property
     def upstream_target(self) -> str:
