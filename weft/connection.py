@@ -96,6 +96,8 @@ class EndpointPool:
             conn = idle.pop()
             self.owner.idle_count -= 1
             if conn.closed_while_idle():
+                if conn.stray:
+                    self._stray(conn, "while it was idle")
                 self._discard(conn)
                 continue
             return conn
@@ -178,14 +180,7 @@ class EndpointPool:
         cfg = self.cfg
         if not conn.reusable():
             if conn.stray:
-                # Bytes past the end of a response: a second response nobody asked for (a
-                # desync). Reusing the connection would hand it to the next client.
-                self.stray_responses += 1
-                log.warning(
-                    "%s sent %d bytes past the end of a response: connection closed",
-                    self.endpoint.authority,
-                    conn.stray,
-                )
+                self._stray(conn, "past the end of a response")
             self._discard(conn)
             return
         if (
@@ -200,6 +195,17 @@ class EndpointPool:
         self.idle.append(conn)
         self.owner.idle_count += 1
         self.wake_one() or self.owner.wake_any()
+
+    def _stray(self, conn: UpstreamConnection, when: str) -> None:
+        """Bytes nobody asked for: a second response (a desync, or the answer to a smuggled
+        request). Reusing the connection would hand them to the next client as its answer."""
+        self.stray_responses += 1
+        log.warning(
+            "%s sent %d bytes %s: connection closed, never reused",
+            self.endpoint.authority,
+            conn.stray,
+            when,
+        )
 
     def discard(self, conn: UpstreamConnection) -> None:
         """Close a connection that must not be reused (broken or abandoned exchange)."""

@@ -117,8 +117,14 @@ class H1Upstream:
 
     def closed_while_idle(self) -> bool:
         """True when the upstream closed, reset, or sent bytes nobody asked for on this idle
-        connection: unusable either way."""
-        return self.transport.readable_now()
+        connection: unusable either way. Bytes (not a close) are noted in `stray`: the
+        upstream answered a request nobody sent, which the pool counts as a desync."""
+        if not self.transport.readable_now():
+            return False
+        waiting = self.transport.peek(READ_SIZE)
+        if waiting:
+            self.stray = len(waiting)
+        return True
 
     def close(self) -> None:
         self.transport.close()

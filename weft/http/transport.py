@@ -101,6 +101,14 @@ class TCPTransport(Transport):
             return True
         return bool(readable)
 
+    def peek(self, size: int) -> bytes | None:
+        """Bytes waiting to be read, left in place: ``b""`` at EOF, None when nothing is
+        there or the connection broke."""
+        try:
+            return self.sock.recv(size, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except OSError:
+            return None
+
     def peer_closed(self) -> bool:
         """Whether the peer closed or reset its side, checked without consuming data (a
         MSG_PEEK read). Only meaningful once the socket is readable."""
