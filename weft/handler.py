@@ -31,15 +31,20 @@ from __future__ import annotations
 import importlib
 import logging
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import trio
 
+from weft.builtins import BuiltinContext, BuiltinFactory, builtin_chain
 from weft.connection import UpstreamPools
-from weft.forward import Forwarder, Inflight
+from weft.forward import Forwarder
 from weft.http.errors import ClientError, error_response
 from weft.http.messages import BodyTooLarge, BytesBody, Headers, Request, Response
 from weft.routes import NoRoute, Router
-from weft.schema import Config, ConfigError, Destination, MiddlewareSpec, Route
+from weft.schema import Config, ConfigError, MiddlewareSpec, Route
+
+if TYPE_CHECKING:
+    from weft.workers.worker import Hooks
 
 log = logging.getLogger("weft.handler")
 
@@ -102,7 +107,12 @@ def _bind(mw: Middleware, nxt: Next) -> Next:
 
 
 class App:
-    """Routes a request and runs its chain; the adapters' single entry point."""
+    """Routes a request and runs its chain; the adapters' single entry point.
+
+    A route's chain is its built-in middleware (`weft.builtins`, outermost), then its user
+    middleware, then the destination's forwarder. `hooks` gives the forwarders and built-ins
+    the worker's shared state (None: this process's own, as in tests).
+    """
 
     def __init__(
         self,
@@ -110,7 +120,8 @@ class App:
         pools: UpstreamPools,
         middleware: dict[str, list[Middleware]] | None = None,
         *,
-        inflight_for: Callable[[Destination], Inflight | None] | None = None,
+        hooks: Hooks | None = None,
+        builtins: list[tuple[str, BuiltinFactory]] | None = None,
     ) -> None:
         self.config = config
         forwarders = {
@@ -118,18 +129,21 @@ class App:
                 dest,
                 pools.by_destination[name],
                 config,
-                inflight_for(dest) if inflight_for is not None else None,
+                hooks.inflight_for(dest) if hooks is not None else None,
+                observer=hooks.observer_for(dest) if hooks is not None else None,
             )
             for name, dest in config.destinations.items()
         }
         self.forwarders = forwarders
         mws = middleware if middleware is not None else load_all_middleware(config)
         # Routes whose chain has user middleware: only those need a cancel scope for
-        # request_total (see __call__).
+        # request_total, and only their fields are checked again (see __call__).
         self.with_middleware = {name for name, m in mws.items() if m}
+        context = BuiltinContext(config, hooks)
         entries: list[tuple[Route, Next]] = []
         for route in config.routes:
-            entries.append((route, chain(mws.get(route.name, []), forwarders[route.destination])))
+            chain_mws = builtin_chain(route, context, builtins) + mws.get(route.name, [])
+            entries.append((route, chain(chain_mws, forwarders[route.destination])))
         self.router: Router[Next] = Router(entries)
         # Called once a request is matched to its route (metrics count it in flight from here).
         self.on_route: Callable[[Request], None] | None = None

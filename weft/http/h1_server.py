@@ -131,8 +131,11 @@ class H1RequestBody(Body):
 class H1Server:
     """Serves one client connection until it closes, fails, or the worker drains."""
 
-    def __init__(self, sock: socket.socket, state: ServerState, client: tuple[str, int]) -> None:
-        self.sock = sock
+    def __init__(
+        self, transport: TCPTransport, state: ServerState, client: tuple[str, int]
+    ) -> None:
+        self.transport = transport
+        self.sock = transport.sock
         self.state = state
         self.client = client
         cfg = state.config
@@ -514,7 +517,7 @@ class H1Server:
             )
             await self.send_bytes(data)
             client_rest = conn.trailing_data[0]
-            await response.tunnel.run(TCPTransport(self.sock), client_rest)
+            await response.tunnel.run(self.transport, client_rest)
             return True
         if close:
             headers = [*headers, (b"connection", b"close")]

@@ -9,7 +9,8 @@ Inside `trio.run`, shaped like hypercorn's `worker_serve`:
 
 * the **accept nursery** runs one accept loop per listener; a semaphore of
   ``limits.max_connections`` makes excess connections wait in the kernel backlog;
-* the **connection nursery** runs one task per client connection (`weft.http.h1.H1Server`);
+* the **connection nursery** runs one task per client connection, served by the adapter the
+  protocol dispatcher (`weft.http.dispatch`) picks;
 * the **service nursery** runs the pool sweeper and the access-log writer.
 
 Drain (SIGTERM, SIGINT, or `stop` being set): the accept loops are cancelled (the sockets stay
@@ -35,9 +36,11 @@ from weft.accesslog import AccessLog
 from weft.connection import UpstreamPools
 from weft.forward import Inflight
 from weft.handler import App, Middleware
-from weft.http.h1_server import H1Server
+from weft.http.dispatch import serve_connection
 from weft.http.io import accept
 from weft.http.messages import Request, Response
+from weft.http.transport import TCPTransport
+from weft.outcome import Observer
 from weft.schema import Config, Destination
 from weft.workers.state import ServerState
 
@@ -67,6 +70,12 @@ class Hooks:
 
     def inflight_for(self, dest: Destination) -> Inflight | None:
         """Shared in-flight counts for a destination, or None for this process's own."""
+        return None
+
+    def observer_for(self, dest: Destination) -> Observer | None:
+        """What learns from every attempt of `dest` and tells its balancer what to skip
+        (`weft.outcome`): health, outlier ejection and the breaker, with their state in shared
+        memory. None: nothing observes (no such feature configured)."""
         return None
 
     def ready(self) -> None:
@@ -117,7 +126,7 @@ class Worker:
             config.upstream_max_connections,
             config.timeouts.upstream_connect,
         )
-        self.app = App(config, self.pools, middleware, inflight_for=self.hooks.inflight_for)
+        self.app = App(config, self.pools, middleware, hooks=self.hooks)
         self.state = ServerState(config, self.app, self.pools.timers)
         self.access_log = AccessLog(config.access_log.path) if config.access_log.enabled else None
         if self.access_log is not None:
@@ -180,7 +189,7 @@ class Worker:
 
     async def handle(self, sock: socket.socket, peer: tuple[str, int]) -> None:
         try:
-            await H1Server(sock, self.state, peer).serve()
+            await serve_connection(TCPTransport(sock), self.state, peer)
         finally:
             self.connections.release()
 
