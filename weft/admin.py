@@ -39,6 +39,7 @@ import json
 import logging
 import os
 import re
+import selectors
 import signal
 import socket
 import sys
@@ -268,6 +269,12 @@ def _child_main(admin: AdminProcess, supervisor: int, close_fds: list[int]) -> N
                 pass
         stopping = threading.Event()
         signal.signal(signal.SIGTERM, lambda _n, _f: stopping.set())
+        # The signal's byte on this pipe ends the wait below at once: Python would otherwise
+        # retry the interrupted select (PEP 475) and notice the stop only after POLL.
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_r, False)
+        os.set_blocking(wake_w, False)
+        signal.set_wakeup_fd(wake_w)
         assert admin.sock is not None
         server = AdminServer(
             admin.sock,
@@ -277,9 +284,7 @@ def _child_main(admin: AdminProcess, supervisor: int, close_fds: list[int]) -> N
             shared=admin.shared,
             supervisor=supervisor,
         )
-        server.timeout = POLL
-        while not stopping.is_set() and os.getppid() == supervisor:
-            server.handle_request()
+        _serve_until(server, stopping, wake_r, supervisor)
         code = 0
     except BaseException:
         print(f"weft admin (pid {os.getpid()}) failed:", file=sys.stderr)
@@ -290,6 +295,33 @@ def _child_main(admin: AdminProcess, supervisor: int, close_fds: list[int]) -> N
             sys.stderr.flush()
         finally:
             os._exit(code)
+
+
+def _serve_until(
+    server: AdminServer, stopping: threading.Event, wake_fd: int, supervisor: int
+) -> None:
+    """Serve until `stopping` is set or the supervisor is gone, asleep while nothing happens.
+
+    The listening socket is non-blocking (the supervisor binds it like the workers'), and
+    `socketserver.handle_request` waits for the smaller of the socket's timeout and its own:
+    0 here, so calling it in a loop spun a core. The wait is ours instead: the socket or the
+    signal wake-up pipe becomes readable, or POLL passes (then the parent is checked, in case
+    PR_SET_PDEATHSIG did not arm). A readable socket is then served by `handle_request`, whose
+    zero-timeout select finds the connection at once.
+    """
+    with selectors.DefaultSelector() as selector:
+        selector.register(server.socket, selectors.EVENT_READ, "listener")
+        selector.register(wake_fd, selectors.EVENT_READ, "wakeup")
+        while not stopping.is_set() and os.getppid() == supervisor:
+            for key, _ in selector.select(POLL):
+                if key.data == "wakeup":
+                    try:
+                        while os.read(wake_fd, 256):
+                            pass
+                    except BlockingIOError:
+                        pass
+                elif not stopping.is_set():
+                    server.handle_request()
 
 
 class AdminServer(ThreadingHTTPServer):
