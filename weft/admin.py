@@ -28,12 +28,12 @@ Theory of operation:
   by that worker's pid: the admin asks no worker anything.
 * **Serving**: `http.server` with a thread per connection, at most `MAX_CLIENTS` at once, each
   socket bounded by `CLIENT_TIMEOUT`. The process exits on SIGTERM, or when its parent is gone
-  (PR_SET_PDEATHSIG, and a check of its parent pid every `POLL`).
+  (PR_SET_PDEATHSIG, and a check of its parent pid every `POLL`). What it first undoes of
+  the supervisor's inheritance is the workers' preamble too (`weft.workers.postfork`).
 """
 
 from __future__ import annotations
 
-import ctypes
 import hmac
 import json
 import logging
@@ -46,7 +46,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,6 +55,7 @@ from weft import control
 from weft.config import Admin, Listener
 from weft.shm.worktable import READY, STATE_NAMES
 from weft.sock import bind_listener
+from weft.workers.postfork import Preamble
 
 if TYPE_CHECKING:
     from weft.workers.shared import SharedState
@@ -68,7 +69,6 @@ POLL = 0.5  # seconds between checks of the stop flag and the parent
 RESPAWN_BACKOFF_MAX = 10.0
 YOUNG = 5.0  # an admin process that dies within this of its start counts as failing
 KILL_GRACE = 2.0  # SIGTERM -> SIGKILL when the supervisor stops it
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 CONTENT_TYPE_METRICS = "text/plain; version=0.0.4; charset=utf-8"
 _WORKER_PATH = re.compile(r"^/metrics/workers/(\d{1,4})$")
 
@@ -141,15 +141,13 @@ class AdminProcess:
     def fileno(self) -> int | None:
         return self.sock.fileno() if self.sock is not None else None
 
-    def spawn(self, close_fds: Iterable[int]) -> int:
-        """Fork the admin process; it closes `close_fds` (the supervisor's other descriptors:
-        listeners, the instance lock, pipes) first."""
+    def spawn(self, preamble: Preamble) -> int:
+        """Fork the admin process; it detaches from the supervisor with `preamble` (closing
+        the supervisor's other descriptors: listeners, the instance lock, pipes) first."""
         assert self.sock is not None
-        close = list(close_fds)
-        supervisor = os.getpid()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child's life is in _child_main
-            _child_main(self, supervisor, close)
+            _child_main(self, preamble)
         self.pid = pid
         self.started = time.monotonic()
         self.respawn_at = None
@@ -171,9 +169,10 @@ class AdminProcess:
         self.respawn_at = time.monotonic() + delay
         return True
 
-    def tick(self, close_fds: Iterable[int]) -> None:
+    def tick(self, preamble: Callable[[], Preamble]) -> None:
+        """A respawn, if one is due (`preamble` makes the child's preamble then)."""
         if self.pid is None and self.respawn_at is not None and time.monotonic() >= self.respawn_at:
-            self.spawn(close_fds)
+            self.spawn(preamble())
 
     def reconfigure(self, config: Admin) -> None:
         """A reload changed [admin]: rebind if the address moved (on failure the old socket
@@ -237,36 +236,15 @@ class AdminProcess:
 # -- the admin process ------------------------------------------------------------------------
 
 
-class _Stop(Exception):
-    pass
-
-
-def _child_main(admin: AdminProcess, supervisor: int, close_fds: list[int]) -> None:
+def _child_main(admin: AdminProcess, preamble: Preamble) -> None:
     """Become the admin process; never returns (`os._exit`)."""
     code = 1
     try:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-        except (OSError, AttributeError):
-            pass
-        if os.getppid() != supervisor:
-            os._exit(0)  # the supervisor died between fork and prctl
-        from weft.workers.child import SUPERVISOR_SIGNALS
-
-        for signum in SUPERVISOR_SIGNALS:
-            signal.signal(signum, signal.SIG_DFL)
         # A terminal's Ctrl-C or Ctrl-\\ reaches the whole process group: the admin process
         # must keep answering (/readyz: 503) while the supervisor stops the workers; the
         # supervisor stops it last, with SIGTERM.
-        for signum in (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT):
-            signal.signal(signum, signal.SIG_IGN)
-        signal.set_wakeup_fd(-1)
-        for fd in close_fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        preamble.apply(ignore=(signal.SIGHUP, signal.SIGINT, signal.SIGQUIT))
+        supervisor = preamble.parent_pid
         stopping = threading.Event()
         signal.signal(signal.SIGTERM, lambda _n, _f: stopping.set())
         # The signal's byte on this pipe ends the wait below at once: Python would otherwise

@@ -50,6 +50,7 @@ from weft.shm.worktable import DRAINING, READY
 from weft.sock import bind_listener
 from weft.systemd import Notifier
 from weft.workers import child as child_mod
+from weft.workers.postfork import Preamble
 from weft.workers.shared import ColumnMap, SharedState
 
 log = logging.getLogger("weft.supervisor")
@@ -61,6 +62,12 @@ DRAIN_MARGIN = 5.0  # a draining worker is SIGKILLed this long after the drain d
 TICK = 0.5  # loop wake-up when nothing happens (watchdog, respawns, systemd pings)
 WAIT_TICK = 0.02  # polling the worker table while workers boot
 DRAIN_ACK_TIMEOUT = 5.0  # a reload waits this long for old workers to stop accepting
+# The signals the supervisor handles (each has a handle_<name>); a forked child resets exactly
+# these (weft.workers.postfork).
+SUPERVISOR_SIGNALS = (
+    signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
+    signal.SIGCHLD, signal.SIGTTIN, signal.SIGTTOU,
+)  # fmt: skip
 
 
 class StartupError(Exception):
@@ -95,7 +102,7 @@ class _SlotState:
 class Supervisor:
     """Runs an instance until stopped. `run` returns the process exit code."""
 
-    SIGNALS = child_mod.SUPERVISOR_SIGNALS  # a forked child resets exactly these
+    SIGNALS = SUPERVISOR_SIGNALS
 
     def __init__(
         self,
@@ -281,6 +288,7 @@ class Supervisor:
             close.append(self.notifier.fileno())  # only the supervisor notifies systemd
         if self.admin is not None and self.admin.fileno() is not None:
             close.append(self.admin.fileno())  # type: ignore[arg-type]
+        preamble = Preamble(os.getpid(), tuple(close), self.SIGNALS)
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child's life is in weft.workers.child
             child_mod.run(
@@ -290,9 +298,8 @@ class Supervisor:
                 config=config,
                 state=self.shared,
                 columns=dict(self.columns),
-                parent_pid=os.getppid(),
                 parent_fd=self._parent_pipe[0],
-                close_fds=close,
+                preamble=preamble,
             )
         self.children[pid] = Child(pid, slot, generation, time.monotonic())
         log.info("worker %d (slot %d, generation %d) started", pid, slot, generation)
@@ -458,7 +465,7 @@ class Supervisor:
             self._watchdog()
             self._ping_systemd()
             if self.admin is not None:
-                self.admin.tick(self._admin_close_fds())
+                self.admin.tick(self._admin_preamble)
 
     def _wait(self, timeout: float) -> None:
         assert self._wakeup is not None
@@ -727,18 +734,18 @@ class Supervisor:
             self.admin = None
             raise StartupError(f"weft: admin listener: {e.strerror}") from None
         self._write_state()  # with the admin's address
-        self.admin.spawn(self._admin_close_fds())
+        self.admin.spawn(self._admin_preamble())
 
-    def _admin_close_fds(self) -> list[int]:
-        """What the admin process must not keep: everything of the supervisor's but its own
-        socket (the instance lock above all: a held lock would outlive the supervisor)."""
+    def _admin_preamble(self) -> Preamble:
+        """The admin process must keep nothing of the supervisor's but its own socket (the
+        instance lock above all: a held lock would outlive the supervisor)."""
         assert self._wakeup is not None and self._parent_pipe is not None
         assert self.lock is not None
         close = [s.fileno() for s in self.sockets.values()]
         close += [*self._wakeup, *self._parent_pipe, self.lock.fileno()]
         if self.notifier.fileno() is not None:
             close.append(self.notifier.fileno())  # type: ignore[arg-type]
-        return close
+        return Preamble(os.getpid(), tuple(close), self.SIGNALS)
 
     def _stop_observability(self) -> None:
         """Last of all (the admin answers /readyz 503 while the workers drain)."""
