@@ -16,12 +16,8 @@ matter to an operator:
   then is it reaped. An unexpected death is respawned on the same slot, at once when the
   worker had been up a while, with a doubling backoff when it keeps dying young. A worker that
   fails at boot during the first start stops the supervisor with its reason.
-* **Reload is all or nothing.** The new config is validated first (invalid: nothing changes,
-  `weft reload` gets the errors). Then a new-generation worker is started for every slot on
-  the slot's existing socket, alongside the old one. Only when all of them are READY are the
-  old ones told to drain; if any fails to get ready within ``boot_timeout`` the new ones are
-  killed and the old generation keeps serving. The listening sockets never change hands, so no
-  connection is refused or reset during a reload.
+* **Reload is all or nothing** (`weft.reload`): a new generation starts beside the old one
+  on the same sockets, and the old one drains only once every new worker is READY.
 * **Watchdog.** Each worker stamps a heartbeat in its worker-table row every second; one silent
   for ``heartbeat_timeout`` gets SIGABRT (a traceback if it can), then SIGKILL, then a
   replacement.
@@ -43,10 +39,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from weft import control, metrics
+from weft import reload as reload_mod
 from weft.admin import AdminProcess
-from weft.config import Config, ConfigError, Listener
+from weft.config import Config, Listener
 from weft.shm.segment import InstanceLock, InstanceRunning, remove_instance
-from weft.shm.worktable import DRAINING, READY
+from weft.shm.worktable import READY
 from weft.sock import bind_listener
 from weft.systemd import Notifier
 from weft.workers import child as child_mod
@@ -61,7 +58,6 @@ KILL_GRACE = 2.0  # SIGABRT -> SIGKILL, fast stop -> SIGKILL
 DRAIN_MARGIN = 5.0  # a draining worker is SIGKILLed this long after the drain deadline
 TICK = 0.5  # loop wake-up when nothing happens (watchdog, respawns, systemd pings)
 WAIT_TICK = 0.02  # polling the worker table while workers boot
-DRAIN_ACK_TIMEOUT = 5.0  # a reload waits this long for old workers to stop accepting
 # The signals the supervisor handles (each has a handle_<name>); a forked child resets exactly
 # these (weft.workers.postfork).
 SUPERVISOR_SIGNALS = (
@@ -83,14 +79,6 @@ class Child:
     retiring: bool = False  # drained on purpose: do not respawn
     kill_at: float | None = None  # SIGKILL after this (drain deadline, watchdog)
     aborted: bool = False
-
-
-@dataclass
-class _Reload:
-    seq: int = 0
-    ok: bool = True
-    message: str = ""
-    generation: int = 0
 
 
 @dataclass
@@ -116,7 +104,7 @@ class Supervisor:
         self.config = config
         self.loader = loader
         self.workers_flag = workers
-        self.nworkers = self._worker_count(config)
+        self.nworkers = self.worker_count(config)
         self.instance = config.instance
         self.pidfile = pidfile or control.default_pidfile(self.instance)
         self.notifier = notifier or Notifier.from_env()
@@ -126,7 +114,7 @@ class Supervisor:
         self.sockets: dict[tuple[int, tuple[str, int]], socket.socket] = {}
         self.sig_queue: list[int] = []
         self.stopping: str | None = None
-        self.reload_state = _Reload()
+        self.reload_state = reload_mod.Outcome()
         self.lock: InstanceLock | None = None
         self.shared: SharedState | None = None
         self.colmap: ColumnMap | None = None
@@ -139,7 +127,7 @@ class Supervisor:
         self.supervisor_metrics: metrics.SupervisorMetrics | None = None
         self.admin: AdminProcess | None = None
 
-    def _worker_count(self, config: Config) -> int:
+    def worker_count(self, config: Config) -> int:
         if self.workers_flag:
             return self.workers_flag
         return config.workers or os.cpu_count() or 1
@@ -178,11 +166,11 @@ class Supervisor:
         self._warn_tcp_migrate()
         try:
             for slot in range(self.nworkers):
-                self._bind_slot(slot, self.config.listeners)
+                self.bind_slot(slot, self.config.listeners)
         except OSError as e:
             raise StartupError(f"weft: {e.strerror}") from None
         control.write_pidfile(self.pidfile)
-        self._write_state()
+        self.write_state()
         self._start_observability()
         self.notifier.status(f"starting {self.nworkers} workers")
         pids = [self.spawn(slot, self.generation, self.config) for slot in range(self.nworkers)]
@@ -229,7 +217,7 @@ class Supervisor:
         if len(self.sig_queue) < 16:
             self.sig_queue.append(signum)
 
-    def _bind_slot(self, slot: int, listeners: tuple[Listener, ...]) -> list[socket.socket]:
+    def bind_slot(self, slot: int, listeners: tuple[Listener, ...]) -> list[socket.socket]:
         new = []
         try:
             for lst in listeners:
@@ -240,11 +228,11 @@ class Supervisor:
                     new.append(sock)
         except OSError:
             for sock in new:
-                self._close_socket(sock)
+                self.close_socket(sock)
             raise
         return new
 
-    def _close_socket(self, sock: socket.socket) -> None:
+    def close_socket(self, sock: socket.socket) -> None:
         for key, s in list(self.sockets.items()):
             if s is sock:
                 del self.sockets[key]
@@ -382,7 +370,7 @@ class Supervisor:
         )
         if child.retiring or self.stopping:
             log.info("worker %d (slot %d) exited (%s)", child.pid, child.slot, how)
-            self._close_removed_slot(child.slot)
+            self.close_removed_slot(child.slot)
             self._maybe_release_columns()
             return
         if child.generation != self.generation:
@@ -433,23 +421,23 @@ class Supervisor:
                 )
                 child.aborted = True
                 child.kill_at = now + KILL_GRACE
-                self._kill(child.pid, signal.SIGABRT)
+                self.kill(child.pid, signal.SIGABRT)
         for child in list(self.children.values()):
             if child.kill_at is not None and now >= child.kill_at:
                 log.error("worker %d did not exit in time: SIGKILL", child.pid)
                 child.kill_at = None
-                self._kill(child.pid, signal.SIGKILL)
+                self.kill(child.pid, signal.SIGKILL)
 
-    def _kill(self, pid: int, signum: int) -> None:
+    def kill(self, pid: int, signum: int) -> None:
         try:
             os.kill(pid, signum)
         except ProcessLookupError:
             pass
 
-    def _retire(self, child: Child) -> None:
+    def retire(self, child: Child) -> None:
         child.retiring = True
         child.kill_at = time.monotonic() + self.config.timeouts.drain + DRAIN_MARGIN
-        self._kill(child.pid, signal.SIGTERM)
+        self.kill(child.pid, signal.SIGTERM)
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -518,7 +506,7 @@ class Supervisor:
     handle_quit = handle_int
 
     def handle_hup(self) -> None:
-        self.reload()
+        reload_mod.reload(self)
 
     def handle_ttin(self) -> None:
         assert self.shared is not None
@@ -527,13 +515,13 @@ class Supervisor:
             return
         slot = self.nworkers
         try:
-            self._bind_slot(slot, self.config.listeners)
+            self.bind_slot(slot, self.config.listeners)
         except OSError as e:
             log.error("TTIN: cannot bind for slot %d: %s", slot, e.strerror)
             return
         self.nworkers += 1
         self.spawn(slot, self.generation, self.config)
-        self._write_state()
+        self.write_state()
 
     def handle_ttou(self) -> None:
         if self.nworkers <= 1:
@@ -544,11 +532,11 @@ class Supervisor:
         self.slots.pop(slot, None)
         for child in list(self.children.values()):
             if child.slot == slot and not child.retiring:
-                self._retire(child)
-        self._close_removed_slot(slot)
-        self._write_state()
+                self.retire(child)
+        self.close_removed_slot(slot)
+        self.write_state()
 
-    def _close_removed_slot(self, slot: int) -> None:
+    def close_removed_slot(self, slot: int) -> None:
         if slot < self.nworkers or any(c.slot == slot for c in self.children.values()):
             return
         for key in [k for k in self.sockets if k[0] == slot]:
@@ -560,99 +548,7 @@ class Supervisor:
         ):
             self.colmap.release_retired()
 
-    # -- reload -----------------------------------------------------------------------------
-
-    def reload(self) -> None:
-        seq = self.reload_state.seq + 1
-        log.info("reload %d: reading the config", seq)
-        try:
-            new = self.loader()
-        except ConfigError as e:
-            self._reload_done(seq, False, "\n".join(e.errors))
-            return
-        if new.instance != self.instance:
-            self._reload_done(
-                seq,
-                False,
-                f"{new.source}: server.instance: cannot change from "
-                f'"{self.instance}" to "{new.instance}" on reload (restart)',
-            )
-            return
-        assert self.colmap is not None
-        saved = (dict(self.colmap.columns), dict(self.colmap.retired))
-        try:
-            columns = self.colmap.assign(new)
-        except ValueError as e:
-            self._reload_done(seq, False, str(e))
-            return
-        nworkers = self.nworkers if self.workers_flag else self._worker_count(new)
-        self.notifier.reloading()
-        new_socks: list[socket.socket] = []
-        try:
-            for slot in range(nworkers):
-                new_socks += self._bind_slot(slot, new.listeners)
-        except OSError as e:
-            for sock in new_socks:
-                self._close_socket(sock)
-            self.colmap.columns, self.colmap.retired = saved
-            self.notifier.ready()
-            self._reload_done(seq, False, f"cannot listen: {e.strerror}")
-            return
-        generation = self.generation + 1
-        old = [c for c in self.children.values() if not c.retiring]
-        prev_columns = self.columns
-        self.columns = columns
-        pids = [self.spawn(slot, generation, new) for slot in range(nworkers)]
-        ok, reason = self.wait_ready(pids, new.boot_timeout)
-        if not ok:
-            for pid in pids:
-                child = self.children.get(pid)
-                if child is not None:
-                    child.retiring = True
-                    self._kill(pid, signal.SIGKILL)
-            self.columns = prev_columns
-            self.colmap.columns, self.colmap.retired = saved
-            for sock in new_socks:
-                self._close_socket(sock)
-            self.notifier.ready(f"reload failed; generation {self.generation} serving")
-            self._reload_done(
-                seq,
-                False,
-                f"new workers failed: {reason}; generation {self.generation} keeps serving",
-            )
-            return
-        self.generation = generation
-        self.config = new
-        if self.admin is not None:
-            self.admin.reconfigure(new.admin)
-        old_slots = self.nworkers
-        self.nworkers = nworkers
-        for child in old:
-            self._retire(child)
-        # Report success only once the old workers no longer accept: until a worker has
-        # processed its SIGTERM, a new connection can still land on it and meet the old config.
-        self.wait_state([c.pid for c in old], DRAINING, DRAIN_ACK_TIMEOUT)
-        for slot in range(nworkers, old_slots):
-            self._close_removed_slot(slot)
-        # Sockets of listeners the new config dropped: the old workers still hold their own
-        # copies until they have drained; the supervisor's copies go now.
-        keep = {(lst.address, lst.port) for lst in new.listeners}
-        for key in [k for k in self.sockets if k[1] not in keep]:
-            self.sockets.pop(key).close()
-        self.notifier.ready(f"{self.nworkers} workers, generation {self.generation}")
-        self._reload_done(seq, True, f"generation {generation} active")
-
-    def _reload_done(self, seq: int, ok: bool, message: str) -> None:
-        self.reload_state = _Reload(seq, ok, message, self.generation)
-        if ok:
-            log.info("reload %d: %s", seq, message)
-        else:
-            log.error("reload %d failed: %s", seq, message)
-        if self.supervisor_metrics is not None:
-            self.supervisor_metrics.reload_done(ok, self.generation)
-        self._write_state()
-
-    def _write_state(self) -> None:
+    def write_state(self) -> None:
         r = self.reload_state
         control.write_state(
             self.pidfile,
@@ -679,18 +575,18 @@ class Supervisor:
     def _stop(self) -> None:
         fast = self.stopping == "fast"
         self.notifier.stopping()
-        self._write_state()  # publishes "stopping"
+        self.write_state()  # publishes "stopping"
         now = time.monotonic()
         grace = KILL_GRACE if fast else self.config.timeouts.drain + DRAIN_MARGIN
         for child in self.children.values():
             child.retiring = True
             child.kill_at = now + grace
-            self._kill(child.pid, signal.SIGTERM)
+            self.kill(child.pid, signal.SIGTERM)
         if fast:
             # A second signal makes a draining worker stop at once (see weft.workers.worker).
             time.sleep(0.05)
             for child in self.children.values():
-                self._kill(child.pid, signal.SIGTERM)
+                self.kill(child.pid, signal.SIGTERM)
         while self.children:
             self._wait(0.05)
             queue, self.sig_queue = self.sig_queue, []
@@ -699,13 +595,13 @@ class Supervisor:
                 log.info("fast stop")
                 for child in self.children.values():
                     child.kill_at = min(child.kill_at or now, time.monotonic() + KILL_GRACE)
-                    self._kill(child.pid, signal.SIGTERM)
+                    self.kill(child.pid, signal.SIGTERM)
             self.reap()
             for child in list(self.children.values()):
                 if child.kill_at is not None and time.monotonic() >= child.kill_at:
                     log.error("worker %d still running at the deadline: SIGKILL", child.pid)
                     child.kill_at = None
-                    self._kill(child.pid, signal.SIGKILL)
+                    self.kill(child.pid, signal.SIGKILL)
         log.info("stopped")
 
     # -- metrics and the admin listener (weft.metrics, weft.admin) -----------------------------
@@ -733,7 +629,7 @@ class Supervisor:
         except OSError as e:
             self.admin = None
             raise StartupError(f"weft: admin listener: {e.strerror}") from None
-        self._write_state()  # with the admin's address
+        self.write_state()  # with the admin's address
         self.admin.spawn(self._admin_preamble())
 
     def _admin_preamble(self) -> Preamble:
