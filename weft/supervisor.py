@@ -354,11 +354,8 @@ class Supervisor:
         """Release what a dead worker held in shared memory (it is still a zombie here)."""
         if self.shared is None:
             return
-        # rows_of, not snapshot: a row the worker died in the middle of writing must be
-        # cleared too.
-        for row in self.shared.table.rows_of(pid):
-            self.shared.inflight.clear_row(row)
-        self.shared.table.free(pid)
+        # Every owner-tagged structure is registered there (weft.shm.owners).
+        self.shared.owners.reclaim(pid)
         if self.supervisor_metrics is not None:
             self.supervisor_metrics.process_dead(pid)  # its live gauges leave the sums
 

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 from weft.config import Config, Destination
 from weft.shm.counters import InflightMatrix
+from weft.shm.owners import OwnerRegistry
 from weft.shm.segment import Segment
 from weft.shm.worktable import WorkerRow, WorkerTable
 
@@ -45,6 +46,11 @@ class SharedState:
         self.table = WorkerTable(atomics, off, rows)
         off = _align(off + WorkerTable.size_for(rows))
         self.inflight = InflightMatrix(atomics, off, rows, columns)
+        # What the supervisor releases when a worker dies. The in-flight rows are found
+        # through the worker table's, so they go first.
+        self.owners = OwnerRegistry()
+        self.owners.register("inflight", _InflightOfRows(self.table, self.inflight))
+        self.owners.register("worker_table", self.table)
 
     @staticmethod
     def size_for(rows: int, columns: int) -> int:
@@ -72,6 +78,22 @@ class SharedState:
 
     def close(self) -> None:
         self.segment.close()
+
+
+class _InflightOfRows:
+    """The in-flight matrix as a `Reclaimable`: its rows are the worker table's, and a dead
+    worker's are zeroed (rows_of, not snapshot: a row the worker died in the middle of
+    writing must be cleared too)."""
+
+    def __init__(self, table: WorkerTable, matrix: InflightMatrix) -> None:
+        self.table = table
+        self.matrix = matrix
+
+    def reclaim(self, pid: int) -> int:
+        rows = self.table.rows_of(pid)
+        for row in rows:
+            self.matrix.clear_row(row)
+        return len(rows)
 
 
 class ColumnMap:
