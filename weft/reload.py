@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 
 from weft.config import Config, ConfigError
 from weft.shm.worktable import DRAINING
+from weft.sock import ensure_fd_limit
 
 if TYPE_CHECKING:
     from weft.supervisor import Child, Supervisor
@@ -82,6 +83,7 @@ def _run(sup: Supervisor) -> str:
     new, columns, saved = _validate(sup)
     assert sup.colmap is not None
     nworkers = sup.nworkers if sup.workers_flag else sup.worker_count(new)
+    ensure_fd_limit(new.limits.max_connections)  # the new workers inherit what it sets
     sup.notifier.reloading()
     new_socks = _bind(sup, new, nworkers, saved)
     old = [c for c in sup.children.values() if not c.retiring]

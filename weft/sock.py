@@ -4,11 +4,25 @@ trio's `open_tcp_listeners` does not set SO_REUSEPORT, and weft's process model 
 per worker slot on the same address (the supervisor keeps them so a replacement worker inherits
 its slot's queue: closing a reuseport socket resets the connections queued on it). So the socket
 is made here with the plain socket module and handed to trio as a `SocketListener`.
+
+Two host settings decide how far those sockets carry, and the supervisor asks here at start:
+
+* `ensure_fd_limit`: every connection a worker serves is a descriptor, and a proxied one two
+  (the client's and the upstream's). A worker over its RLIMIT_NOFILE fails accept() and
+  connect() with EMFILE, which looks like a network fault. As nginx's
+  ``worker_rlimit_nofile``, the soft limit is raised to the hard one when it is short (the
+  workers inherit it); if even the hard limit is short, one warning says what to change.
+* `tcp_migrate_note`: when TTOU closes a slot's socket, connections still in the handshake
+  on it are reset unless ``net.ipv4.tcp_migrate_req`` is 1. Only TTOU closes a socket while
+  others stay (a reload keeps them all), so the note is for the first TTOU, not every start.
 """
 
 from __future__ import annotations
 
+import logging
+import resource
 import socket
+from pathlib import Path
 
 from weft.config import Listener
 
@@ -32,3 +46,73 @@ def bind_listener(listener: Listener, *, reuseport: bool = True) -> socket.socke
             e.errno, f"cannot listen on {listener.address}:{listener.port}: {e.strerror}"
         ) from None
     return sock
+
+
+log = logging.getLogger("weft.supervisor")
+
+# Descriptors a worker holds besides its connections: listeners, the liveness and trio's
+# wake-up pipes, epoll, shared-memory and metrics files, the log. Generous: a short count only
+# moves the warning's threshold.
+FD_RESERVE = 64
+TCP_MIGRATE_REQ = Path("/proc/sys/net/ipv4/tcp_migrate_req")
+
+
+def fds_needed(max_connections: int) -> int:
+    """Descriptors a worker needs for `max_connections` proxied connections at once."""
+    return 2 * max_connections + FD_RESERVE
+
+
+def ensure_fd_limit(max_connections: int) -> int:
+    """Make RLIMIT_NOFILE (soft) enough for `max_connections`, as far as the hard limit lets.
+
+    Raises the soft limit to the hard one when it is short, and logs what it did (info); if
+    the limit is still short, logs one warning naming the setting, the limit and the fix.
+    Returns the soft limit now in force (children forked later inherit it).
+    """
+    needed = fds_needed(max_connections)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return soft
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = needed if hard == resource.RLIM_INFINITY else hard
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (OSError, ValueError) as e:
+            log.info("cannot raise RLIMIT_NOFILE from %d to %d: %s", soft, target, e)
+        else:
+            log.info(
+                "raised RLIMIT_NOFILE (soft) from %d to %d, the hard limit, for "
+                "limits.max_connections = %d",
+                soft,
+                target,
+                max_connections,
+            )
+            soft = target
+    if soft < needed:
+        log.warning(
+            "limits.max_connections = %d needs about %d file descriptors per worker (client "
+            "and upstream socket per connection), but RLIMIT_NOFILE is %d (hard %s): "
+            "connections beyond it fail with EMFILE; raise LimitNOFILE= in the unit "
+            "(systemctl edit weft) or ulimit -n, or lower limits.max_connections",
+            max_connections,
+            needed,
+            soft,
+            "unlimited" if hard == resource.RLIM_INFINITY else hard,
+        )
+    return soft
+
+
+def tcp_migrate_note() -> str | None:
+    """What to say when a slot's socket is closed (TTOU) with ``tcp_migrate_req`` off, else
+    None (on, or a kernel without it)."""
+    try:
+        value = TCP_MIGRATE_REQ.read_text().strip()
+    except OSError:
+        return None
+    if value != "0":
+        return None
+    return (
+        "net.ipv4.tcp_migrate_req is 0: connections still in the handshake on the removed "
+        "slot's socket were reset; set it to 1 (sysctl) to have the kernel migrate them to "
+        "the other workers' sockets"
+    )

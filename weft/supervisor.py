@@ -40,6 +40,7 @@ from pathlib import Path
 
 from weft import control, metrics
 from weft import reload as reload_mod
+from weft import sock as sock_mod
 from weft.admin import AdminProcess
 from weft.config import Config, Listener
 from weft.shm.segment import InstanceLock, InstanceRunning, remove_instance
@@ -123,6 +124,7 @@ class Supervisor:
         self._parent_pipe: tuple[int, int] | None = None
         self._next_watchdog = 0.0
         self._first_start = True
+        self._tcp_migrate_noted = False  # see handle_ttou
         self.metrics_dir: Path | None = None  # see _start_observability
         self.supervisor_metrics: metrics.SupervisorMetrics | None = None
         self.admin: AdminProcess | None = None
@@ -163,7 +165,7 @@ class Supervisor:
         self.shared = SharedState.create(self.instance, rows, self.colmap.capacity, 1)
         self._parent_pipe = os.pipe()
         os.set_inheritable(self._parent_pipe[0], True)
-        self._warn_tcp_migrate()
+        sock_mod.ensure_fd_limit(self.config.limits.max_connections)
         try:
             for slot in range(self.nworkers):
                 self.bind_slot(slot, self.config.listeners)
@@ -190,18 +192,6 @@ class Supervisor:
             self.generation,
         )
         self.notifier.ready(f"{self.nworkers} workers, generation {self.generation}")
-
-    def _warn_tcp_migrate(self) -> None:
-        try:
-            value = Path("/proc/sys/net/ipv4/tcp_migrate_req").read_text().strip()
-        except OSError:
-            return
-        if value == "0":
-            log.warning(
-                "net.ipv4.tcp_migrate_req is 0: connections still in the handshake on a "
-                "worker's socket when that worker's slot is removed (TTOU) are reset; "
-                "set it to 1 (sysctl) to have the kernel migrate them"
-            )
 
     def _install_signals(self) -> None:
         r, w = os.pipe()
@@ -532,6 +522,11 @@ class Supervisor:
                 self.retire(child)
         self.close_removed_slot(slot)
         self.write_state()
+        if not self._tcp_migrate_noted:
+            self._tcp_migrate_noted = True
+            note = sock_mod.tcp_migrate_note()
+            if note is not None:
+                log.info("TTOU: %s", note)
 
     def close_removed_slot(self, slot: int) -> None:
         if slot < self.nworkers or any(c.slot == slot for c in self.children.values()):
