@@ -39,7 +39,7 @@ import trio
 
 from weft.config import Config, Destination
 from weft.connection import EndpointPool
-from weft.dst import HashKeySource, make_balancer
+from weft.dst import HashKeySource, Position, make_balancer
 from weft.http.errors import ClientError, UpstreamError
 from weft.http.h1 import (
     END,
@@ -234,6 +234,7 @@ class Forwarder:
         pools: Sequence[EndpointPool],
         config: Config,
         inflight: Inflight | None = None,
+        position: Position | None = None,
     ) -> None:
         self.dest = dest
         self.pools = list(pools)
@@ -244,6 +245,7 @@ class Forwarder:
             balance_factor=dest.hash_balance_factor,
             # By address: a changed endpoint list moves only the keys of changed endpoints.
             names=[e.authority for e in dest.endpoints],
+            position=position,  # shared by the workers (round_robin, weighted)
         )
         self.hash_source = HashKeySource.parse(dest.hash_key) if dest.hash_key else None
         self.counts: Inflight = inflight if inflight is not None else LocalInflight(len(self.pools))

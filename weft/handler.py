@@ -36,6 +36,7 @@ import trio
 
 from weft.config import Config, ConfigError, Destination, MiddlewareSpec, Route
 from weft.connection import UpstreamPools
+from weft.dst import Position
 from weft.forward import Forwarder, Inflight
 from weft.http.errors import ClientError
 from weft.http.h1 import error_response
@@ -112,6 +113,7 @@ class App:
         middleware: dict[str, list[Middleware]] | None = None,
         *,
         inflight_for: Callable[[Destination], Inflight | None] | None = None,
+        wrr_position_for: Callable[[Destination], Position | None] | None = None,
     ) -> None:
         self.config = config
         forwarders = {
@@ -120,6 +122,7 @@ class App:
                 pools.by_destination[name],
                 config,
                 inflight_for(dest) if inflight_for is not None else None,
+                wrr_position_for(dest) if wrr_position_for is not None else None,
             )
             for name, dest in config.destinations.items()
         }

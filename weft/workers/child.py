@@ -27,11 +27,12 @@ import time
 import traceback
 
 from weft.config import Config, Destination
+from weft.dst import Position
 from weft.forward import Inflight
 from weft.handler import Middleware, load_all_middleware
 from weft.shm.worktable import BOOTING, DRAINING, READY
 from weft.workers.postfork import Preamble
-from weft.workers.shared import SharedState, inflight_for
+from weft.workers.shared import SharedState, inflight_for, wrr_position_for
 from weft.workers.worker import Hooks, serve
 
 log = logging.getLogger("weft.worker")
@@ -60,6 +61,11 @@ class ChildHooks(Hooks):
     def inflight_for(self, dest: Destination) -> Inflight | None:
         if dest.strategy == "least_conn":
             return inflight_for(self.state, self.row, self.columns, dest)
+        return None
+
+    def wrr_position_for(self, dest: Destination) -> Position | None:
+        if dest.strategy in ("round_robin", "weighted"):
+            return wrr_position_for(self.state, self.columns, dest)
         return None
 
     def ready(self) -> None:

@@ -34,6 +34,7 @@ from weft import metrics as metrics_mod
 from weft.accesslog import AccessLog
 from weft.config import Config, Destination
 from weft.connection import UpstreamPools
+from weft.dst import Position
 from weft.forward import Inflight
 from weft.handler import App, Middleware
 from weft.http.h1 import H1Server, ServerState
@@ -66,6 +67,10 @@ class Hooks:
 
     def inflight_for(self, dest: Destination) -> Inflight | None:
         """Shared in-flight counts for a destination, or None for this process's own."""
+        return None
+
+    def wrr_position_for(self, dest: Destination) -> Position | None:
+        """Shared schedule position for a round_robin/weighted destination, or None."""
         return None
 
     def ready(self) -> None:
@@ -116,7 +121,13 @@ class Worker:
             config.upstream_max_connections,
             config.timeouts.upstream_connect,
         )
-        self.app = App(config, self.pools, middleware, inflight_for=self.hooks.inflight_for)
+        self.app = App(
+            config,
+            self.pools,
+            middleware,
+            inflight_for=self.hooks.inflight_for,
+            wrr_position_for=self.hooks.wrr_position_for,
+        )
         self.state = ServerState(config, self.app, self.pools.timers)
         self.access_log = AccessLog(config.access_log.path) if config.access_log.enabled else None
         if self.access_log is not None:
