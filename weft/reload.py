@@ -100,7 +100,7 @@ def _run(sup: Supervisor) -> str:
         sup.columns = prev_columns
         sup.colmap.columns, sup.colmap.retired = saved
         for sock in new_socks:
-            sup.close_socket(sock)
+            sup.sockets.close(sock)
         sup.notifier.ready(f"reload failed; generation {sup.generation} serving")
         raise _Failed(f"new workers failed: {reason}; generation {sup.generation} keeps serving")
     _switch(sup, new, generation, nworkers, old)
@@ -141,10 +141,10 @@ def _bind(
     new_socks: list[socket.socket] = []
     try:
         for slot in range(nworkers):
-            new_socks += sup.bind_slot(slot, new.listeners)
+            new_socks += sup.sockets.bind_slot(slot, new.listeners)
     except OSError as e:
         for sock in new_socks:
-            sup.close_socket(sock)
+            sup.sockets.close(sock)
         sup.colmap.columns, sup.colmap.retired = saved
         sup.notifier.ready()
         raise _Failed(f"cannot listen: {e.strerror}") from None
@@ -166,6 +166,4 @@ def _switch(sup: Supervisor, new: Config, generation: int, nworkers: int, old: l
         sup.close_removed_slot(slot)
     # Sockets of listeners the new config dropped: the old workers still hold their own
     # copies until they have drained; the supervisor's copies go now.
-    keep = {(lst.address, lst.port) for lst in new.listeners}
-    for key in [k for k in sup.sockets if k[1] not in keep]:
-        sup.sockets.pop(key).close()
+    sup.sockets.keep_only(new.listeners)

@@ -22,9 +22,12 @@ from __future__ import annotations
 import logging
 import resource
 import socket
+from collections.abc import Iterable
 from pathlib import Path
 
 from weft.config import Listener
+
+Address = tuple[str, int]
 
 
 def bind_listener(listener: Listener, *, reuseport: bool = True) -> socket.socket:
@@ -46,6 +49,65 @@ def bind_listener(listener: Listener, *, reuseport: bool = True) -> socket.socke
             e.errno, f"cannot listen on {listener.address}:{listener.port}: {e.strerror}"
         ) from None
     return sock
+
+
+class SlotSockets:
+    """The supervisor's listening sockets: one per (worker slot, listener address).
+
+    Kept for the supervisor's life so that every worker of a slot, replacements and new
+    generations included, serves the same socket (and the connections queued on it). A socket
+    is closed only when its slot or its listener is removed, or at exit.
+    """
+
+    def __init__(self) -> None:
+        self._socks: dict[tuple[int, Address], socket.socket] = {}
+
+    def bind_slot(self, slot: int, listeners: Iterable[Listener]) -> list[socket.socket]:
+        """Bind what `slot` lacks of `listeners`; return the new sockets. On OSError (the
+        address in its message) none of this call's sockets stays."""
+        new = []
+        try:
+            for lst in listeners:
+                key = (slot, (lst.address, lst.port))
+                if key not in self._socks:
+                    self._socks[key] = sock = bind_listener(lst)
+                    new.append(sock)
+        except OSError:
+            for sock in new:
+                self.close(sock)
+            raise
+        return new
+
+    def of_slot(self, slot: int, listeners: Iterable[Listener]) -> list[socket.socket]:
+        """`slot`'s sockets for `listeners`, in address order (what its worker serves)."""
+        keys = {(lst.address, lst.port) for lst in listeners}
+        return [self._socks[(slot, k)] for k in sorted(keys)]
+
+    def filenos(self, but: Iterable[socket.socket] = ()) -> list[int]:
+        """Every socket's descriptor except those of `but` (what a child must close)."""
+        keep = {id(s) for s in but}
+        return [s.fileno() for s in self._socks.values() if id(s) not in keep]
+
+    def close(self, sock: socket.socket) -> None:
+        for key, s in list(self._socks.items()):
+            if s is sock:
+                del self._socks[key]
+        sock.close()
+
+    def close_slot(self, slot: int) -> None:
+        for key in [k for k in self._socks if k[0] == slot]:
+            self._socks.pop(key).close()
+
+    def keep_only(self, listeners: Iterable[Listener]) -> None:
+        """Close the sockets of every listener address not among `listeners`."""
+        keep = {(lst.address, lst.port) for lst in listeners}
+        for key in [k for k in self._socks if k[1] not in keep]:
+            self._socks.pop(key).close()
+
+    def close_all(self) -> None:
+        for sock in self._socks.values():
+            sock.close()
+        self._socks.clear()
 
 
 log = logging.getLogger("weft.supervisor")

@@ -42,10 +42,10 @@ from weft import control, metrics
 from weft import reload as reload_mod
 from weft import sock as sock_mod
 from weft.admin import AdminProcess
-from weft.config import Config, Listener
+from weft.config import Config
 from weft.shm.segment import InstanceLock, InstanceRunning, remove_instance
 from weft.shm.worktable import READY
-from weft.sock import bind_listener
+from weft.sock import SlotSockets
 from weft.systemd import Notifier
 from weft.workers import child as child_mod
 from weft.workers.postfork import Preamble
@@ -112,7 +112,7 @@ class Supervisor:
         self.generation = 1
         self.children: dict[int, Child] = {}
         self.slots: dict[int, _SlotState] = {}
-        self.sockets: dict[tuple[int, tuple[str, int]], socket.socket] = {}
+        self.sockets = SlotSockets()
         self.sig_queue: list[int] = []
         self.stopping: str | None = None
         self.reload_state = reload_mod.Outcome()
@@ -168,7 +168,7 @@ class Supervisor:
         sock_mod.ensure_fd_limit(self.config.limits.max_connections)
         try:
             for slot in range(self.nworkers):
-                self.bind_slot(slot, self.config.listeners)
+                self.sockets.bind_slot(slot, self.config.listeners)
         except OSError as e:
             raise StartupError(f"weft: {e.strerror}") from None
         control.write_pidfile(self.pidfile)
@@ -207,32 +207,9 @@ class Supervisor:
         if len(self.sig_queue) < 16:
             self.sig_queue.append(signum)
 
-    def bind_slot(self, slot: int, listeners: tuple[Listener, ...]) -> list[socket.socket]:
-        new = []
-        try:
-            for lst in listeners:
-                key = (slot, (lst.address, lst.port))
-                if key not in self.sockets:
-                    sock = bind_listener(lst)
-                    self.sockets[key] = sock
-                    new.append(sock)
-        except OSError:
-            for sock in new:
-                self.close_socket(sock)
-            raise
-        return new
-
-    def close_socket(self, sock: socket.socket) -> None:
-        for key, s in list(self.sockets.items()):
-            if s is sock:
-                del self.sockets[key]
-        sock.close()
-
     def cleanup(self) -> None:
         self._stop_observability()
-        for sock in list(self.sockets.values()):
-            sock.close()
-        self.sockets.clear()
+        self.sockets.close_all()
         if self.shared is not None:
             self.shared.close()
             self.shared = None
@@ -255,18 +232,10 @@ class Supervisor:
     # -- children ---------------------------------------------------------------------------
 
     def spawn(self, slot: int, generation: int, config: Config) -> int:
-        keys = {(lst.address, lst.port) for lst in config.listeners}
-        mine = [self.sockets[(slot, k)] for k in sorted(keys)]
-        assert self._parent_pipe is not None and self._wakeup is not None
-        assert self.shared is not None and self.lock is not None
-        close = [s.fileno() for s in self.sockets.values() if s not in mine]
-        close += [*self._wakeup, self._parent_pipe[1]]
-        close.append(self.lock.fileno())
-        if self.notifier.fileno() is not None:
-            close.append(self.notifier.fileno())  # only the supervisor notifies systemd
-        if self.admin is not None and self.admin.fileno() is not None:
-            close.append(self.admin.fileno())  # type: ignore[arg-type]
-        preamble = Preamble(os.getpid(), tuple(close), self.SIGNALS)
+        mine = self.sockets.of_slot(slot, config.listeners)
+        assert self._parent_pipe is not None and self.shared is not None
+        admin = self.admin.fileno() if self.admin is not None else None
+        preamble = self._preamble(mine, [] if admin is None else [admin])
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child's life is in weft.workers.child
             child_mod.run(
@@ -350,11 +319,7 @@ class Supervisor:
             self.supervisor_metrics.process_dead(pid)  # its live gauges leave the sums
 
     def _child_exited(self, child: Child, code: int, status: int) -> None:
-        how = (
-            f"exit code {status}"
-            if code == os.CLD_EXITED
-            else f"signal {signal.Signals(status).name}"
-        )
+        how = _how(code, status)
         if child.retiring or self.stopping:
             log.info("worker %d (slot %d) exited (%s)", child.pid, child.slot, how)
             self.close_removed_slot(child.slot)
@@ -502,7 +467,7 @@ class Supervisor:
             return
         slot = self.nworkers
         try:
-            self.bind_slot(slot, self.config.listeners)
+            self.sockets.bind_slot(slot, self.config.listeners)
         except OSError as e:
             log.error("TTIN: cannot bind for slot %d: %s", slot, e.strerror)
             return
@@ -531,8 +496,7 @@ class Supervisor:
     def close_removed_slot(self, slot: int) -> None:
         if slot < self.nworkers or any(c.slot == slot for c in self.children.values()):
             return
-        for key in [k for k in self.sockets if k[0] == slot]:
-            self.sockets.pop(key).close()
+        self.sockets.close_slot(slot)
 
     def _maybe_release_columns(self) -> None:
         if self.colmap is not None and all(
@@ -625,12 +589,16 @@ class Supervisor:
         self.admin.spawn(self._admin_preamble())
 
     def _admin_preamble(self) -> Preamble:
-        """The admin process must keep nothing of the supervisor's but its own socket (the
-        instance lock above all: a held lock would outlive the supervisor)."""
+        return self._preamble([], [])
+
+    def _preamble(self, keep: list[socket.socket], close: list[int]) -> Preamble:
+        """A child keeps nothing of the supervisor's but `keep` (its listeners) and the read
+        end of the liveness pipe: the instance lock above all (a held lock would outlive the
+        supervisor), and the notify socket (only the supervisor talks to systemd)."""
         assert self._wakeup is not None and self._parent_pipe is not None
         assert self.lock is not None
-        close = [s.fileno() for s in self.sockets.values()]
-        close += [*self._wakeup, *self._parent_pipe, self.lock.fileno()]
+        close = [*close, *self.sockets.filenos(but=keep), *self._wakeup, self._parent_pipe[1]]
+        close.append(self.lock.fileno())
         if self.notifier.fileno() is not None:
             close.append(self.notifier.fileno())  # type: ignore[arg-type]
         return Preamble(os.getpid(), tuple(close), self.SIGNALS)
