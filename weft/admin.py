@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 
 from weft import control
 from weft.config import Admin, Listener
+from weft.respawn import Backoff
 from weft.shm.worktable import READY, STATE_NAMES
 from weft.sock import bind_listener
 from weft.workers.postfork import Preamble
@@ -66,8 +67,6 @@ BACKLOG = 64
 MAX_CLIENTS = 16  # connections served at once; more wait in the backlog
 CLIENT_TIMEOUT = 10.0  # seconds a client may take per read or write
 POLL = 0.5  # seconds between checks of the stop flag and the parent
-RESPAWN_BACKOFF_MAX = 10.0
-YOUNG = 5.0  # an admin process that dies within this of its start counts as failing
 KILL_GRACE = 2.0  # SIGTERM -> SIGKILL when the supervisor stops it
 CONTENT_TYPE_METRICS = "text/plain; version=0.0.4; charset=utf-8"
 _WORKER_PATH = re.compile(r"^/metrics/workers/(\d{1,4})$")
@@ -123,7 +122,7 @@ class AdminProcess:
         self.sock: socket.socket | None = None
         self.pid: int | None = None
         self.started = 0.0
-        self.failures = 0
+        self.backoff = Backoff()
         self.respawn_at: float | None = None
 
     @property
@@ -159,12 +158,7 @@ class AdminProcess:
         if pid != self.pid:
             return False
         self.pid = None
-        if time.monotonic() - self.started < YOUNG:
-            self.failures += 1
-            delay = min(0.1 * 2**self.failures, RESPAWN_BACKOFF_MAX)
-        else:
-            self.failures = 0
-            delay = 0.0
+        delay = self.backoff.delay(time.monotonic() - self.started)
         log.warning("admin process %d exited (%s); respawning in %.1fs", pid, how, delay)
         self.respawn_at = time.monotonic() + delay
         return True
@@ -195,7 +189,7 @@ class AdminProcess:
         self.config = config
         if self.pid is not None:
             self._kill(signal.SIGTERM)
-            self.failures = 0
+            self.backoff.reset()
             self.started = 0.0  # not young: the respawn is immediate
 
     def _kill(self, signum: int) -> None:

@@ -35,16 +35,18 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from weft import control, metrics
+from weft import control, metrics, shutdown
 from weft import reload as reload_mod
 from weft import sock as sock_mod
 from weft.admin import AdminProcess
 from weft.config import Config
+from weft.respawn import Backoff
 from weft.shm.segment import InstanceLock, InstanceRunning, remove_instance
 from weft.shm.worktable import READY
+from weft.shutdown import DRAIN_MARGIN, KILL_GRACE
 from weft.sock import SlotSockets
 from weft.systemd import Notifier
 from weft.workers import child as child_mod
@@ -53,10 +55,6 @@ from weft.workers.shared import ColumnMap, SharedState
 
 log = logging.getLogger("weft.supervisor")
 
-RESPAWN_BACKOFF_MAX = 10.0  # seconds between attempts for a worker that keeps dying young
-YOUNG = 5.0  # a worker that dies within this of its start counts as failing, not crashing
-KILL_GRACE = 2.0  # SIGABRT -> SIGKILL, fast stop -> SIGKILL
-DRAIN_MARGIN = 5.0  # a draining worker is SIGKILLed this long after the drain deadline
 TICK = 0.5  # loop wake-up when nothing happens (watchdog, respawns, systemd pings)
 WAIT_TICK = 0.02  # polling the worker table while workers boot
 # The signals the supervisor handles (each has a handle_<name>); a forked child resets exactly
@@ -84,7 +82,7 @@ class Child:
 
 @dataclass
 class _SlotState:
-    failures: int = 0
+    backoff: Backoff = field(default_factory=Backoff)
     respawn_at: float | None = None
 
 
@@ -143,7 +141,7 @@ class Supervisor:
             log.error("%s", e)
             if self.children:
                 self.stopping = "fast"
-                self._stop()
+                shutdown.stop(self)
             self.cleanup()
             return 1
         try:
@@ -332,14 +330,7 @@ class Supervisor:
         if self._first_start and code == os.CLD_EXITED and status == child_mod.WORKER_BOOT_ERROR:
             return  # start() reports it and stops
         state = self.slots.setdefault(child.slot, _SlotState())
-        lived = time.monotonic() - child.started
-        if lived < YOUNG:
-            state.failures += 1
-            delay = min(0.1 * 2**state.failures, RESPAWN_BACKOFF_MAX)
-        else:
-            state.failures = 0
-            delay = 0.0
-        state.respawn_at = time.monotonic() + delay
+        state.respawn_at = time.monotonic() + state.backoff.delay(time.monotonic() - child.started)
 
     def _respawn_due(self) -> None:
         now = time.monotonic()
@@ -399,7 +390,7 @@ class Supervisor:
             self._wait(max(0.0, min([TICK, *(t - time.monotonic() for t in due)])))
             self._dispatch()
             if self.stopping:
-                self._stop()
+                shutdown.stop(self)
                 return
             self._respawn_due()
             self._watchdog()
@@ -420,6 +411,12 @@ class Supervisor:
                 pass
         except BlockingIOError:
             pass
+
+    def wait_signals(self, timeout: float) -> list[int]:
+        """Wait up to `timeout` for signals and take them off the queue, undispatched."""
+        self._wait(timeout)
+        queue, self.sig_queue = self.sig_queue, []
+        return queue
 
     def _dispatch(self, *, defer_reload: bool = False) -> None:
         deferred = []
@@ -525,40 +522,6 @@ class Supervisor:
                 },
             },
         )
-
-    # -- stop -------------------------------------------------------------------------------
-
-    def _stop(self) -> None:
-        fast = self.stopping == "fast"
-        self.notifier.stopping()
-        self.write_state()  # publishes "stopping"
-        now = time.monotonic()
-        grace = KILL_GRACE if fast else self.config.timeouts.drain + DRAIN_MARGIN
-        for child in self.children.values():
-            child.retiring = True
-            child.kill_at = now + grace
-            self.kill(child.pid, signal.SIGTERM)
-        if fast:
-            # A second signal makes a draining worker stop at once (see weft.workers.worker).
-            time.sleep(0.05)
-            for child in self.children.values():
-                self.kill(child.pid, signal.SIGTERM)
-        while self.children:
-            self._wait(0.05)
-            queue, self.sig_queue = self.sig_queue, []
-            if not fast and any(s in (signal.SIGINT, signal.SIGQUIT) for s in queue):
-                fast = True  # INT/QUIT during a graceful stop: stop now
-                log.info("fast stop")
-                for child in self.children.values():
-                    child.kill_at = min(child.kill_at or now, time.monotonic() + KILL_GRACE)
-                    self.kill(child.pid, signal.SIGTERM)
-            self.reap()
-            for child in list(self.children.values()):
-                if child.kill_at is not None and time.monotonic() >= child.kill_at:
-                    log.error("worker %d still running at the deadline: SIGKILL", child.pid)
-                    child.kill_at = None
-                    self.kill(child.pid, signal.SIGKILL)
-        log.info("stopped")
 
     # -- metrics and the admin listener (weft.metrics, weft.admin) -----------------------------
 
