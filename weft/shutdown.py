@@ -52,7 +52,8 @@ def stop(sup: Supervisor) -> None:
         for child in sup.children.values():
             sup.kill(child.pid, signal.SIGTERM)
     while sup.children:
-        queue = sup.wait_signals(POLL)
+        sup.signals.wait(POLL)
+        queue = sup.signals.take()
         if not fast and any(s in (signal.SIGINT, signal.SIGQUIT) for s in queue):
             fast = True  # INT/QUIT during a graceful stop: stop now
             log.info("fast stop")

@@ -7,15 +7,17 @@ matter to an operator:
   and kept open for the supervisor's life; a slot's worker, and every replacement of it, serves
   that same socket. Closing a reuseport socket would reset the connections queued on it, so a
   worker's death or a reload never closes one (only removing a listener or a slot does).
-* **Signals only enqueue.** Handlers append the signal to a queue (and `set_wakeup_fd` wakes the
-  loop); `loop` dispatches each to a ``handle_<name>`` method. TERM: graceful stop (workers
-  drain, SIGKILL at the drain deadline). INT/QUIT: fast stop. HUP: reload. CHLD: reap. TTIN /
-  TTOU: one worker more / less. The queue is also the test seam.
+* **Signals only enqueue** (`weft.signals`). Handlers append the signal to a queue (and
+  `set_wakeup_fd` wakes the loop); `loop` dispatches each to a ``handle_<name>`` method.
+  TERM: graceful stop (`weft.shutdown`: workers drain, SIGKILL at the drain deadline).
+  INT/QUIT: fast stop. HUP: reload. CHLD: reap. TTIN / TTOU: one worker more / less. The
+  queue is also the test seam.
 * **Reaping reclaims first.** A dead child is found with ``waitid(WNOWAIT)`` (it stays a zombie,
   so its pid cannot be reused), everything it owned in shared memory is released, and only
   then is it reaped. An unexpected death is respawned on the same slot, at once when the
-  worker had been up a while, with a doubling backoff when it keeps dying young. A worker that
-  fails at boot during the first start stops the supervisor with its reason.
+  worker had been up a while, with a doubling backoff when it keeps dying young
+  (`weft.respawn`). A worker that fails at boot during the first start stops the supervisor
+  with its reason.
 * **Reload is all or nothing** (`weft.reload`): a new generation starts beside the old one
   on the same sockets, and the old one drains only once every new worker is READY.
 * **Watchdog.** Each worker stamps a heartbeat in its worker-table row every second; one silent
@@ -30,7 +32,6 @@ from __future__ import annotations
 
 import logging
 import os
-import select
 import signal
 import socket
 import time
@@ -47,6 +48,7 @@ from weft.respawn import Backoff
 from weft.shm.segment import InstanceLock, InstanceRunning, remove_instance
 from weft.shm.worktable import READY
 from weft.shutdown import DRAIN_MARGIN, KILL_GRACE
+from weft.signals import SignalQueue
 from weft.sock import SlotSockets
 from weft.systemd import Notifier
 from weft.workers import child as child_mod
@@ -111,14 +113,13 @@ class Supervisor:
         self.children: dict[int, Child] = {}
         self.slots: dict[int, _SlotState] = {}
         self.sockets = SlotSockets()
-        self.sig_queue: list[int] = []
+        self.signals = SignalQueue()
         self.stopping: str | None = None
         self.reload_state = reload_mod.Outcome()
         self.lock: InstanceLock | None = None
         self.shared: SharedState | None = None
         self.colmap: ColumnMap | None = None
         self.columns: dict[str, int] = {}
-        self._wakeup: tuple[int, int] | None = None
         self._parent_pipe: tuple[int, int] | None = None
         self._next_watchdog = 0.0
         self._first_start = True
@@ -151,7 +152,7 @@ class Supervisor:
         return 0
 
     def start(self) -> None:
-        self._install_signals()
+        self.signals.install(self.SIGNALS)
         try:
             self.lock = InstanceLock.acquire(self.instance)
         except InstanceRunning as e:
@@ -191,20 +192,6 @@ class Supervisor:
         )
         self.notifier.ready(f"{self.nworkers} workers, generation {self.generation}")
 
-    def _install_signals(self) -> None:
-        r, w = os.pipe()
-        os.set_blocking(r, False)
-        os.set_blocking(w, False)
-        self._wakeup = (r, w)
-        signal.set_wakeup_fd(w)
-        for signum in self.SIGNALS:
-            signal.signal(signum, self._enqueue)
-
-    def _enqueue(self, signum: int, _frame: object) -> None:
-        # Signal handlers only enqueue; the loop dispatches (see the module docstring).
-        if len(self.sig_queue) < 16:
-            self.sig_queue.append(signum)
-
     def cleanup(self) -> None:
         self._stop_observability()
         self.sockets.close_all()
@@ -220,11 +207,7 @@ class Supervisor:
             for fd in self._parent_pipe:
                 os.close(fd)
             self._parent_pipe = None
-        signal.set_wakeup_fd(-1)
-        if self._wakeup is not None:
-            for fd in self._wakeup:
-                os.close(fd)
-            self._wakeup = None
+        self.signals.close()
         self.notifier.close()
 
     # -- children ---------------------------------------------------------------------------
@@ -269,7 +252,7 @@ class Supervisor:
                 return False, "stopping"
             if time.monotonic() >= deadline:
                 return False, f"not ready within boot_timeout ({timeout:g}s)"
-            self._wait(WAIT_TICK)
+            self.signals.wait(WAIT_TICK)
             self._dispatch(defer_reload=True)
         return True, ""
 
@@ -284,7 +267,7 @@ class Supervisor:
                 return True
             if time.monotonic() >= deadline:
                 return False
-            self._wait(WAIT_TICK)
+            self.signals.wait(WAIT_TICK)
             self._dispatch(defer_reload=True)
 
     def reap(self) -> None:
@@ -387,7 +370,7 @@ class Supervisor:
     def loop(self) -> None:
         while True:
             due = [s.respawn_at for s in self.slots.values() if s.respawn_at is not None]
-            self._wait(max(0.0, min([TICK, *(t - time.monotonic() for t in due)])))
+            self.signals.wait(max(0.0, min([TICK, *(t - time.monotonic() for t in due)])))
             self._dispatch()
             if self.stopping:
                 shutdown.stop(self)
@@ -398,36 +381,16 @@ class Supervisor:
             if self.admin is not None:
                 self.admin.tick(self._admin_preamble)
 
-    def _wait(self, timeout: float) -> None:
-        assert self._wakeup is not None
-        if self.sig_queue:
-            return
-        try:
-            select.select([self._wakeup[0]], [], [], timeout)
-        except InterruptedError:
-            pass
-        try:
-            while os.read(self._wakeup[0], 256):
-                pass
-        except BlockingIOError:
-            pass
-
-    def wait_signals(self, timeout: float) -> list[int]:
-        """Wait up to `timeout` for signals and take them off the queue, undispatched."""
-        self._wait(timeout)
-        queue, self.sig_queue = self.sig_queue, []
-        return queue
-
     def _dispatch(self, *, defer_reload: bool = False) -> None:
         deferred = []
-        while self.sig_queue:
-            signum = self.sig_queue.pop(0)
+        while self.signals.pending:
+            signum = self.signals.pending.pop(0)
             if defer_reload and signum == signal.SIGHUP:
                 deferred.append(signum)
                 continue
             name = signal.Signals(signum).name[3:].lower()
             getattr(self, f"handle_{name}")()
-        self.sig_queue[:0] = deferred
+        self.signals.pending[:0] = deferred
 
     def _ping_systemd(self) -> None:
         interval = self.notifier.watchdog_interval()
@@ -558,9 +521,8 @@ class Supervisor:
         """A child keeps nothing of the supervisor's but `keep` (its listeners) and the read
         end of the liveness pipe: the instance lock above all (a held lock would outlive the
         supervisor), and the notify socket (only the supervisor talks to systemd)."""
-        assert self._wakeup is not None and self._parent_pipe is not None
-        assert self.lock is not None
-        close = [*close, *self.sockets.filenos(but=keep), *self._wakeup, self._parent_pipe[1]]
+        assert self._parent_pipe is not None and self.lock is not None
+        close = [*close, *self.sockets.filenos(but=keep), *self.signals.fds, self._parent_pipe[1]]
         close.append(self.lock.fileno())
         if self.notifier.fileno() is not None:
             close.append(self.notifier.fileno())  # type: ignore[arg-type]
