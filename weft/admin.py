@@ -125,6 +125,15 @@ class AdminProcess:
         self.backoff = Backoff()
         self.respawn_at: float | None = None
 
+    @classmethod
+    def bound(
+        cls, config: Admin, pidfile: Path, metrics_dir: Path, shared: SharedState
+    ) -> AdminProcess:
+        """An admin process-to-be with its socket bound. Raises OSError naming the address."""
+        admin = cls(config, pidfile=pidfile, metrics_dir=metrics_dir, shared=shared)
+        admin.bind()
+        return admin
+
     @property
     def address(self) -> str:
         host = f"[{self.config.address}]" if ":" in self.config.address else self.config.address

@@ -37,7 +37,8 @@ from weft.shm.worktable import DRAINING
 from weft.sock import ensure_fd_limit
 
 if TYPE_CHECKING:
-    from weft.supervisor import Child, Supervisor
+    from weft.respawn import Child
+    from weft.supervisor import Supervisor
 
 __all__ = ["DRAIN_ACK_TIMEOUT", "Outcome", "reload"]
 

@@ -61,9 +61,5 @@ def stop(sup: Supervisor) -> None:
                 child.kill_at = min(child.kill_at or now, time.monotonic() + KILL_GRACE)
                 sup.kill(child.pid, signal.SIGTERM)
         sup.reap()
-        for child in list(sup.children.values()):
-            if child.kill_at is not None and time.monotonic() >= child.kill_at:
-                log.error("worker %d still running at the deadline: SIGKILL", child.pid)
-                child.kill_at = None
-                sup.kill(child.pid, signal.SIGKILL)
+        sup.kill_overdue("still running at the deadline")
     log.info("stopped")

@@ -174,7 +174,7 @@ def tcp_migrate_note() -> str | None:
     if value != "0":
         return None
     return (
-        "net.ipv4.tcp_migrate_req is 0: connections still in the handshake on the removed "
-        "slot's socket were reset; set it to 1 (sysctl) to have the kernel migrate them to "
-        "the other workers' sockets"
+        "net.ipv4.tcp_migrate_req is 0: connections still in the handshake on a removed "
+        "slot's socket are reset when it closes; set it to 1 (sysctl) to have the kernel "
+        "migrate them to the other workers' sockets"
     )

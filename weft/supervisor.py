@@ -30,13 +30,13 @@ STOPPING=1, STATUS= lines, and WATCHDOG=1 from the loop.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from weft import control, metrics, shutdown
@@ -44,7 +44,7 @@ from weft import reload as reload_mod
 from weft import sock as sock_mod
 from weft.admin import AdminProcess
 from weft.config import Config
-from weft.respawn import Backoff
+from weft.respawn import Child, SlotState
 from weft.shm.segment import InstanceLock, InstanceRunning, remove_instance
 from weft.shm.worktable import READY
 from weft.shutdown import DRAIN_MARGIN, KILL_GRACE
@@ -71,23 +71,6 @@ class StartupError(Exception):
     """The supervisor cannot start (instance running, bind failure, workers never ready)."""
 
 
-@dataclass
-class Child:
-    pid: int
-    slot: int
-    generation: int
-    started: float
-    retiring: bool = False  # drained on purpose: do not respawn
-    kill_at: float | None = None  # SIGKILL after this (drain deadline, watchdog)
-    aborted: bool = False
-
-
-@dataclass
-class _SlotState:
-    backoff: Backoff = field(default_factory=Backoff)
-    respawn_at: float | None = None
-
-
 class Supervisor:
     """Runs an instance until stopped. `run` returns the process exit code."""
 
@@ -111,7 +94,7 @@ class Supervisor:
         self.notifier = notifier or Notifier.from_env()
         self.generation = 1
         self.children: dict[int, Child] = {}
-        self.slots: dict[int, _SlotState] = {}
+        self.slots: dict[int, SlotState] = {}
         self.sockets = SlotSockets()
         self.signals = SignalQueue()
         self.stopping: str | None = None
@@ -312,7 +295,7 @@ class Supervisor:
         log.warning("worker %d (slot %d) died unexpectedly (%s)", child.pid, child.slot, how)
         if self._first_start and code == os.CLD_EXITED and status == child_mod.WORKER_BOOT_ERROR:
             return  # start() reports it and stops
-        state = self.slots.setdefault(child.slot, _SlotState())
+        state = self.slots.setdefault(child.slot, SlotState())
         state.respawn_at = time.monotonic() + state.backoff.delay(time.monotonic() - child.started)
 
     def _respawn_due(self) -> None:
@@ -348,9 +331,14 @@ class Supervisor:
                 child.aborted = True
                 child.kill_at = now + KILL_GRACE
                 self.kill(child.pid, signal.SIGABRT)
+        self.kill_overdue("did not exit in time")
+
+    def kill_overdue(self, why: str) -> None:
+        """SIGKILL every child past its `kill_at` (drain deadline, watchdog grace)."""
+        now = time.monotonic()
         for child in list(self.children.values()):
             if child.kill_at is not None and now >= child.kill_at:
-                log.error("worker %d did not exit in time: SIGKILL", child.pid)
+                log.error("worker %d %s: SIGKILL", child.pid, why)
                 child.kill_at = None
                 self.kill(child.pid, signal.SIGKILL)
 
@@ -477,12 +465,7 @@ class Supervisor:
                 "workers": self.nworkers,
                 "stopping": self.stopping,  # the admin's /readyz is 503 from here on
                 "admin": self.admin.address if self.admin is not None else None,
-                "reload": {
-                    "seq": r.seq,
-                    "ok": r.ok,
-                    "message": r.message,
-                    "generation": r.generation,
-                },
+                "reload": dataclasses.asdict(r),  # seq, ok, message, generation
             },
         )
 
@@ -500,16 +483,11 @@ class Supervisor:
         self.supervisor_metrics = metrics.SupervisorMetrics(self.metrics_dir, self.generation)
         if not self.config.admin.enabled:
             return
-        self.admin = AdminProcess(
-            self.config.admin,
-            pidfile=self.pidfile,
-            metrics_dir=self.metrics_dir,
-            shared=self.shared,
-        )
         try:
-            self.admin.bind()
+            self.admin = AdminProcess.bound(
+                self.config.admin, self.pidfile, self.metrics_dir, self.shared
+            )
         except OSError as e:
-            self.admin = None
             raise StartupError(f"weft: admin listener: {e.strerror}") from None
         self.write_state()  # with the admin's address
         self.admin.spawn(self._admin_preamble())
