@@ -283,6 +283,72 @@ def test_every_strategy_returns_none_when_all_endpoints_are_excluded(strategy, k
     assert balancer.pick(key=key, excluded={1, 2}) == 0
 
 
+class OnlyContains:
+    """A Container and nothing more (no len, no iteration): all `pick` may assume."""
+
+    def __init__(self, *members):
+        self.members = frozenset(members)
+
+    def __contains__(self, item):
+        return item in self.members
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("key", [None, b"some-key"])
+def test_excluded_may_be_any_container(strategy, key):
+    balancer = make_balancer(strategy, [1, 2, 3, 4], rng=random.Random(14))
+    chosen = {balancer.pick(key=key, inflight=[0, 1, 0, 1], excluded=OnlyContains(0, 2))
+              for _ in range(200)}
+    assert chosen <= {1, 3} and chosen
+    assert balancer.pick(key=key, excluded=OnlyContains(0, 1, 2, 3)) is None
+    assert balancer.pick(key=key, excluded=range(1, 4)) == 0
+
+
+# -- one schedule shared by workers --------------------------------------------------------------
+
+
+def test_the_smooth_wrr_schedule_is_one_period_of_nginx_sequence():
+    from weft.dst import smooth_wrr_schedule
+
+    assert smooth_wrr_schedule([3, 1, 1]) == [0, 1, 0, 2, 0]
+    assert smooth_wrr_schedule([5, 1, 1]) == [0, 0, 1, 0, 2, 0, 0]
+    # weights with a common factor: the same period, not a longer one
+    assert smooth_wrr_schedule([30, 10, 10]) == [0, 1, 0, 2, 0]
+    assert smooth_wrr_schedule([1, 1, 1]) == [0, 1, 2]
+    assert smooth_wrr_schedule([3, 1, 1], excluded={0}) == [1, 2]
+    assert smooth_wrr_schedule([3, 1, 1], excluded={0, 1, 2}) == []
+
+
+@pytest.mark.parametrize(("strategy", "weights"), [("weighted", [3, 1, 1]),
+                                                   ("round_robin", [1, 1, 1])])
+def test_balancers_sharing_a_position_follow_one_sequence(strategy, weights):
+    from weft.dst import LocalPosition
+
+    # 1. two workers' balancers and one position (in weft, a word in shared memory)
+    shared = LocalPosition()
+    workers = [make_balancer(strategy, weights, position=shared) for _ in range(2)]
+    alone = make_balancer(strategy, weights, position=LocalPosition())
+    # 2. whichever worker picks, in any order, the picks are the one balancer's sequence
+    order = [0, 0, 1, 0, 1, 1, 1, 0, 0, 1] * 10
+    together = [workers[w].pick() for w in order]
+    assert together == [alone.pick() for _ in order]
+    # 3. so every run of one period splits by the weights
+    period = sum(weights)
+    for i in range(len(together) - period + 1):
+        assert collections.Counter(together[i : i + period]) == dict(enumerate(weights))
+
+
+def test_a_shared_position_keeps_the_others_in_proportion_while_one_is_excluded():
+    from weft.dst import LocalPosition
+
+    shared = LocalPosition()
+    workers = [make_balancer("weighted", [3, 1, 1], position=shared) for _ in range(2)]
+    during = [workers[i % 2].pick(excluded={0}) for i in range(40)]
+    assert collections.Counter(during) == {1: 20, 2: 20}
+    after = [workers[i % 2].pick() for i in range(50)]
+    assert collections.Counter(after) == {0: 30, 1: 10, 2: 10}
+
+
 @pytest.mark.parametrize(
     ("strategy", "weights", "kwargs", "message"),
     [

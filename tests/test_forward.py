@@ -168,3 +168,24 @@ async def test_builtin_middleware_runs_outermost_and_keeps_the_validated_fast_pa
     await run(with_user, make_request())
     assert seen == [("builtin", False), ("user", False)]
     await pools.aclose()
+
+
+async def test_the_balancer_skips_what_the_observer_excludes(nursery):
+    """The forwarder feeds the observer's view to `Balancer.pick(excluded=...)`: an excluded
+    endpoint gets nothing, and with every endpoint excluded the answer is 503 no_endpoint."""
+    ports = [await serve(nursery, answering(200)) for _ in range(3)]
+    cfg = make_config(*ports)
+    pools = UpstreamPools(cfg.destinations.values(), 10, 1.0)
+    await nursery.start(pools.run)
+    hooks = ObservingHooks()
+    app = App(cfg, pools, {}, hooks=hooks)
+    observer = hooks.observers["web"]
+    observer.skip = {1}
+    for _ in range(6):
+        assert (await run(app, make_request())).status == 200
+    assert sorted({index for index, _, _ in observer.reports}) == [0, 2]
+    observer.skip = {0, 1, 2}
+    request = make_request()
+    response = await run(app, request)
+    assert response.status == 503 and request.ctx["error"] == "no_endpoint"
+    await pools.aclose()

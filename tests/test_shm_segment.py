@@ -131,10 +131,10 @@ def test_attach_to_a_missing_segment_names_it(instance: str) -> None:
         (seg_mod.H_MAGIC, 0x1234, "magic"),
         (seg_mod.H_VERSION, seg_mod.LAYOUT_VERSION + 1, "layout version"),
         (seg_mod.H_SIZE, 8192, "records 8192 bytes but is 4096"),
-        (seg_mod.H_BOOT_LO, 42, "another boot"),
+        (seg_mod.H_START, 42, "stale"),  # the creator's pid now names another process
         (seg_mod.H_READY, 0, "not READY"),
     ],
-    ids=["magic", "version", "size", "boot-id", "not-ready"],
+    ids=["magic", "version", "size", "creator-start", "not-ready"],
 )
 def test_attach_refuses_a_bad_header_field(
     instance: str, word: int, value: int, complaint: str
@@ -144,6 +144,44 @@ def test_attach_refuses_a_bad_header_field(
         with pytest.raises(SegmentError, match=complaint) as err:
             Segment.attach(instance, "state")
         assert f"/weft-{instance}-state" in str(err.value)
+
+
+# Word 5 of the header; it held half of the boot id in layout version 1.
+CREATOR_IDENTITY_WORD = 40
+DEAD_PID = 4_000_001  # above pid_max's 2**22: never a live process
+
+
+def test_a_live_instance_lock_proves_a_segment_fresh_whatever_this_proc_shows(
+    instance: str,
+) -> None:
+    """`weft status` beside a systemd unit reads another /proc (ProtectKernelTunables=,
+    ProtectProc=, a container): the creator words it sees need not match its own view."""
+    # 1. the instance is running: its lock is held, it made the segment
+    lock = InstanceLock.acquire(instance)
+    try:
+        with Segment.create(instance, "state", 4096) as made:
+            # 2. as read from another /proc view: another boot id / start time, and a
+            #    creator pid this reader cannot see
+            made.atomics.store(CREATOR_IDENTITY_WORD, 42)
+            made.atomics.store(seg_mod.H_CREATOR, DEAD_PID)
+            with Segment.attach(instance, "state") as seen:
+                assert seen.creator_pid == DEAD_PID
+            # 3. the instance dies (its lock goes): the same segment is stale
+            lock.release()
+            with pytest.raises(SegmentError, match="stale"):
+                Segment.attach(instance, "state")
+    finally:
+        lock.release()
+
+
+def test_without_a_lock_the_creators_pid_and_start_time_decide(instance: str) -> None:
+    with Segment.create(instance, "state", 4096) as made:
+        # 1. made by this live process (no lock: not a supervisor): fresh
+        Segment.attach(instance, "state").close()
+        # 2. a creator that is gone (a SIGKILLed supervisor, a reboot): stale
+        made.atomics.store(seg_mod.H_CREATOR, DEAD_PID)
+        with pytest.raises(SegmentError, match=f"stale.*pid {DEAD_PID}"):
+            Segment.attach(instance, "state")
 
 
 def test_attach_refuses_a_segment_whose_creator_died_before_writing_anything(

@@ -609,3 +609,35 @@ def test_inflight_matrix_rows_written_by_two_workers_add_up(
     barrier.release()
     assert [children.wait(p) for p in pids] == [0, 0]
     assert m.totals([0, 1, 2]) == [0, 0, 40_000]
+
+
+# -- balancing positions -------------------------------------------------------------------------
+
+
+def test_position_words_hand_out_each_value_once_across_processes(
+    atomics: Atomics, children: Children
+) -> None:
+    from weft.shm.counters import PositionTable
+
+    table = PositionTable(atomics, 0, 4)
+    out = 8192  # each child writes the values it got here, one word each
+    per_child = 2000
+
+    def worker(slot: int) -> Callable[[], None]:
+        def run() -> None:
+            position = table.position(2)
+            for k in range(per_child):
+                atomics.store(out + 8 * (slot * per_child + k), position.advance())
+
+        return run
+
+    # 1. two processes advance the same word concurrently
+    pids = [children.fork(worker(slot)) for slot in range(2)]
+    assert [children.wait(pid) for pid in pids] == [0, 0]
+    # 2. every value 0..3999 was handed out exactly once; the neighbouring words are untouched
+    got = sorted(atomics.load(out + 8 * i) for i in range(2 * per_child))
+    assert got == list(range(2 * per_child))
+    assert table.position(2).advance() == 2 * per_child
+    assert [table.position(i).advance() for i in (0, 1, 3)] == [0, 0, 0]
+    with pytest.raises(IndexError):
+        table.position(4)

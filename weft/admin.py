@@ -28,32 +28,35 @@ Theory of operation:
   by that worker's pid: the admin asks no worker anything.
 * **Serving**: `http.server` with a thread per connection, at most `MAX_CLIENTS` at once, each
   socket bounded by `CLIENT_TIMEOUT`. The process exits on SIGTERM, or when its parent is gone
-  (PR_SET_PDEATHSIG, and a check of its parent pid every `POLL`).
+  (PR_SET_PDEATHSIG, and a check of its parent pid every `POLL`). What it first undoes of
+  the supervisor's inheritance is the workers' preamble too (`weft.workers.postfork`).
 """
 
 from __future__ import annotations
 
-import ctypes
 import hmac
 import json
 import logging
 import os
 import re
+import selectors
 import signal
 import socket
 import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from weft import control
+from weft.respawn import Backoff
 from weft.schema import Admin, Listener
 from weft.shm.worktable import READY, STATE_NAMES
 from weft.sock import bind_listener
+from weft.workers.postfork import Preamble
 
 if TYPE_CHECKING:
     from weft.workers.shared import SharedState
@@ -64,10 +67,7 @@ BACKLOG = 64
 MAX_CLIENTS = 16  # connections served at once; more wait in the backlog
 CLIENT_TIMEOUT = 10.0  # seconds a client may take per read or write
 POLL = 0.5  # seconds between checks of the stop flag and the parent
-RESPAWN_BACKOFF_MAX = 10.0
-YOUNG = 5.0  # an admin process that dies within this of its start counts as failing
 KILL_GRACE = 2.0  # SIGTERM -> SIGKILL when the supervisor stops it
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 CONTENT_TYPE_METRICS = "text/plain; version=0.0.4; charset=utf-8"
 _WORKER_PATH = re.compile(r"^/metrics/workers/(\d{1,4})$")
 
@@ -122,8 +122,17 @@ class AdminProcess:
         self.sock: socket.socket | None = None
         self.pid: int | None = None
         self.started = 0.0
-        self.failures = 0
+        self.backoff = Backoff()
         self.respawn_at: float | None = None
+
+    @classmethod
+    def bound(
+        cls, config: Admin, pidfile: Path, metrics_dir: Path, shared: SharedState
+    ) -> AdminProcess:
+        """An admin process-to-be with its socket bound. Raises OSError naming the address."""
+        admin = cls(config, pidfile=pidfile, metrics_dir=metrics_dir, shared=shared)
+        admin.bind()
+        return admin
 
     @property
     def address(self) -> str:
@@ -140,15 +149,13 @@ class AdminProcess:
     def fileno(self) -> int | None:
         return self.sock.fileno() if self.sock is not None else None
 
-    def spawn(self, close_fds: Iterable[int]) -> int:
-        """Fork the admin process; it closes `close_fds` (the supervisor's other descriptors:
-        listeners, the instance lock, pipes) first."""
+    def spawn(self, preamble: Preamble) -> int:
+        """Fork the admin process; it detaches from the supervisor with `preamble` (closing
+        the supervisor's other descriptors: listeners, the instance lock, pipes) first."""
         assert self.sock is not None
-        close = list(close_fds)
-        supervisor = os.getpid()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child's life is in _child_main
-            _child_main(self, supervisor, close)
+            _child_main(self, preamble)
         self.pid = pid
         self.started = time.monotonic()
         self.respawn_at = None
@@ -160,19 +167,15 @@ class AdminProcess:
         if pid != self.pid:
             return False
         self.pid = None
-        if time.monotonic() - self.started < YOUNG:
-            self.failures += 1
-            delay = min(0.1 * 2**self.failures, RESPAWN_BACKOFF_MAX)
-        else:
-            self.failures = 0
-            delay = 0.0
+        delay = self.backoff.delay(time.monotonic() - self.started)
         log.warning("admin process %d exited (%s); respawning in %.1fs", pid, how, delay)
         self.respawn_at = time.monotonic() + delay
         return True
 
-    def tick(self, close_fds: Iterable[int]) -> None:
+    def tick(self, preamble: Callable[[], Preamble]) -> None:
+        """A respawn, if one is due (`preamble` makes the child's preamble then)."""
         if self.pid is None and self.respawn_at is not None and time.monotonic() >= self.respawn_at:
-            self.spawn(close_fds)
+            self.spawn(preamble())
 
     def reconfigure(self, config: Admin) -> None:
         """A reload changed [admin]: rebind if the address moved (on failure the old socket
@@ -195,7 +198,7 @@ class AdminProcess:
         self.config = config
         if self.pid is not None:
             self._kill(signal.SIGTERM)
-            self.failures = 0
+            self.backoff.reset()
             self.started = 0.0  # not young: the respawn is immediate
 
     def _kill(self, signum: int) -> None:
@@ -236,38 +239,23 @@ class AdminProcess:
 # -- the admin process ------------------------------------------------------------------------
 
 
-class _Stop(Exception):
-    pass
-
-
-def _child_main(admin: AdminProcess, supervisor: int, close_fds: list[int]) -> None:
+def _child_main(admin: AdminProcess, preamble: Preamble) -> None:
     """Become the admin process; never returns (`os._exit`)."""
     code = 1
     try:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-        except (OSError, AttributeError):
-            pass
-        if os.getppid() != supervisor:
-            os._exit(0)  # the supervisor died between fork and prctl
-        from weft.workers.child import SUPERVISOR_SIGNALS
-
-        for signum in SUPERVISOR_SIGNALS:
-            signal.signal(signum, signal.SIG_DFL)
         # A terminal's Ctrl-C or Ctrl-\\ reaches the whole process group: the admin process
         # must keep answering (/readyz: 503) while the supervisor stops the workers; the
         # supervisor stops it last, with SIGTERM.
-        for signum in (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT):
-            signal.signal(signum, signal.SIG_IGN)
-        signal.set_wakeup_fd(-1)
-        for fd in close_fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        preamble.apply(ignore=(signal.SIGHUP, signal.SIGINT, signal.SIGQUIT))
+        supervisor = preamble.parent_pid
         stopping = threading.Event()
         signal.signal(signal.SIGTERM, lambda _n, _f: stopping.set())
+        # The signal's byte on this pipe ends the wait below at once: Python would otherwise
+        # retry the interrupted select (PEP 475) and notice the stop only after POLL.
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_r, False)
+        os.set_blocking(wake_w, False)
+        signal.set_wakeup_fd(wake_w)
         assert admin.sock is not None
         server = AdminServer(
             admin.sock,
@@ -277,9 +265,7 @@ def _child_main(admin: AdminProcess, supervisor: int, close_fds: list[int]) -> N
             shared=admin.shared,
             supervisor=supervisor,
         )
-        server.timeout = POLL
-        while not stopping.is_set() and os.getppid() == supervisor:
-            server.handle_request()
+        _serve_until(server, stopping, wake_r, supervisor)
         code = 0
     except BaseException:
         print(f"weft admin (pid {os.getpid()}) failed:", file=sys.stderr)
@@ -290,6 +276,33 @@ def _child_main(admin: AdminProcess, supervisor: int, close_fds: list[int]) -> N
             sys.stderr.flush()
         finally:
             os._exit(code)
+
+
+def _serve_until(
+    server: AdminServer, stopping: threading.Event, wake_fd: int, supervisor: int
+) -> None:
+    """Serve until `stopping` is set or the supervisor is gone, asleep while nothing happens.
+
+    The listening socket is non-blocking (the supervisor binds it like the workers'), and
+    `socketserver.handle_request` waits for the smaller of the socket's timeout and its own:
+    0 here, so calling it in a loop spun a core. The wait is ours instead: the socket or the
+    signal wake-up pipe becomes readable, or POLL passes (then the parent is checked, in case
+    PR_SET_PDEATHSIG did not arm). A readable socket is then served by `handle_request`, whose
+    zero-timeout select finds the connection at once.
+    """
+    with selectors.DefaultSelector() as selector:
+        selector.register(server.socket, selectors.EVENT_READ, "listener")
+        selector.register(wake_fd, selectors.EVENT_READ, "wakeup")
+        while not stopping.is_set() and os.getppid() == supervisor:
+            for key, _ in selector.select(POLL):
+                if key.data == "wakeup":
+                    try:
+                        while os.read(wake_fd, 256):
+                            pass
+                    except BlockingIOError:
+                        pass
+                elif not stopping.is_set():
+                    server.handle_request()
 
 
 class AdminServer(ThreadingHTTPServer):

@@ -83,7 +83,7 @@ def _pidfile(pidfile: str | None, config_path: str | None, instance: str | None)
         except cfgmod.ConfigError as e:
             click.echo("\n".join(e.errors), err=True)
             sys.exit(1)
-    return control.default_pidfile(instance or "default")
+    return control.find_pidfile(instance or "default")
 
 
 _pidfile_options = [

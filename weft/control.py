@@ -4,7 +4,8 @@ Two files per instance, both in the runtime directory:
 
 * the **pidfile** (``--pidfile``; default ``$RUNTIME_DIRECTORY/<instance>.pid`` under systemd,
   else ``/run/weft/<instance>.pid`` when writable, else ``$XDG_RUNTIME_DIR/weft/`` or
-  ``/tmp/weft-<uid>/``): the supervisor's pid, written at start, removed at exit;
+  ``/tmp/weft-<uid>/``; the control commands look in ``/run/weft`` first, see `find_pidfile`):
+  the supervisor's pid, written at start, removed at exit;
 * the **state file** next to it (``<pidfile>.state.json``): a JSON document the supervisor
   rewrites atomically (write + rename) whenever something an operator asks about changes:
   instance, config file and hash, generation, and the outcome of the last reload with a
@@ -30,17 +31,35 @@ class ControlError(Exception):
     """No supervisor to talk to, or it did not answer; the message says which."""
 
 
+RUN_DIR = Path("/run/weft")  # systemd's RuntimeDirectory=weft (systemd/weft.service)
+
+
 def default_pidfile(instance: str) -> Path:
     """Where the pidfile of `instance` goes when ``--pidfile`` is not given."""
     runtime = os.environ.get("RUNTIME_DIRECTORY")  # set by systemd's RuntimeDirectory=
     if runtime:
         return Path(runtime.split(":")[0]) / f"{instance}.pid"
-    run = Path("/run/weft")
+    run = RUN_DIR
     if run.is_dir() and os.access(run, os.W_OK):
         return run / f"{instance}.pid"
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     base = Path(xdg) / "weft" if xdg else Path(f"/tmp/weft-{os.getuid()}")
     return base / f"{instance}.pid"
+
+
+def find_pidfile(instance: str) -> Path:
+    """The pidfile a control command looks at for `instance` without ``--pidfile``.
+
+    The writer's default (`default_pidfile`) depends on who asks: under systemd it is the
+    unit's runtime directory, ``/run/weft``, which an operator's shell may not be able to
+    write, and then the default would move to ``$XDG_RUNTIME_DIR``. A reader only needs to
+    find the file, so an existing ``/run/weft/<instance>.pid`` wins.
+    """
+    if not os.environ.get("RUNTIME_DIRECTORY"):
+        systemd = RUN_DIR / f"{instance}.pid"
+        if systemd.exists():
+            return systemd
+    return default_pidfile(instance)
 
 
 def state_path(pidfile: Path) -> Path:

@@ -37,7 +37,7 @@ import trio
 
 from weft import outcome
 from weft.connection import EndpointPool
-from weft.dst import HashKeySource, make_balancer
+from weft.dst import HashKeySource, Position, make_balancer
 from weft.http.errors import UpstreamError, error_response
 from weft.http.headers import (
     fields_valid,
@@ -107,6 +107,7 @@ class Forwarder:
         config: Config,
         inflight: Inflight | None = None,
         observer: Observer | None = None,
+        position: Position | None = None,
     ) -> None:
         self.dest = dest
         self.pools = list(pools)
@@ -117,6 +118,7 @@ class Forwarder:
             balance_factor=dest.hash_balance_factor,
             # By address: a changed endpoint list moves only the keys of changed endpoints.
             names=[e.authority for e in dest.endpoints],
+            position=position,  # shared by the workers (round_robin, weighted)
         )
         self.hash_source = HashKeySource.parse(dest.hash_key) if dest.hash_key else None
         self.counts: Inflight = inflight if inflight is not None else LocalInflight(len(self.pools))

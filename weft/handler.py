@@ -130,6 +130,7 @@ class App:
                 pools.by_destination[name],
                 config,
                 hooks.inflight_for(dest) if hooks is not None else None,
+                position=hooks.wrr_position_for(dest) if hooks is not None else None,
                 observer=hooks.observer_for(dest) if hooks is not None else None,
             )
             for name, dest in config.destinations.items()

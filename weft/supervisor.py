@@ -7,21 +7,19 @@ matter to an operator:
   and kept open for the supervisor's life; a slot's worker, and every replacement of it, serves
   that same socket. Closing a reuseport socket would reset the connections queued on it, so a
   worker's death or a reload never closes one (only removing a listener or a slot does).
-* **Signals only enqueue.** Handlers append the signal to a queue (and `set_wakeup_fd` wakes the
-  loop); `loop` dispatches each to a ``handle_<name>`` method. TERM: graceful stop (workers
-  drain, SIGKILL at the drain deadline). INT/QUIT: fast stop. HUP: reload. CHLD: reap. TTIN /
-  TTOU: one worker more / less. The queue is also the test seam.
+* **Signals only enqueue** (`weft.signals`). Handlers append the signal to a queue (and
+  `set_wakeup_fd` wakes the loop); `loop` dispatches each to a ``handle_<name>`` method.
+  TERM: graceful stop (`weft.shutdown`: workers drain, SIGKILL at the drain deadline).
+  INT/QUIT: fast stop. HUP: reload. CHLD: reap. TTIN / TTOU: one worker more / less. The
+  queue is also the test seam.
 * **Reaping reclaims first.** A dead child is found with ``waitid(WNOWAIT)`` (it stays a zombie,
   so its pid cannot be reused), everything it owned in shared memory is released, and only
   then is it reaped. An unexpected death is respawned on the same slot, at once when the
-  worker had been up a while, with a doubling backoff when it keeps dying young. A worker that
-  fails at boot during the first start stops the supervisor with its reason.
-* **Reload is all or nothing.** The new config is validated first (invalid: nothing changes,
-  `weft reload` gets the errors). Then a new-generation worker is started for every slot on
-  the slot's existing socket, alongside the old one. Only when all of them are READY are the
-  old ones told to drain; if any fails to get ready within ``boot_timeout`` the new ones are
-  killed and the old generation keeps serving. The listening sockets never change hands, so no
-  connection is refused or reset during a reload.
+  worker had been up a while, with a doubling backoff when it keeps dying young
+  (`weft.respawn`). A worker that fails at boot during the first start stops the supervisor
+  with its reason.
+* **Reload is all or nothing** (`weft.reload`): a new generation starts beside the old one
+  on the same sockets, and the old one drains only once every new worker is READY.
 * **Watchdog.** Each worker stamps a heartbeat in its worker-table row every second; one silent
   for ``heartbeat_timeout`` gets SIGABRT (a traceback if it can), then SIGKILL, then a
   replacement.
@@ -32,70 +30,51 @@ STOPPING=1, STATUS= lines, and WATCHDOG=1 from the loop.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-import select
 import signal
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-from weft import control, metrics
+from weft import control, metrics, shutdown
+from weft import reload as reload_mod
+from weft import sock as sock_mod
 from weft.admin import AdminProcess
-from weft.schema import Config, ConfigError, Listener
+from weft.respawn import Child, SlotState
+from weft.schema import Config
 from weft.shm.segment import InstanceLock, InstanceRunning, remove_instance
-from weft.shm.worktable import DRAINING, READY
-from weft.sock import bind_listener
+from weft.shm.worktable import READY
+from weft.shutdown import DRAIN_MARGIN, KILL_GRACE
+from weft.signals import SignalQueue
+from weft.sock import SlotSockets
 from weft.systemd import Notifier
 from weft.workers import child as child_mod
+from weft.workers.postfork import Preamble
 from weft.workers.shared import ColumnMap, SharedState
 
 log = logging.getLogger("weft.supervisor")
 
-RESPAWN_BACKOFF_MAX = 10.0  # seconds between attempts for a worker that keeps dying young
-YOUNG = 5.0  # a worker that dies within this of its start counts as failing, not crashing
-KILL_GRACE = 2.0  # SIGABRT -> SIGKILL, fast stop -> SIGKILL
-DRAIN_MARGIN = 5.0  # a draining worker is SIGKILLed this long after the drain deadline
 TICK = 0.5  # loop wake-up when nothing happens (watchdog, respawns, systemd pings)
 WAIT_TICK = 0.02  # polling the worker table while workers boot
-DRAIN_ACK_TIMEOUT = 5.0  # a reload waits this long for old workers to stop accepting
+# The signals the supervisor handles (each has a handle_<name>); a forked child resets exactly
+# these (weft.workers.postfork).
+SUPERVISOR_SIGNALS = (
+    signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
+    signal.SIGCHLD, signal.SIGTTIN, signal.SIGTTOU,
+)  # fmt: skip
 
 
 class StartupError(Exception):
     """The supervisor cannot start (instance running, bind failure, workers never ready)."""
 
 
-@dataclass
-class Child:
-    pid: int
-    slot: int
-    generation: int
-    started: float
-    retiring: bool = False  # drained on purpose: do not respawn
-    kill_at: float | None = None  # SIGKILL after this (drain deadline, watchdog)
-    aborted: bool = False
-
-
-@dataclass
-class _Reload:
-    seq: int = 0
-    ok: bool = True
-    message: str = ""
-    generation: int = 0
-
-
-@dataclass
-class _SlotState:
-    failures: int = 0
-    respawn_at: float | None = None
-
-
 class Supervisor:
     """Runs an instance until stopped. `run` returns the process exit code."""
 
-    SIGNALS = child_mod.SUPERVISOR_SIGNALS  # a forked child resets exactly these
+    SIGNALS = SUPERVISOR_SIGNALS
 
     def __init__(
         self,
@@ -109,30 +88,30 @@ class Supervisor:
         self.config = config
         self.loader = loader
         self.workers_flag = workers
-        self.nworkers = self._worker_count(config)
+        self.nworkers = self.worker_count(config)
         self.instance = config.instance
         self.pidfile = pidfile or control.default_pidfile(self.instance)
         self.notifier = notifier or Notifier.from_env()
         self.generation = 1
         self.children: dict[int, Child] = {}
-        self.slots: dict[int, _SlotState] = {}
-        self.sockets: dict[tuple[int, tuple[str, int]], socket.socket] = {}
-        self.sig_queue: list[int] = []
+        self.slots: dict[int, SlotState] = {}
+        self.sockets = SlotSockets()
+        self.signals = SignalQueue()
         self.stopping: str | None = None
-        self.reload_state = _Reload()
+        self.reload_state = reload_mod.Outcome()
         self.lock: InstanceLock | None = None
         self.shared: SharedState | None = None
         self.colmap: ColumnMap | None = None
         self.columns: dict[str, int] = {}
-        self._wakeup: tuple[int, int] | None = None
         self._parent_pipe: tuple[int, int] | None = None
         self._next_watchdog = 0.0
         self._first_start = True
+        self._tcp_migrate_noted = False  # see handle_ttou
         self.metrics_dir: Path | None = None  # see _start_observability
         self.supervisor_metrics: metrics.SupervisorMetrics | None = None
         self.admin: AdminProcess | None = None
 
-    def _worker_count(self, config: Config) -> int:
+    def worker_count(self, config: Config) -> int:
         if self.workers_flag:
             return self.workers_flag
         return config.workers or os.cpu_count() or 1
@@ -146,7 +125,7 @@ class Supervisor:
             log.error("%s", e)
             if self.children:
                 self.stopping = "fast"
-                self._stop()
+                shutdown.stop(self)
             self.cleanup()
             return 1
         try:
@@ -156,7 +135,7 @@ class Supervisor:
         return 0
 
     def start(self) -> None:
-        self._install_signals()
+        self.signals.install(self.SIGNALS)
         try:
             self.lock = InstanceLock.acquire(self.instance)
         except InstanceRunning as e:
@@ -168,14 +147,14 @@ class Supervisor:
         self.shared = SharedState.create(self.instance, rows, self.colmap.capacity, 1)
         self._parent_pipe = os.pipe()
         os.set_inheritable(self._parent_pipe[0], True)
-        self._warn_tcp_migrate()
+        sock_mod.ensure_fd_limit(self.config.limits.max_connections)
         try:
             for slot in range(self.nworkers):
-                self._bind_slot(slot, self.config.listeners)
+                self.sockets.bind_slot(slot, self.config.listeners)
         except OSError as e:
             raise StartupError(f"weft: {e.strerror}") from None
         control.write_pidfile(self.pidfile)
-        self._write_state()
+        self.write_state()
         self._start_observability()
         self.notifier.status(f"starting {self.nworkers} workers")
         pids = [self.spawn(slot, self.generation, self.config) for slot in range(self.nworkers)]
@@ -196,58 +175,9 @@ class Supervisor:
         )
         self.notifier.ready(f"{self.nworkers} workers, generation {self.generation}")
 
-    def _warn_tcp_migrate(self) -> None:
-        try:
-            value = Path("/proc/sys/net/ipv4/tcp_migrate_req").read_text().strip()
-        except OSError:
-            return
-        if value == "0":
-            log.warning(
-                "net.ipv4.tcp_migrate_req is 0: connections still in the handshake on a "
-                "worker's socket when that worker's slot is removed (TTOU) are reset; "
-                "set it to 1 (sysctl) to have the kernel migrate them"
-            )
-
-    def _install_signals(self) -> None:
-        r, w = os.pipe()
-        os.set_blocking(r, False)
-        os.set_blocking(w, False)
-        self._wakeup = (r, w)
-        signal.set_wakeup_fd(w)
-        for signum in self.SIGNALS:
-            signal.signal(signum, self._enqueue)
-
-    def _enqueue(self, signum: int, _frame: object) -> None:
-        # Signal handlers only enqueue; the loop dispatches (see the module docstring).
-        if len(self.sig_queue) < 16:
-            self.sig_queue.append(signum)
-
-    def _bind_slot(self, slot: int, listeners: tuple[Listener, ...]) -> list[socket.socket]:
-        new = []
-        try:
-            for lst in listeners:
-                key = (slot, (lst.address, lst.port))
-                if key not in self.sockets:
-                    sock = bind_listener(lst)
-                    self.sockets[key] = sock
-                    new.append(sock)
-        except OSError:
-            for sock in new:
-                self._close_socket(sock)
-            raise
-        return new
-
-    def _close_socket(self, sock: socket.socket) -> None:
-        for key, s in list(self.sockets.items()):
-            if s is sock:
-                del self.sockets[key]
-        sock.close()
-
     def cleanup(self) -> None:
         self._stop_observability()
-        for sock in list(self.sockets.values()):
-            sock.close()
-        self.sockets.clear()
+        self.sockets.close_all()
         if self.shared is not None:
             self.shared.close()
             self.shared = None
@@ -260,27 +190,16 @@ class Supervisor:
             for fd in self._parent_pipe:
                 os.close(fd)
             self._parent_pipe = None
-        signal.set_wakeup_fd(-1)
-        if self._wakeup is not None:
-            for fd in self._wakeup:
-                os.close(fd)
-            self._wakeup = None
+        self.signals.close()
         self.notifier.close()
 
     # -- children ---------------------------------------------------------------------------
 
     def spawn(self, slot: int, generation: int, config: Config) -> int:
-        keys = {(lst.address, lst.port) for lst in config.listeners}
-        mine = [self.sockets[(slot, k)] for k in sorted(keys)]
-        assert self._parent_pipe is not None and self._wakeup is not None
-        assert self.shared is not None and self.lock is not None
-        close = [s.fileno() for s in self.sockets.values() if s not in mine]
-        close += [*self._wakeup, self._parent_pipe[1]]
-        close.append(self.lock.fileno())
-        if self.notifier.fileno() is not None:
-            close.append(self.notifier.fileno())  # only the supervisor notifies systemd
-        if self.admin is not None and self.admin.fileno() is not None:
-            close.append(self.admin.fileno())  # type: ignore[arg-type]
+        mine = self.sockets.of_slot(slot, config.listeners)
+        assert self._parent_pipe is not None and self.shared is not None
+        admin = self.admin.fileno() if self.admin is not None else None
+        preamble = self._preamble(mine, [] if admin is None else [admin])
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child's life is in weft.workers.child
             child_mod.run(
@@ -290,9 +209,8 @@ class Supervisor:
                 config=config,
                 state=self.shared,
                 columns=dict(self.columns),
-                parent_pid=os.getppid(),
                 parent_fd=self._parent_pipe[0],
-                close_fds=close,
+                preamble=preamble,
             )
         self.children[pid] = Child(pid, slot, generation, time.monotonic())
         log.info("worker %d (slot %d, generation %d) started", pid, slot, generation)
@@ -317,7 +235,7 @@ class Supervisor:
                 return False, "stopping"
             if time.monotonic() >= deadline:
                 return False, f"not ready within boot_timeout ({timeout:g}s)"
-            self._wait(WAIT_TICK)
+            self.signals.wait(WAIT_TICK)
             self._dispatch(defer_reload=True)
         return True, ""
 
@@ -332,7 +250,7 @@ class Supervisor:
                 return True
             if time.monotonic() >= deadline:
                 return False
-            self._wait(WAIT_TICK)
+            self.signals.wait(WAIT_TICK)
             self._dispatch(defer_reload=True)
 
     def reap(self) -> None:
@@ -359,23 +277,16 @@ class Supervisor:
         """Release what a dead worker held in shared memory (it is still a zombie here)."""
         if self.shared is None:
             return
-        # rows_of, not snapshot: a row the worker died in the middle of writing must be
-        # cleared too.
-        for row in self.shared.table.rows_of(pid):
-            self.shared.inflight.clear_row(row)
-        self.shared.table.free(pid)
+        # Every owner-tagged structure is registered there (weft.shm.owners).
+        self.shared.owners.reclaim(pid)
         if self.supervisor_metrics is not None:
             self.supervisor_metrics.process_dead(pid)  # its live gauges leave the sums
 
     def _child_exited(self, child: Child, code: int, status: int) -> None:
-        how = (
-            f"exit code {status}"
-            if code == os.CLD_EXITED
-            else f"signal {signal.Signals(status).name}"
-        )
+        how = _how(code, status)
         if child.retiring or self.stopping:
             log.info("worker %d (slot %d) exited (%s)", child.pid, child.slot, how)
-            self._close_removed_slot(child.slot)
+            self.close_removed_slot(child.slot)
             self._maybe_release_columns()
             return
         if child.generation != self.generation:
@@ -384,15 +295,8 @@ class Supervisor:
         log.warning("worker %d (slot %d) died unexpectedly (%s)", child.pid, child.slot, how)
         if self._first_start and code == os.CLD_EXITED and status == child_mod.WORKER_BOOT_ERROR:
             return  # start() reports it and stops
-        state = self.slots.setdefault(child.slot, _SlotState())
-        lived = time.monotonic() - child.started
-        if lived < YOUNG:
-            state.failures += 1
-            delay = min(0.1 * 2**state.failures, RESPAWN_BACKOFF_MAX)
-        else:
-            state.failures = 0
-            delay = 0.0
-        state.respawn_at = time.monotonic() + delay
+        state = self.slots.setdefault(child.slot, SlotState())
+        state.respawn_at = time.monotonic() + state.backoff.delay(time.monotonic() - child.started)
 
     def _respawn_due(self) -> None:
         now = time.monotonic()
@@ -426,64 +330,55 @@ class Supervisor:
                 )
                 child.aborted = True
                 child.kill_at = now + KILL_GRACE
-                self._kill(child.pid, signal.SIGABRT)
+                self.kill(child.pid, signal.SIGABRT)
+        self.kill_overdue("did not exit in time")
+
+    def kill_overdue(self, why: str) -> None:
+        """SIGKILL every child past its `kill_at` (drain deadline, watchdog grace)."""
+        now = time.monotonic()
         for child in list(self.children.values()):
             if child.kill_at is not None and now >= child.kill_at:
-                log.error("worker %d did not exit in time: SIGKILL", child.pid)
+                log.error("worker %d %s: SIGKILL", child.pid, why)
                 child.kill_at = None
-                self._kill(child.pid, signal.SIGKILL)
+                self.kill(child.pid, signal.SIGKILL)
 
-    def _kill(self, pid: int, signum: int) -> None:
+    def kill(self, pid: int, signum: int) -> None:
         try:
             os.kill(pid, signum)
         except ProcessLookupError:
             pass
 
-    def _retire(self, child: Child) -> None:
+    def retire(self, child: Child) -> None:
         child.retiring = True
         child.kill_at = time.monotonic() + self.config.timeouts.drain + DRAIN_MARGIN
-        self._kill(child.pid, signal.SIGTERM)
+        self.kill(child.pid, signal.SIGTERM)
 
     # -- the loop ---------------------------------------------------------------------------
 
     def loop(self) -> None:
         while True:
             due = [s.respawn_at for s in self.slots.values() if s.respawn_at is not None]
-            self._wait(max(0.0, min([TICK, *(t - time.monotonic() for t in due)])))
+            self.signals.wait(max(0.0, min([TICK, *(t - time.monotonic() for t in due)])))
             self._dispatch()
             if self.stopping:
-                self._stop()
+                shutdown.stop(self)
                 return
             self._respawn_due()
             self._watchdog()
             self._ping_systemd()
             if self.admin is not None:
-                self.admin.tick(self._admin_close_fds())
-
-    def _wait(self, timeout: float) -> None:
-        assert self._wakeup is not None
-        if self.sig_queue:
-            return
-        try:
-            select.select([self._wakeup[0]], [], [], timeout)
-        except InterruptedError:
-            pass
-        try:
-            while os.read(self._wakeup[0], 256):
-                pass
-        except BlockingIOError:
-            pass
+                self.admin.tick(self._admin_preamble)
 
     def _dispatch(self, *, defer_reload: bool = False) -> None:
         deferred = []
-        while self.sig_queue:
-            signum = self.sig_queue.pop(0)
+        while self.signals.pending:
+            signum = self.signals.pending.pop(0)
             if defer_reload and signum == signal.SIGHUP:
                 deferred.append(signum)
                 continue
             name = signal.Signals(signum).name[3:].lower()
             getattr(self, f"handle_{name}")()
-        self.sig_queue[:0] = deferred
+        self.signals.pending[:0] = deferred
 
     def _ping_systemd(self) -> None:
         interval = self.notifier.watchdog_interval()
@@ -511,7 +406,7 @@ class Supervisor:
     handle_quit = handle_int
 
     def handle_hup(self) -> None:
-        self.reload()
+        reload_mod.reload(self)
 
     def handle_ttin(self) -> None:
         assert self.shared is not None
@@ -520,13 +415,13 @@ class Supervisor:
             return
         slot = self.nworkers
         try:
-            self._bind_slot(slot, self.config.listeners)
+            self.sockets.bind_slot(slot, self.config.listeners)
         except OSError as e:
             log.error("TTIN: cannot bind for slot %d: %s", slot, e.strerror)
             return
         self.nworkers += 1
         self.spawn(slot, self.generation, self.config)
-        self._write_state()
+        self.write_state()
 
     def handle_ttou(self) -> None:
         if self.nworkers <= 1:
@@ -537,15 +432,19 @@ class Supervisor:
         self.slots.pop(slot, None)
         for child in list(self.children.values()):
             if child.slot == slot and not child.retiring:
-                self._retire(child)
-        self._close_removed_slot(slot)
-        self._write_state()
+                self.retire(child)
+        self.close_removed_slot(slot)
+        self.write_state()
+        if not self._tcp_migrate_noted:
+            self._tcp_migrate_noted = True
+            note = sock_mod.tcp_migrate_note()
+            if note is not None:
+                log.info("TTOU: %s", note)
 
-    def _close_removed_slot(self, slot: int) -> None:
+    def close_removed_slot(self, slot: int) -> None:
         if slot < self.nworkers or any(c.slot == slot for c in self.children.values()):
             return
-        for key in [k for k in self.sockets if k[0] == slot]:
-            self.sockets.pop(key).close()
+        self.sockets.close_slot(slot)
 
     def _maybe_release_columns(self) -> None:
         if self.colmap is not None and all(
@@ -553,99 +452,7 @@ class Supervisor:
         ):
             self.colmap.release_retired()
 
-    # -- reload -----------------------------------------------------------------------------
-
-    def reload(self) -> None:
-        seq = self.reload_state.seq + 1
-        log.info("reload %d: reading the config", seq)
-        try:
-            new = self.loader()
-        except ConfigError as e:
-            self._reload_done(seq, False, "\n".join(e.errors))
-            return
-        if new.instance != self.instance:
-            self._reload_done(
-                seq,
-                False,
-                f"{new.source}: server.instance: cannot change from "
-                f'"{self.instance}" to "{new.instance}" on reload (restart)',
-            )
-            return
-        assert self.colmap is not None
-        saved = (dict(self.colmap.columns), dict(self.colmap.retired))
-        try:
-            columns = self.colmap.assign(new)
-        except ValueError as e:
-            self._reload_done(seq, False, str(e))
-            return
-        nworkers = self.nworkers if self.workers_flag else self._worker_count(new)
-        self.notifier.reloading()
-        new_socks: list[socket.socket] = []
-        try:
-            for slot in range(nworkers):
-                new_socks += self._bind_slot(slot, new.listeners)
-        except OSError as e:
-            for sock in new_socks:
-                self._close_socket(sock)
-            self.colmap.columns, self.colmap.retired = saved
-            self.notifier.ready()
-            self._reload_done(seq, False, f"cannot listen: {e.strerror}")
-            return
-        generation = self.generation + 1
-        old = [c for c in self.children.values() if not c.retiring]
-        prev_columns = self.columns
-        self.columns = columns
-        pids = [self.spawn(slot, generation, new) for slot in range(nworkers)]
-        ok, reason = self.wait_ready(pids, new.boot_timeout)
-        if not ok:
-            for pid in pids:
-                child = self.children.get(pid)
-                if child is not None:
-                    child.retiring = True
-                    self._kill(pid, signal.SIGKILL)
-            self.columns = prev_columns
-            self.colmap.columns, self.colmap.retired = saved
-            for sock in new_socks:
-                self._close_socket(sock)
-            self.notifier.ready(f"reload failed; generation {self.generation} serving")
-            self._reload_done(
-                seq,
-                False,
-                f"new workers failed: {reason}; generation {self.generation} keeps serving",
-            )
-            return
-        self.generation = generation
-        self.config = new
-        if self.admin is not None:
-            self.admin.reconfigure(new.admin)
-        old_slots = self.nworkers
-        self.nworkers = nworkers
-        for child in old:
-            self._retire(child)
-        # Report success only once the old workers no longer accept: until a worker has
-        # processed its SIGTERM, a new connection can still land on it and meet the old config.
-        self.wait_state([c.pid for c in old], DRAINING, DRAIN_ACK_TIMEOUT)
-        for slot in range(nworkers, old_slots):
-            self._close_removed_slot(slot)
-        # Sockets of listeners the new config dropped: the old workers still hold their own
-        # copies until they have drained; the supervisor's copies go now.
-        keep = {(lst.address, lst.port) for lst in new.listeners}
-        for key in [k for k in self.sockets if k[1] not in keep]:
-            self.sockets.pop(key).close()
-        self.notifier.ready(f"{self.nworkers} workers, generation {self.generation}")
-        self._reload_done(seq, True, f"generation {generation} active")
-
-    def _reload_done(self, seq: int, ok: bool, message: str) -> None:
-        self.reload_state = _Reload(seq, ok, message, self.generation)
-        if ok:
-            log.info("reload %d: %s", seq, message)
-        else:
-            log.error("reload %d failed: %s", seq, message)
-        if self.supervisor_metrics is not None:
-            self.supervisor_metrics.reload_done(ok, self.generation)
-        self._write_state()
-
-    def _write_state(self) -> None:
+    def write_state(self) -> None:
         r = self.reload_state
         control.write_state(
             self.pidfile,
@@ -658,48 +465,9 @@ class Supervisor:
                 "workers": self.nworkers,
                 "stopping": self.stopping,  # the admin's /readyz is 503 from here on
                 "admin": self.admin.address if self.admin is not None else None,
-                "reload": {
-                    "seq": r.seq,
-                    "ok": r.ok,
-                    "message": r.message,
-                    "generation": r.generation,
-                },
+                "reload": dataclasses.asdict(r),  # seq, ok, message, generation
             },
         )
-
-    # -- stop -------------------------------------------------------------------------------
-
-    def _stop(self) -> None:
-        fast = self.stopping == "fast"
-        self.notifier.stopping()
-        self._write_state()  # publishes "stopping"
-        now = time.monotonic()
-        grace = KILL_GRACE if fast else self.config.timeouts.drain + DRAIN_MARGIN
-        for child in self.children.values():
-            child.retiring = True
-            child.kill_at = now + grace
-            self._kill(child.pid, signal.SIGTERM)
-        if fast:
-            # A second signal makes a draining worker stop at once (see weft.workers.worker).
-            time.sleep(0.05)
-            for child in self.children.values():
-                self._kill(child.pid, signal.SIGTERM)
-        while self.children:
-            self._wait(0.05)
-            queue, self.sig_queue = self.sig_queue, []
-            if not fast and any(s in (signal.SIGINT, signal.SIGQUIT) for s in queue):
-                fast = True  # INT/QUIT during a graceful stop: stop now
-                log.info("fast stop")
-                for child in self.children.values():
-                    child.kill_at = min(child.kill_at or now, time.monotonic() + KILL_GRACE)
-                    self._kill(child.pid, signal.SIGTERM)
-            self.reap()
-            for child in list(self.children.values()):
-                if child.kill_at is not None and time.monotonic() >= child.kill_at:
-                    log.error("worker %d still running at the deadline: SIGKILL", child.pid)
-                    child.kill_at = None
-                    self._kill(child.pid, signal.SIGKILL)
-        log.info("stopped")
 
     # -- metrics and the admin listener (weft.metrics, weft.admin) -----------------------------
 
@@ -715,30 +483,28 @@ class Supervisor:
         self.supervisor_metrics = metrics.SupervisorMetrics(self.metrics_dir, self.generation)
         if not self.config.admin.enabled:
             return
-        self.admin = AdminProcess(
-            self.config.admin,
-            pidfile=self.pidfile,
-            metrics_dir=self.metrics_dir,
-            shared=self.shared,
-        )
         try:
-            self.admin.bind()
+            self.admin = AdminProcess.bound(
+                self.config.admin, self.pidfile, self.metrics_dir, self.shared
+            )
         except OSError as e:
-            self.admin = None
             raise StartupError(f"weft: admin listener: {e.strerror}") from None
-        self._write_state()  # with the admin's address
-        self.admin.spawn(self._admin_close_fds())
+        self.write_state()  # with the admin's address
+        self.admin.spawn(self._admin_preamble())
 
-    def _admin_close_fds(self) -> list[int]:
-        """What the admin process must not keep: everything of the supervisor's but its own
-        socket (the instance lock above all: a held lock would outlive the supervisor)."""
-        assert self._wakeup is not None and self._parent_pipe is not None
-        assert self.lock is not None
-        close = [s.fileno() for s in self.sockets.values()]
-        close += [*self._wakeup, *self._parent_pipe, self.lock.fileno()]
+    def _admin_preamble(self) -> Preamble:
+        return self._preamble([], [])
+
+    def _preamble(self, keep: list[socket.socket], close: list[int]) -> Preamble:
+        """A child keeps nothing of the supervisor's but `keep` (its listeners) and the read
+        end of the liveness pipe: the instance lock above all (a held lock would outlive the
+        supervisor), and the notify socket (only the supervisor talks to systemd)."""
+        assert self._parent_pipe is not None and self.lock is not None
+        close = [*close, *self.sockets.filenos(but=keep), *self.signals.fds, self._parent_pipe[1]]
+        close.append(self.lock.fileno())
         if self.notifier.fileno() is not None:
             close.append(self.notifier.fileno())  # type: ignore[arg-type]
-        return close
+        return Preamble(os.getpid(), tuple(close), self.SIGNALS)
 
     def _stop_observability(self) -> None:
         """Last of all (the admin answers /readyz 503 while the workers drain)."""

@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import threading
+import time
 
 import pytest
 from support.config import base_config, destination, route, simple_config, table
@@ -235,3 +236,43 @@ def test_a_reload_applies_new_admin_settings(upstream, weft, free_port, tmp_path
     wait_for(lambda: admin_answers(moved, token=TOKEN) is not None, 10.0, "the new port")
     assert admin_get(moved, "/readyz", token=TOKEN).status == 200
     assert admin_answers(admin_port) is None
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of `pid` (fields 14 and 15 of /proc/<pid>/stat), in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        stat = f.read()
+    fields = stat[stat.rindex(")") + 2:].split()  # the command name may contain spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_an_idle_admin_process_sleeps_and_still_follows_its_supervisor(
+        upstream, weft, free_port, tmp_path):
+    a = upstream("A")
+    port, admin_port = free_port(), free_port()
+    sup = start_supervised(weft, tmp_path, admin_config(port, admin_port, a.address), workers=1)
+    admin_pid = admin_get(admin_port, "/status").json()["admin"]["pid"]
+
+    # 1. five seconds without a request: the admin process uses next to no CPU (it used a
+    #    whole core, polling its socket with a zero timeout)
+    before = _cpu_seconds(admin_pid)
+    time.sleep(5.0)
+    used = _cpu_seconds(admin_pid) - before
+    assert used < 0.25, f"the idle admin process used {used:.2f}s of CPU in 5s"
+
+    # 2. it still answers at once
+    assert admin_get(admin_port, "/healthz").status == 200
+
+    # 3. and goes when its supervisor is killed
+    tree = sup.weft.pids()
+    sup.mark_stopped_by_test()
+    sup.weft.signal(signal.SIGKILL)
+    sup.weft.returncode = sup.weft.proc.wait(timeout=5.0)
+    wait_for(lambda: not pid_alive(admin_pid), 3.0, "the admin process to exit")
+    # what a SIGKILLed supervisor leaves (the next start would remove it)
+    from weft.metrics import directory_for, remove_directory
+    from weft.shm.segment import remove_instance
+
+    wait_for(lambda: not any(pid_alive(p) for p in tree), 3.0, "the workers to exit")
+    remove_instance(sup.instance)
+    remove_directory(directory_for(sup.instance))

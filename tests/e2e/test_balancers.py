@@ -2,11 +2,13 @@
 
 Every upstream stamps its name on the response (``x-upstream``), so the distribution is counted
 from what the client received. Requests go over one keep-alive client connection, so one weft
-worker (one balancer state) makes every choice.
+worker makes every choice, except in the tests of positions shared by two workers, which
+alternate between connections the kernel gave to each worker.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 
 import httpx
@@ -14,6 +16,7 @@ import pytest
 from support.clients import run_concurrently
 from support.config import simple_config
 from support.procs import wait_for
+from support.supervised import connections_by_worker, start_supervised
 
 pytestmark = pytest.mark.e2e
 
@@ -99,3 +102,54 @@ def test_least_conn_avoids_the_upstream_holding_a_slow_request(upstream, weft, f
     assert slow_resp.headers["x-upstream"] == busy
     assert busy not in names, f"least_conn sent requests to {busy}, which was busy: {names}"
     assert len(set(names)) == 2, names
+
+
+# -- one schedule across workers --------------------------------------------------------------
+
+
+def _names_over_two_workers(sup, port: int, n: int) -> list[str]:
+    """`n` sequential requests over a connection on each of the 2 workers, the first worker
+    serving two of every three (so no worker's own rotation can line up with the period)."""
+    pids = [w["pid"] for w in sup.workers()]
+    with contextlib.ExitStack() as stack:
+        # 1. a keep-alive connection on each worker (the kernel picks the worker per connection)
+        groups = connections_by_worker(sup.weft.host, port, pids,
+                                       lambda g: all(len(c) >= 1 for c in g.values()))
+        for conns in groups.values():
+            for c in conns:
+                stack.callback(c.close)
+        conns = [groups[pid][0] for pid in pids]
+        # 2. worker 1, worker 1, worker 2, worker 1, worker 1, worker 2, ...
+        names = []
+        for i in range(n):
+            conn = conns[0 if i % 3 < 2 else 1]
+            conn.send(b"GET /echo HTTP/1.1\r\nHost: weft-test\r\n\r\n")
+            resp = conn.read_response()
+            assert resp.status == 200, resp
+            names.append(resp.header("x-upstream"))
+        return names
+
+
+@pytest.mark.parametrize(
+    ("strategy", "weights", "period"),
+    [("weighted", (3, 1, 1), 5), ("round_robin", (1, 1, 1), 3)],
+    ids=["weighted-3-1-1", "round-robin"],
+)
+def test_two_workers_follow_one_schedule(upstream, weft, free_port, tmp_path,
+                                         strategy, weights, period):
+    """With a schedule per worker the requests of each worker follow its own sequence and
+    the runs of `period` consecutive requests do not split by the weights (for round robin:
+    the first worker has moved on by two, not three, when a request comes back to it). One
+    shared position makes every such run one whole period, whichever worker serves it."""
+    ups = [upstream(name) for name in ("A", "B", "C")]
+    port = free_port()
+    endpoints = [{"address": u.address, "weight": w} for u, w in zip(ups, weights, strict=True)]
+    sup = start_supervised(weft, tmp_path, simple_config(
+        port, endpoints, strategy=strategy, server={"workers": 2}), workers=2)
+
+    names = _names_over_two_workers(sup, port, 8 * period)
+    expected = {name: w for name, w in zip("ABC", weights, strict=True)}
+    assert Counter(names) == {name: 8 * w for name, w in expected.items()}, names
+    for i in range(len(names) - period + 1):
+        window = Counter(names[i : i + period])
+        assert window == expected, f"requests {i}..{i + period - 1}: {window}; all: {names}"

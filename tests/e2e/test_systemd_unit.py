@@ -152,11 +152,34 @@ def test_timeouts_fit_weft_defaults() -> None:
     assert _usec(settings["WatchdogSec"][-1]) / 2 > TICK * 1e6
 
 
-def test_exec_lines_share_one_pidfile_in_the_runtime_directory() -> None:
+def test_the_unit_and_the_operators_commands_find_one_pidfile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """README's commands (``weft status -c /etc/weft/weft.toml``, ``weft reload -c ...``) find
+    the pidfile of the instance the config names; the unit must write it there."""
+    from weft import control
+
     settings = _service_settings()
     start, reload = (value.split() for value in (*settings["ExecStart"], *settings["ExecReload"]))
-    pidfile = start[start.index("--pidfile") + 1]
-    assert reload[reload.index("--pidfile") + 1] == pidfile
+    # 1. both name the config, neither a pidfile of its own: the instance's default is used
     assert start[:2] == [reload[0], "run"] and reload[1] == "reload"
-    runtime = settings["RuntimeDirectory"][-1]
-    assert Path(pidfile).parent == Path("/run") / runtime
+    assert "--pidfile" not in start and "--pidfile" not in reload
+    config = start[start.index("-c") + 1]
+    assert reload[reload.index("-c") + 1] == config == "/etc/weft/weft.toml"
+    # 2. under the unit (ExecStart= and ExecReload= alike) the default is in its runtime
+    #    directory, as systemd sets $RUNTIME_DIRECTORY
+    runtime = Path("/run") / settings["RuntimeDirectory"][-1]
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(runtime))
+    assert control.default_pidfile("default") == runtime / "default.pid"
+    # 3. an operator's shell has no $RUNTIME_DIRECTORY and may not write /run/weft (the unit's
+    #    user owns it): the commands still find the pidfile the unit wrote there
+    monkeypatch.delenv("RUNTIME_DIRECTORY")
+    run_dir = tmp_path / "run-weft"
+    run_dir.mkdir()
+    (run_dir / "default.pid").write_text("1\n")
+    monkeypatch.setattr(control, "RUN_DIR", run_dir)
+    monkeypatch.setattr(control.os, "access", lambda *_a, **_k: False)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "xdg"))
+    assert control.find_pidfile("default") == run_dir / "default.pid"
+    # ... and with nothing there, the same default `weft run` itself would use
+    assert control.find_pidfile("other") == control.default_pidfile("other")

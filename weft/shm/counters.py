@@ -1,4 +1,9 @@
-"""Per-endpoint in-flight counts across workers: single-writer rows, summed on read.
+"""Counters shared by workers: per-endpoint in-flight counts, and balancing positions.
+
+`PositionTable` (at the end) is the other kind: one word per destination that every worker
+advances with ``fetch_add``, so round robin and smooth WRR follow one schedule across workers
+(`weft.dst`). It has many writers but no owner: a dead worker leaves nothing to release there.
+
 
 This module owns `InflightMatrix`, what least-connections balancing reads to see every worker's
 load on an endpoint, not only its own. One row per worker-table row (`weft.shm.worktable`), one
@@ -24,7 +29,7 @@ from collections.abc import Sequence
 from weft.shm.atomics import WORD, Atomics
 from weft.shm.slots import round_up
 
-__all__ = ["InflightMatrix"]
+__all__ = ["InflightMatrix", "PositionTable", "SharedPosition"]
 
 
 class InflightMatrix:
@@ -95,3 +100,47 @@ class InflightMatrix:
         store, base = self._a.store, self._rows[row]
         for column in range(self.columns):
             store(base + WORD * column, 0)
+
+
+class PositionTable:
+    """``count`` position words at ``offset``, each on its own cache line (many writers: two
+    destinations' words on one line would make their workers contend for it)."""
+
+    __slots__ = ("_a", "count", "offset")
+
+    def __init__(self, atomics: Atomics, offset: int, count: int) -> None:
+        if offset % WORD:
+            raise ValueError(f"position table offset {offset} is not 8-byte aligned")
+        if count < 1:
+            raise ValueError(f"a position table needs at least one word, not {count}")
+        if offset + PositionTable.size_for(count) > atomics.size:
+            raise ValueError(
+                f"position table of {count} words at offset {offset} does not fit "
+                f"{atomics.size} bytes"
+            )
+        self._a = atomics
+        self.offset = offset
+        self.count = count
+
+    @staticmethod
+    def size_for(count: int) -> int:
+        return round_up(WORD) * count
+
+    def position(self, index: int) -> SharedPosition:
+        """The position word `index` as a `weft.dst.Position`."""
+        if not 0 <= index < self.count:
+            raise IndexError(f"position {index} out of range (0..{self.count - 1})")
+        return SharedPosition(self._a, self.offset + round_up(WORD) * index)
+
+
+class SharedPosition:
+    """One position word: `advance` is a single atomic fetch-add, returning the old value."""
+
+    __slots__ = ("_a", "_offset")
+
+    def __init__(self, atomics: Atomics, offset: int) -> None:
+        self._a = atomics
+        self._offset = offset
+
+    def advance(self) -> int:
+        return self._a.fetch_add(self._offset, 1)

@@ -14,7 +14,7 @@ Header. The first `HEADER_SIZE` (64) bytes are eight signed 64-bit words, writte
 through `weft.shm.atomics.Atomics` like every other shared word::
 
     0 magic "WEFTSHM\\0"   1 layout version    2 total size       3 generation
-    4 creator pid          5-6 boot id (16 bytes of /proc/sys/kernel/random/boot_id)
+    4 creator pid          5 creator start time (field 22 of /proc/<pid>/stat)   6 zero
     7 READY word: written last, with a seq-cst store, so a reader that sees it sees the rest
 
 `Segment.data_offset` is the first byte after the header (64: cache-line aligned). Callers lay
@@ -29,7 +29,15 @@ Theory of operation:
   SIGBUS on first touch of a page that cannot be had. The pages are zero; the header goes in,
   READY last. On any failure the half-made segment is unlinked.
 * `Segment.attach` refuses, with a `SegmentError` naming the segment and the field, anything
-  that is not a finished segment of this weft layout made since this boot.
+  that is not a finished segment of this weft layout made by a live instance.
+* Live means: the instance lock is held (the supervisor takes it before it creates anything,
+  and the kernel drops it when the holder dies), or, where the lock cannot be probed (no
+  control file, as for a segment made outside a supervisor, or one this user cannot open),
+  the creator pid still runs with the start time recorded. Neither depends on which /proc
+  view the reader has: a boot id did (systemd's ProtectKernelTunables=/ProtectProc= and
+  containers show another /proc, and a `weft status` beside the unit called a live segment
+  "made during another boot"). A reboot or a killed supervisor leaves the lock free; a
+  reused pid has another start time.
 * `InstanceLock` (below) is a non-blocking exclusive ``flock`` on ``/dev/shm/weft-<instance>-
   control``. The kernel drops a flock when the last descriptor of its open file description
   closes, so a supervisor that was SIGKILLed leaves the lock free: its segments are stale and
@@ -57,7 +65,7 @@ import fcntl
 import mmap
 import os
 import re
-import uuid
+import time
 
 import posix_ipc
 
@@ -78,12 +86,11 @@ __all__ = [
 SHM_DIR = "/dev/shm"  # where glibc's shm_open puts POSIX shared memory on Linux
 PREFIX = "weft"
 CONTROL = "control"  # the InstanceLock's segment
-BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
 
 HEADER_SIZE = 64  # eight words; one cache line, so data_offset is cache-line aligned
 # Bump when the header or the layout of any structure in weft.shm changes: attach then refuses
 # a segment made by a weft that lays memory out differently.
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2  # 2: creator start time instead of the boot id
 MAGIC = int.from_bytes(b"WEFTSHM\0", "little", signed=True)
 READY = int.from_bytes(b"READY\0\0\0", "little", signed=True)
 
@@ -93,8 +100,8 @@ H_VERSION = 8
 H_SIZE = 16
 H_GENERATION = 24
 H_CREATOR = 32
-H_BOOT_LO = 40
-H_BOOT_HI = 48
+H_START = 40
+H_SPARE = 48
 H_READY = 56
 
 NAME_MAX = 255  # <limits.h>: longest file name in /dev/shm
@@ -168,17 +175,43 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def boot_id() -> bytes:
-    """This boot's id (16 bytes): a segment from before a reboot is not this boot's."""
-    with open(BOOT_ID_PATH) as f:
-        return uuid.UUID(f.read().strip()).bytes
+def start_time(pid: int | str = "self") -> int | None:
+    """Field 22 of /proc/<pid>/stat: when the process started, in clock ticks since boot.
+
+    With the pid it tells a process from a later one that reuses the pid. None when the
+    process cannot be seen (gone, or hidden from this reader).
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # Fields after the command name, which is in parentheses and may itself contain ") ".
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return int(fields[19])  # field 22; fields[0] is field 3
 
 
-def _words(b: bytes) -> tuple[int, int]:
-    return (
-        int.from_bytes(b[:8], "little", signed=True),
-        int.from_bytes(b[8:], "little", signed=True),
-    )
+def lock_held(instance: str) -> bool | None:
+    """Whether some process holds `instance`'s lock: True, False, or None (cannot tell:
+    no control file, or not ours to open).
+
+    Probes with a shared, non-blocking flock released at once. An `InstanceLock.acquire`
+    racing the probe retries (`_ACQUIRE_BUSY_RETRIES`) rather than report a running instance.
+    """
+    path = _path(_segment_name(instance, CONTROL))
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return None
+    finally:
+        os.close(fd)  # also drops the probe's lock, if it got one
+    return False
 
 
 def segment_names(instance: str) -> list[str]:
@@ -262,15 +295,13 @@ class Segment:
                 ) from None
             buf = mmap.mmap(shm.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             atomics = Atomics(buf)
-            lo, hi = _words(boot_id())
             for off, value in (
                 (H_MAGIC, MAGIC),
                 (H_VERSION, LAYOUT_VERSION),
                 (H_SIZE, size),
                 (H_GENERATION, generation),
                 (H_CREATOR, os.getpid()),
-                (H_BOOT_LO, lo),
-                (H_BOOT_HI, hi),
+                (H_START, start_time() or 0),
             ):
                 atomics.store(off, value)
             atomics.store(H_READY, READY)  # last: a reader that sees READY sees all of the above
@@ -291,8 +322,9 @@ class Segment:
         """Map an existing segment after checking its header.
 
         Raises SegmentError, naming the segment and what is wrong, when it does not exist, is
-        too small, has another magic or layout version, a size other than its file's, another
-        boot's id, or no READY word (still being created, or its creator died while creating).
+        too small, has another magic or layout version, a size other than its file's, no READY
+        word (still being created, or its creator died while creating), or is stale (neither
+        the instance lock is held nor does its creator still run: see the module docstring).
         """
         full = _segment_name(instance, name)
         try:
@@ -316,6 +348,7 @@ class Segment:
         atomics = Atomics(buf)
         try:
             _check_header(full, atomics, size)
+            _check_creator(full, instance, atomics)
         except BaseException:
             atomics.release()
             buf.close()
@@ -420,12 +453,6 @@ def _check_header(full: str, atomics: Atomics, size: int) -> None:
             f"shared-memory segment {full} records {recorded} bytes but is {size} bytes: "
             "resized or damaged"
         )
-    lo, hi = _words(boot_id())
-    if (atomics.load(H_BOOT_LO), atomics.load(H_BOOT_HI)) != (lo, hi):
-        raise SegmentError(
-            f"shared-memory segment {full} was made during another boot: stale, remove it "
-            "(weft removes a dead instance's segments when it starts)"
-        )
     if ready != READY:
         raise SegmentError(
             f"shared-memory segment {full} is not READY: its creator (pid "
@@ -433,11 +460,27 @@ def _check_header(full: str, atomics: Atomics, size: int) -> None:
         )
 
 
+def _check_creator(full: str, instance: str, atomics: Atomics) -> None:
+    if lock_held(instance):
+        return
+    pid, started = atomics.load(H_CREATOR), atomics.load(H_START)
+    if pid > 0 and start_time(pid) == started:
+        return
+    raise SegmentError(
+        f"shared-memory segment {full} is stale: the instance lock is not held and its "
+        f"creator (pid {pid}) no longer runs (killed, or before a reboot); the next start of "
+        f"instance {instance!r} removes it"
+    )
+
+
 # -- the instance lock ----------------------------------------------------------------------
 
 # acquire() retries when the file it locked was unlinked by the previous holder's release()
 # between its open and its flock; each retry needs another release to race it, so a few do.
 _ACQUIRE_ATTEMPTS = 8
+# A probe holds its shared lock for a few microseconds: 5 x 2 ms rides over one by far.
+_ACQUIRE_BUSY_RETRIES = 5
+_ACQUIRE_BUSY_WAIT = 0.002
 _PID_FIELD = 11  # bytes: a pid right-aligned in 10 digits (pid_max <= 2**22) and a newline
 
 
@@ -470,7 +513,7 @@ class InstanceLock:
             except OSError as e:
                 raise SegmentError(f"cannot open the instance lock {path}: {e.strerror}") from None
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                _flock_exclusive(fd)
             except BlockingIOError:
                 pid = _read_pid(fd)
                 os.close(fd)
@@ -554,6 +597,19 @@ class InstanceLock:
 
     def __repr__(self) -> str:
         return f"<InstanceLock {self.path} {'held' if self.held else 'released'}>"
+
+
+def _flock_exclusive(fd: int) -> None:
+    """LOCK_EX|LOCK_NB, tried again a few times: a `lock_held` probe holds a shared lock for
+    microseconds and must not make a starting instance look like a running one. Raises
+    BlockingIOError while someone really holds it."""
+    for _ in range(_ACQUIRE_BUSY_RETRIES):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            time.sleep(_ACQUIRE_BUSY_WAIT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def _read_pid(fd: int) -> int:

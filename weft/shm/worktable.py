@@ -219,6 +219,11 @@ class WorkerTable:
         load = self._a.load
         return [row for row in range(self.rows) if load(self._owner(row)) == pid]
 
+    def reclaim(self, pid: int) -> int:
+        """`free` as `weft.shm.owners.Reclaimable`: how many rows were freed."""
+        rows = len(self.rows_of(pid))
+        return rows if self.free(pid) else 0
+
     def free(self, pid: int) -> bool:
         """Release the row(s) of `pid`, a dead worker not yet reaped. False when it had none."""
         if pid <= 0:

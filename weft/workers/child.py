@@ -1,19 +1,14 @@
 """The life of a forked worker, from `fork()` to `os._exit()`.
 
-Between the fork and `trio.run` the child must undo what it inherited from the supervisor:
+Between the fork and `trio.run` the child first undoes what it inherited from the supervisor
+(`weft.workers.postfork.Preamble`: parent-death signal, the supervisor's signal handlers, its
+descriptors), ignoring SIGHUP (a reload is the supervisor's business, and a terminal hang-up
+must not kill workers); trio installs its own SIGTERM/SIGINT receiver. Besides the
+parent-death signal, the worker watches a pipe whose write end only the supervisor holds
+(EOF = parent gone): the prctl is Linux-only and bound to the forking *thread*.
 
-1. **Die with the parent**: ``prctl(PR_SET_PDEATHSIG, SIGTERM)`` makes a dead supervisor mean a
-   drain. It only arms from now on, so the child then checks it still has the parent it was
-   forked by, and also watches a pipe whose write end only the supervisor holds (EOF = parent
-   gone): belt and braces, as the prctl is Linux-only and bound to the forking *thread*.
-2. **Signals**: the supervisor's handlers only enqueue into its own loop; here they are reset
-   to the defaults, SIGHUP is ignored (a reload is the supervisor's business, and a terminal
-   hang-up must not kill workers), and trio installs its own SIGTERM/SIGINT receiver.
-3. **File descriptors**: everything the supervisor holds that is not this worker's (other
-   slots' listeners, its wakeup pipe, the instance lock) is closed, so no worker keeps another
-   slot's socket alive or the lock's open file description.
-4. **Its row**: the worker claims a worker-table row (BOOTING), marks it READY once every
-   listener accepts, DRAINING when it stops accepting, and stamps a heartbeat every second.
+Its row: the worker claims a worker-table row (BOOTING), marks it READY once every listener
+accepts, DRAINING when it stops accepting, and stamps a heartbeat every second.
 
 Exit codes: 0 after a drain, `WORKER_BOOT_ERROR` when it failed before READY (the supervisor
 stops at first start, or rolls a reload back), 1 for a failure after READY. `os._exit` is used
@@ -22,7 +17,6 @@ so that nothing inherited (atexit handlers, the supervisor's buffers) runs twice
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import logging
 import os
@@ -31,24 +25,19 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Iterable
 
+from weft.dst import Position
 from weft.forward import Inflight
 from weft.handler import Middleware, load_all_middleware
 from weft.schema import Config, Destination
 from weft.shm.worktable import BOOTING, DRAINING, READY
-from weft.workers.shared import SharedState, inflight_for
+from weft.workers.postfork import Preamble
+from weft.workers.shared import SharedState, inflight_for, wrr_position_for
 from weft.workers.worker import Hooks, serve
 
 log = logging.getLogger("weft.worker")
 
 WORKER_BOOT_ERROR = 3  # as gunicorn: "the worker could not boot", do not respawn blindly
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-# The signals the supervisor handles (each has a handle_<name>); a child resets them.
-SUPERVISOR_SIGNALS = (
-    signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
-    signal.SIGCHLD, signal.SIGTTIN, signal.SIGTTOU,
-)  # fmt: skip
 
 
 class ChildHooks(Hooks):
@@ -74,6 +63,11 @@ class ChildHooks(Hooks):
             return inflight_for(self.state, self.row, self.columns, dest)
         return None
 
+    def wrr_position_for(self, dest: Destination) -> Position | None:
+        if dest.strategy in ("round_robin", "weighted"):
+            return wrr_position_for(self.state, self.columns, dest)
+        return None
+
     def ready(self) -> None:
         self.is_ready = True
         self.row.heartbeat(time.monotonic_ns())
@@ -92,14 +86,6 @@ class ChildHooks(Hooks):
         self.row.heartbeat(time.monotonic_ns())
 
 
-def _set_pdeathsig() -> None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-    except (OSError, AttributeError):  # not Linux: the liveness pipe still works
-        pass
-
-
 def run(
     *,
     slot: int,
@@ -108,26 +94,14 @@ def run(
     config: Config,
     state: SharedState,
     columns: dict[str, int],
-    parent_pid: int,
     parent_fd: int,
-    close_fds: Iterable[int],
+    preamble: Preamble,
 ) -> None:
     """Become a worker; never returns (`os._exit`)."""
     code = WORKER_BOOT_ERROR
     hooks: ChildHooks | None = None
     try:
-        _set_pdeathsig()
-        if os.getppid() != parent_pid:
-            os._exit(0)  # the supervisor died between fork and prctl
-        for signum in SUPERVISOR_SIGNALS:
-            signal.signal(signum, signal.SIG_DFL)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        signal.set_wakeup_fd(-1)
-        for fd in close_fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        preamble.apply(ignore=(signal.SIGHUP,))
         os.set_blocking(parent_fd, False)
         hooks = ChildHooks(state, slot, generation, columns, parent_fd)
         middleware: dict[str, list[Middleware]] = load_all_middleware(config)

@@ -8,7 +8,13 @@ One segment, ``/weft-<instance>-state``, laid out as:
 * the **in-flight matrix** (`weft.shm.counters`): a row per worker-table row, a column per
   upstream endpoint, so least-connections balancing sees every worker's load. Columns are
   assigned by the supervisor per ``destination/endpoint`` name and survive reloads for endpoints
-  that still exist; a dead worker's row is cleared before it is reaped.
+  that still exist; a dead worker's row is cleared before it is reaped;
+* the **balancing positions** (`weft.shm.counters.PositionTable`): a word per in-flight column,
+  where a round_robin or weighted destination keeps its place in its schedule (`weft.dst`), so
+  every worker follows the same sequence. A destination uses the word of its first endpoint's
+  column: unique to it (columns are per ``destination/endpoint``), stable across reloads that
+  keep that endpoint, and needing no map of its own. A word reused for another destination
+  later only hands it an arbitrary starting point.
 
 The supervisor creates it (`SharedState.create`) while holding the instance lock; forked workers
 inherit the mapping; `weft status` attaches read-only (`SharedState.attach`).
@@ -19,7 +25,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from weft.schema import Config, Destination
-from weft.shm.counters import InflightMatrix
+from weft.shm.counters import InflightMatrix, PositionTable, SharedPosition
+from weft.shm.owners import OwnerRegistry
 from weft.shm.segment import Segment
 from weft.shm.worktable import WorkerRow, WorkerTable
 
@@ -45,6 +52,13 @@ class SharedState:
         self.table = WorkerTable(atomics, off, rows)
         off = _align(off + WorkerTable.size_for(rows))
         self.inflight = InflightMatrix(atomics, off, rows, columns)
+        off = _align(off + InflightMatrix.size_for(rows, columns))
+        self.positions = PositionTable(atomics, off, columns)
+        # What the supervisor releases when a worker dies. The in-flight rows are found
+        # through the worker table's, so they go first.
+        self.owners = OwnerRegistry()
+        self.owners.register("inflight", _InflightOfRows(self.table, self.inflight))
+        self.owners.register("worker_table", self.table)
 
     @staticmethod
     def size_for(rows: int, columns: int) -> int:
@@ -52,6 +66,7 @@ class SharedState:
             ALIGN * 2  # header slack
             + _align(WorkerTable.size_for(rows))
             + _align(InflightMatrix.size_for(rows, columns))
+            + _align(PositionTable.size_for(columns))
             + 4096  # the segment header
         )
 
@@ -72,6 +87,22 @@ class SharedState:
 
     def close(self) -> None:
         self.segment.close()
+
+
+class _InflightOfRows:
+    """The in-flight matrix as a `Reclaimable`: its rows are the worker table's, and a dead
+    worker's are zeroed (rows_of, not snapshot: a row the worker died in the middle of
+    writing must be cleared too)."""
+
+    def __init__(self, table: WorkerTable, matrix: InflightMatrix) -> None:
+        self.table = table
+        self.matrix = matrix
+
+    def reclaim(self, pid: int) -> int:
+        rows = self.table.rows_of(pid)
+        for row in rows:
+            self.matrix.clear_row(row)
+        return len(rows)
 
 
 class ColumnMap:
@@ -143,3 +174,11 @@ def inflight_for(
 ) -> SharedInflight:
     cols = [columns[endpoint_key(dest.name, e.authority)] for e in dest.endpoints]
     return SharedInflight(state.inflight, row.index, cols)
+
+
+def wrr_position_for(
+    state: SharedState, columns: dict[str, int], dest: Destination
+) -> SharedPosition:
+    """The shared schedule position of a round_robin or weighted destination (see the module
+    docstring: its first endpoint's column)."""
+    return state.positions.position(columns[endpoint_key(dest.name, dest.endpoints[0].authority)])

@@ -34,6 +34,7 @@ import trio
 from weft import metrics as metrics_mod
 from weft.accesslog import AccessLog
 from weft.connection import UpstreamPools
+from weft.dst import Position
 from weft.forward import Inflight
 from weft.handler import App, Middleware
 from weft.http.dispatch import serve_connection
@@ -76,6 +77,10 @@ class Hooks:
         """What learns from every attempt of `dest` and tells its balancer what to skip
         (`weft.outcome`): health, outlier ejection and the breaker, with their state in shared
         memory. None: nothing observes (no such feature configured)."""
+        return None
+
+    def wrr_position_for(self, dest: Destination) -> Position | None:
+        """Shared schedule position for a round_robin/weighted destination, or None."""
         return None
 
     def ready(self) -> None:
