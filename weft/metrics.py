@@ -249,6 +249,14 @@ class WorkerMetrics:
             multiprocess_mode="livesum",
             registry=None,
         )
+        self.stray = Counter(
+            "weft_upstream_stray_responses",
+            "Upstream connections closed because the upstream sent bytes nobody asked for "
+            "(past the end of a response, or while idle): a desync weft refused to pass on.",
+            ["destination", "endpoint"],
+            registry=None,
+        )
+        self._stray_counted: dict[tuple[str, str], int] = {}
         # Children by label values, so that the request path does one dict lookup instead of
         # prometheus_client's label validation.
         self._requests: dict[tuple[str, str, int], Any] = {}
@@ -364,6 +372,10 @@ class WorkerMetrics:
                         child = self._pool_children[key] = self.pool_gauge.labels(*key)
                     child.set(value)
                     self._pool_published[key] = value
+                if p.stray_responses != self._stray_counted.get((dest, ep), 0):
+                    before = self._stray_counted.get((dest, ep), 0)
+                    self.stray.labels(dest, ep).inc(p.stray_responses - before)
+                    self._stray_counted[(dest, ep)] = p.stray_responses
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Sample every SAMPLE_INTERVAL until cancelled."""

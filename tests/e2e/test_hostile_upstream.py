@@ -15,8 +15,9 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from support.config import simple_config
+from support.config import simple_config, table
 from support.procs import wait_for
+from support.prometheus import scrape, total
 from support.rawhttp import RawConnection
 
 pytestmark = pytest.mark.e2e
@@ -147,7 +148,8 @@ def test_bytes_past_the_end_of_a_response_close_the_connection_and_reach_no_othe
             sock.sendall(ok(b"fresh"))
 
     up = raw_upstream(handler)
-    proxy = weft(simple_config(free_port(), [up.address]))
+    admin_port = free_port()
+    proxy = weft(simple_config(free_port(), [up.address]) + table("[admin]", {"port": admin_port}))
     assert get(proxy.port) == (200, b"hello")
     time.sleep(0.2)  # the late bytes are in by now
     for _ in range(3):
@@ -156,6 +158,8 @@ def test_bytes_past_the_end_of_a_response_close_the_connection_and_reach_no_othe
     when = "while it was idle" if late else "past the end of a response"
     wait_for(lambda: f"bytes {when}: connection closed" in proxy.stderr_text(), 5.0,
              "the stray response to be logged")
+    wait_for(lambda: total(scrape(admin_port), "weft_upstream_stray_responses_total") == 1, 5.0,
+             "the stray response to be counted")
 
 
 # -- an upload to an upstream that stops reading --------------------------------------------------
