@@ -37,7 +37,7 @@ import trio
 from weft.http.errors import ClientError, ClientGone, UpstreamError, error_response
 from weft.http.h1 import END, METHOD, READ_SIZE, TARGET_BAD, end_of_message, fields
 from weft.http.headers import fields_valid, has_field, new_request_id, valid_request_id
-from weft.http.io import close, recv, recv_until, send_all, send_some
+from weft.http.io import close, recv, recv_until
 from weft.http.messages import Body, BodyTooLarge, Headers, Request, Response
 from weft.http.transport import TCPTransport
 
@@ -153,7 +153,7 @@ class H1Server:
         """One read from the client. Raises _ClientTimeout after `timeout`, ClientGone on reset."""
         with trio.move_on_after(timeout) as cs:
             try:
-                return await recv(self.sock, READ_SIZE)
+                return await self.transport.recv(READ_SIZE)
             except OSError as e:
                 raise ClientGone(f"client connection broke: {e}") from None
         assert cs.cancelled_caught
@@ -162,9 +162,10 @@ class H1Server:
     async def send_bytes(self, data: bytes) -> None:
         """Write to the client. Raises ClientGone on a reset or after `client_send_idle`."""
         try:
-            sent = send_some(self.sock, data)
+            transport = self.transport
+            sent = transport.send_some(data)
             if sent < len(data):
-                await send_all(self.sock, memoryview(data)[sent:], self.send_idle)
+                await transport.send_all(memoryview(data)[sent:], self.send_idle)
         except TimeoutError:
             raise ClientGone("client stopped reading (client_send_idle)") from None
         except OSError as e:
@@ -177,14 +178,9 @@ class H1Server:
         read, so that a client that gives up cancels its upstream exchange. Readable with data
         waiting means a pipelined request: the client is there, and this never returns.
         """
-        await trio.lowlevel.wait_readable(self.sock)
-        try:
-            if self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
-                await trio.sleep_forever()
-        except BlockingIOError:
+        await self.transport.wait_readable()
+        if not self.transport.peer_closed():
             await trio.sleep_forever()
-        except OSError:
-            pass
 
     # -- the connection loop -----------------------------------------------------------------
 

@@ -29,6 +29,8 @@ import math
 import select
 import socket
 
+from trio.lowlevel import wait_readable
+
 from weft.http.io import Timers, close, recv, recv_until, send_all, send_some
 
 
@@ -88,6 +90,10 @@ class TCPTransport(Transport):
     async def send_all(self, data: bytes | memoryview, timeout: float = math.inf) -> None:
         """Write everything, at most `timeout` seconds without progress (TimeoutError)."""
         await send_all(self.sock, data, timeout)
+
+    async def wait_readable(self) -> None:
+        """Wait until a read would not block (data, EOF or an error)."""
+        await wait_readable(self.sock)
 
     def readable_now(self) -> bool:
         """Whether a read would not block (data, EOF or an error are waiting): one select().
