@@ -33,8 +33,8 @@ import trio
 
 from weft.http.errors import UpstreamError
 from weft.http.h1_client import H1Upstream
-from weft.http.io import Timers, connect
-from weft.http.transport import TCPTransport
+from weft.http.io import Timers
+from weft.http.transport import open_tcp
 from weft.http.upstream import UpstreamConnection
 from weft.schema import Destination, Endpoint, PoolConfig
 
@@ -156,7 +156,7 @@ class EndpointPool:
             ep = self.endpoint
             with trio.move_on_after(self.connect_timeout) as cs:
                 try:
-                    sock = await connect(ep.host, ep.port)
+                    transport = await open_tcp(ep.host, ep.port)
                 except OSError as e:
                     raise UpstreamError(
                         f"connect to {ep.authority} failed: {e.strerror or e}",
@@ -172,7 +172,7 @@ class EndpointPool:
             self.wake_one() or self.owner.wake_any()
             raise
         self.created += 1
-        return H1Upstream(TCPTransport(sock), ep, self.owner.timers)
+        return H1Upstream(transport, ep, self.owner.timers)
 
     def release(self, conn: UpstreamConnection) -> None:
         """Give a connection back after an exchange (closed unless cleanly reusable)."""

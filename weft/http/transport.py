@@ -31,7 +31,7 @@ import socket
 
 from trio.lowlevel import wait_readable
 
-from weft.http.io import Timers, close, recv, recv_until, send_all, send_some
+from weft.http.io import Timers, close, connect, recv, recv_until, send_all, send_some
 
 
 class Transport:
@@ -136,3 +136,9 @@ class TCPTransport(Transport):
     @property
     def closed(self) -> bool:
         return self.sock.fileno() == -1
+
+
+async def open_tcp(host: str, port: int) -> TCPTransport:
+    """A connected TCP transport to `host:port` (TCP_NODELAY; each resolved address tried).
+    Raises OSError from the last address; cancellation closes the half-open socket."""
+    return TCPTransport(await connect(host, port))
