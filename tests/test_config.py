@@ -61,12 +61,6 @@ def api(extra: str) -> str:
 
 # (extra TOML appended to BASE, key path of the error, words its reason must contain)
 MISTAKES = [
-    pytest.param(
-        '[timeouts]\ndrain = "5s"\ndrain_idle = "10s"',
-        "timeouts.drain_idle",
-        ["longer than timeouts.drain"],
-        id="drain-idle-beyond-the-drain-deadline",
-    ),
     # A trailing newline must not slip through a regex anchored with "$" (which matches before
     # one): these values end up in request heads.
     pytest.param(

@@ -695,12 +695,8 @@ def from_dict(data: dict[str, Any], source: str, digest: str = "") -> Config:
         if "timeouts" in top
         else Timeouts()
     )
-    if timeouts.drain_idle > timeouts.drain:
-        r.error(
-            "timeouts.drain_idle",
-            f"{timeouts.drain_idle:g}s is longer than timeouts.drain ({timeouts.drain:g}s): "
-            "idle connections would be cut by the drain deadline anyway",
-        )
+    # drain_idle above drain is allowed: the drain deadline bounds every connection anyway, and
+    # refusing it would refuse the default drain_idle for any short drain.
     al = r.table(top.pop("access_log", {}), "access_log") or {}
     access_log = AccessLog(
         enabled=r.take(al, "enabled", "access_log", _bool, True),
