@@ -16,6 +16,7 @@ from collections import Counter
 
 import pytest
 from support.config import base_config, destination, route
+from support.loads import HttpClientLoad, WrkLoad
 from support.procs import unique_instance, wait_for
 from support.rawhttp import exchange
 from support.supervised import KeepAliveLoad, start_supervised
@@ -35,29 +36,43 @@ def answered_by(port: int) -> str | None:
 
 def two_routes_config(port: int, instance: str, a: str, b: str, target: str, *,
                       middleware: list[dict[str, object]] | None = None,
+                      timeouts: dict[str, object] | None = None,
                       **server: object) -> str:
     """Two workers; destinations "a" and "b" (one upstream each); one catch-all route to
     `target`, with `middleware` if given."""
     route_keys = {"middleware": middleware} if middleware else {}
-    return (base_config(port, instance=instance, server={"workers": 2, **server})
+    return (base_config(port, instance=instance, server={"workers": 2, **server},
+                        timeouts=timeouts)
             + destination("a", [a]) + destination("b", [b]) + route(target, **route_keys))
 
 
 def test_reload_under_keepalive_load_loses_no_request(upstream, weft, free_port, tmp_path):
-    test_deadline = time.monotonic() + 60.0
+    """Ten reloads, every other one changing the route, under four keep-alive loads at once:
+    the careful client (probes idle connections), http.client threads back to back, slow
+    http.client threads that think up to 1.5 s between requests (below ``drain_idle``), and
+    wrk. Not one request of any of them may fail."""
+    test_deadline = time.monotonic() + 90.0
     ups = {"a": upstream("A"), "b": upstream("B")}
     port, instance = free_port(), unique_instance()
-    text = {t: two_routes_config(port, instance, ups["a"].address, ups["b"].address, t)
+    # the drain deadline well above drain_idle: idle connections close by drain_idle alone
+    timeouts = {"drain": "10s", "drain_idle": "2s"}
+    text = {t: two_routes_config(port, instance, ups["a"].address, ups["b"].address, t,
+                                 timeouts=timeouts)
             for t in ("a", "b")}
     sup = start_supervised(weft, tmp_path, text["a"], workers=2)
     config_path = sup.weft.config_path
     assert config_path is not None
     assert answered_by(port) == "A"
+    host = sup.weft.host
 
-    # 1. 32 clients, each on its own keep-alive connection, loop requests the whole time
-    load = KeepAliveLoad(sup.weft.host, port, clients=32, pause=0.005)
-    with load:
-        load.wait_requests(300)
+    careful = KeepAliveLoad(host, port, clients=16, pause=0.005)
+    fast = HttpClientLoad(host, port, clients=8, name="http.client-fast")
+    slow = HttpClientLoad(host, port, clients=4, think=(0.3, 1.5), name="http.client-slow")
+    wrk = WrkLoad(host, port, tmp_path, connections=8, delay_ms=5)
+    # 1. every client loops requests, each on its own keep-alive connection, the whole time
+    with careful, fast, slow, wrk:
+        careful.wait_requests(300)
+        fast.wait_requests(100)
         target = "a"
         for i in range(1, 11):
             # 2. ten reloads; every other one changes the route (A <-> B)
@@ -74,25 +89,35 @@ def test_reload_under_keepalive_load_loses_no_request(upstream, weft, free_port,
             for _ in range(3):
                 assert answered_by(port) == target.upper(), f"after reload {i}"
             # 4. and the clients keep getting answers
-            load.wait_requests(100)
+            careful.wait_requests(100)
+            fast.wait_requests(50)
             assert time.monotonic() < test_deadline, f"only {i} reloads within the bound"
-        # every client is still being served at the end
-        load.mark()
-        wait_for(lambda: load.clients_ok_since_mark() == load.clients, 10.0,
+        # every careful client is still being served at the end, and the slow ones too
+        careful.mark()
+        wait_for(lambda: careful.clients_ok_since_mark() == careful.clients, 10.0,
                  "every client to complete a request after the last reload")
+        slow.wait_requests(4)
+        wrk_result = wrk.stop()
 
     # 5. every request of every client got a complete 200: no reset, no lost response
-    counts = load.counts
-    assert load.failures == [], (
-        f"{len(load.failures)} failed requests of {counts.requests_ok + len(load.failures)};"
+    counts = careful.counts
+    assert careful.failures == [], (
+        f"{len(careful.failures)} failed requests of {counts.requests_ok + len(careful.failures)};"
         f" by kind and request index on the connection:"
-        f" {Counter((f.kind, f.nth) for f in load.failures)}; {counts}; first:"
-        f" {load.failures[:5]}")
+        f" {Counter((f.kind, f.nth) for f in careful.failures)}; {counts}; first:"
+        f" {careful.failures[:5]}")
     assert counts.idle_reset == 0
+    assert fast.failures == [], fast.summary()
+    assert slow.failures == [], slow.summary()
+    assert wrk_result.failures == 0, wrk_result.output
+    assert wrk_result.requests > 100, wrk_result.output
     # the old generations did close the clients' connections, and the clients reconnected
     assert counts.closed_after_response + counts.idle_closed > 0
-    assert counts.connects > 32
+    assert counts.connects > 16
     assert counts.upstreams["A"] > 0 and counts.upstreams["B"] > 0
+    # slow clients were idle when drains began, and still got answers (with Connection: close)
+    assert slow.counts.closed_by_server > 0, slow.summary()
+    assert fast.counts.upstreams["A"] > 0 and fast.counts.upstreams["B"] > 0, fast.summary()
     # 6. only the last generation is left
     sup.wait_workers(2, generation=11, timeout=10.0)
 

@@ -65,6 +65,74 @@ def test_sigterm_closes_idle_keepalive_connections(upstream, weft, free_port):
     assert time.monotonic() - start < 5.0
 
 
+GET = b"GET /echo HTTP/1.1\r\nHost: t\r\n\r\n"
+
+
+def _drain_config(port: int, up: str, **timeouts: str) -> str:
+    return simple_config(port, [up], timeouts={"drain": "10s", "client_keepalive": "60s",
+                                                "drain_idle": "2s", **timeouts})
+
+
+def test_a_draining_worker_answers_a_request_on_an_idle_connection(upstream, weft, free_port):
+    """A client that reuses its keep-alive connection just after the drain began (without
+    checking it first, as http.client and wrk do) gets its answer, with Connection: close, and
+    then a clean close (FIN, not a reset)."""
+    up = upstream("late")
+    proxy = weft(_drain_config(free_port(), up.address))
+    with RawConnection(proxy.port) as conn:
+        conn.send(GET)
+        first = conn.read_response()
+        assert first.status == 200 and not first.connection_close
+        proxy.signal(signal.SIGTERM)
+        time.sleep(1.3)  # the drain is under way; the connection has been idle < drain_idle
+        assert not conn.peer_closed(timeout=0.0)
+        conn.send(GET)
+        second = conn.read_response(timeout=5.0)
+        assert second.status == 200
+        assert second.connection_close, second.headers
+        assert conn.how_closed(timeout=5.0) == "fin"
+    assert proxy.proc.wait(timeout=10.0) == 0
+
+
+def test_a_draining_worker_closes_an_idle_connection_after_drain_idle(upstream, weft,
+                                                                      free_port):
+    """Idle time counts from the connection's last response: a connection that has been idle
+    for less than drain_idle is closed when it reaches drain_idle, one idle longer at once;
+    both with a FIN."""
+    up = upstream("idle")
+    proxy = weft(_drain_config(free_port(), up.address))
+    with RawConnection(proxy.port) as old, RawConnection(proxy.port) as recent:
+        old.send(GET)
+        assert old.read_response().status == 200
+        time.sleep(2.5)  # longer than drain_idle
+        recent.send(GET)
+        assert recent.read_response().status == 200
+        start = time.monotonic()
+        proxy.signal(signal.SIGTERM)
+        assert old.how_closed(timeout=1.0) == "fin"
+        assert time.monotonic() - start < 1.0
+        assert recent.how_closed(timeout=5.0) == "fin"
+        closed_after = time.monotonic() - start
+    assert 1.5 <= closed_after < 3.5, f"closed {closed_after:.2f}s after SIGTERM, drain_idle 2s"
+    assert proxy.proc.wait(timeout=10.0) == 0
+
+
+def test_the_drain_deadline_closes_idle_connections_before_drain_idle(upstream, weft,
+                                                                      free_port):
+    """timeouts.drain bounds everything, drain_idle included."""
+    up = upstream("bounded")
+    proxy = weft(_drain_config(free_port(), up.address, drain="1s", drain_idle="30s"))
+    with RawConnection(proxy.port) as conn:
+        conn.send(GET)
+        assert conn.read_response().status == 200
+        start = time.monotonic()
+        proxy.signal(signal.SIGTERM)
+        assert conn.peer_closed(timeout=5.0)
+        rc = proxy.proc.wait(timeout=10.0)
+    assert rc == 0
+    assert time.monotonic() - start < 3.0
+
+
 def test_drain_deadline_bounds_the_stop(upstream, weft, free_port):
     up = upstream("stuck")
     proxy = weft(simple_config(free_port(), [up.address], timeouts={"drain": "700ms"}))

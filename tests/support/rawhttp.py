@@ -152,6 +152,7 @@ class RawConnection:
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buf = b""
         self.eof = False
+        self.reset = False  # the server's close was a reset (RST), not a FIN
 
     def __enter__(self) -> RawConnection:
         return self
@@ -193,6 +194,7 @@ class RawConnection:
         except TimeoutError:
             return False
         except (ConnectionResetError, BrokenPipeError):
+            self.reset = True
             data = b""
         if not data:
             self.eof = True
@@ -240,6 +242,13 @@ class RawConnection:
                 return False
             self._recv_some(deadline)
         return True
+
+    def how_closed(self, timeout: float = 2.0) -> str | None:
+        """"fin" or "reset" once the server ended the connection within `timeout` seconds,
+        None while it is open."""
+        if not self.peer_closed(timeout):
+            return None
+        return "reset" if self.reset else "fin"
 
     def read_until_close(self, timeout: float | None = None) -> bytes:
         """All bytes until the server closes; raises TimeoutError past the deadline."""

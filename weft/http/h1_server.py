@@ -18,6 +18,11 @@ What weft adds to h11, and why (see ARCHITECTURE.md, "Known pitfalls"):
 * **Closing is lingering**: after an error response the write side is shut and the read side
   drained briefly, so the client reads the response instead of a reset (nginx's lingering_close).
 * **100-continue** is answered by weft the moment the forwarder starts reading the body.
+* **Drain never races a client's send** (`on_drain`): a request in progress gets
+  ``Connection: close``; a connection that waits for its next request keeps being served until
+  it has been idle ``timeouts.drain_idle`` since its last response, then closes lingering. Most
+  clients (http.client, curl, wrk) reuse a kept-alive connection without checking it, so a
+  close at the moment of the drain would cost each of them the request it is sending.
 
 The server never lets a request kill the connection task with an unexpected exception: the
 handler (`weft.handler`) turns middleware failures into 500s, and the errors in
@@ -28,7 +33,6 @@ from __future__ import annotations
 
 import logging
 import re
-import socket
 from typing import TYPE_CHECKING
 
 import h11
@@ -37,7 +41,6 @@ import trio
 from weft.http.errors import ClientError, ClientGone, UpstreamError, error_response
 from weft.http.h1 import END, METHOD, READ_SIZE, TARGET_BAD, end_of_message, fields
 from weft.http.headers import fields_valid, has_field, new_request_id, valid_request_id
-from weft.http.io import close, recv, recv_until
 from weft.http.messages import Body, BodyTooLarge, Headers, Request, Response
 from weft.http.transport import TCPTransport
 
@@ -52,9 +55,9 @@ LINGER_BYTES = 1024 * 1024
 # Unread request body we still read and discard to keep a connection alive (nginx discards
 # bodies of any size; a bound keeps a slow client from holding a worker slot).
 DISCARD_BYTES = 256 * 1024
-# How long an idle keep-alive connection of a draining worker still waits for a request
-# (see H1Server._drain_grace); far below the drain deadline, above a busy client's think time.
-DRAIN_IDLE_GRACE = 1.0  # seconds
+# A draining worker closes an idle connection lingering this long: the client may have sent
+# a request just as the idle time ran out, and a close with its bytes unread would be a reset.
+DRAIN_LINGER_SECONDS = 1.0
 
 _VERSION = re.compile(rb"^HTTP/(\d)\.(\d)$")
 _HOST = re.compile(rb"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]+)(?::[0-9]{0,5})?$")
@@ -135,7 +138,6 @@ class H1Server:
         self, transport: TCPTransport, state: ServerState, client: tuple[str, int]
     ) -> None:
         self.transport = transport
-        self.sock = transport.sock
         self.state = state
         self.client = client
         cfg = state.config
@@ -144,8 +146,13 @@ class H1Server:
         self.body_idle = cfg.timeouts.client_body_idle
         self.send_idle = cfg.timeouts.client_send_idle
         self.rid_header = cfg.request_id_header.encode()
+        self.drain_idle = cfg.timeouts.drain_idle
         self.buf = bytearray()
         self.requests = 0
+        # When the connection last finished something (accepted, or a response sent): keep-alive
+        # and drain idle times count from here. `_waiting`: blocked in `_wait_first_byte`.
+        self._idle_since = trio.current_time()
+        self._waiting = False
 
     # -- I/O with timeouts -------------------------------------------------------------------
 
@@ -185,8 +192,9 @@ class H1Server:
     # -- the connection loop -----------------------------------------------------------------
 
     async def serve(self) -> None:
-        """Serve requests until the connection ends. Closes the socket; never raises."""
+        """Serve requests until the connection ends. Closes the transport; never raises."""
         state = self.state
+        state.register(self)
         try:
             while await self._wait_first_byte():
                 state.inflight += 1
@@ -198,28 +206,38 @@ class H1Server:
                 if not keep:
                     break
                 self.requests += 1
+                self._idle_since = trio.current_time()
         except ClientGone:
             pass
         except Exception:
             log.exception("connection from %s:%d failed", *self.client)
         finally:
-            close(self.sock)
+            state.unregister(self)
+            self.transport.close()
+
+    def on_drain(self) -> None:
+        """The worker drains (see `ServerState.drain`).
+
+        A request in progress is answered with ``Connection: close`` and the connection closes
+        after it (`_send_response`, `_finish_exchange`). A connection waiting for its next
+        request is woken to re-arm its wait: it still serves a request that starts within
+        ``timeouts.drain_idle`` of its last response, because closing it at once races a
+        request the client is already sending (that request is lost, and a close with its bytes
+        unread is a reset).
+        """
+        if self._waiting:
+            self.transport.wake()
 
     async def _wait_first_byte(self) -> bool:
         """Wait for the next request to start. False: close quietly (idle, EOF, drain)."""
         if self.buf:
             return True
-        state = self.state
-        if state.draining:
-            return await self._drain_grace()
-        sock = self.sock
+        transport = self.transport
         try:
-            data = sock.recv(READ_SIZE)
-        except BlockingIOError:
-            pass
+            data = transport.recv_now(READ_SIZE)
         except OSError:
             return False
-        else:
+        if data is not None:
             # Already there (a busy client): no wait, and no yield either, except every 16th
             # request, so that a client pipelining requests weft answers without I/O (404s)
             # cannot starve the other connections. A checkpoint costs ~10 µs here.
@@ -229,42 +247,39 @@ class H1Server:
                 return False
             self.buf += data
             return True
+        state = self.state
         timeout = self.timeouts.client_keepalive if self.requests else self.timeouts.client_header
-        state.waiting.add(sock)
-        try:
-            data = await recv_until(  # the read just above found nothing: wait first
-                sock, READ_SIZE, trio.current_time() + timeout, state.timers, try_first=False
-            )
-        except trio.ClosedResourceError:
-            return state.draining and await self._drain_grace()
-        except (TimeoutError, OSError):
-            return False  # idle too long, or reset
-        finally:
-            state.waiting.discard(sock)
-        if not data:
-            return False
-        self.buf += data
-        return True
-
-    async def _drain_grace(self) -> bool:
-        """The worker drains while this connection waits for a request.
-
-        Closing it at once would race a request the client is sending right now: that request
-        would be lost, and the close, with unread data, would be a reset (measured: ~1 % of
-        requests during reloads under keep-alive load). So a request that arrives within
-        `DRAIN_IDLE_GRACE` is still served, with ``Connection: close``; a connection that stays
-        idle is closed after it.
-        """
-        try:
-            data = await recv_until(
-                self.sock, READ_SIZE, trio.current_time() + DRAIN_IDLE_GRACE, self.state.timers
-            )
-        except (TimeoutError, OSError, trio.ClosedResourceError):
-            return False
-        if not data:
-            return False
-        self.buf += data
-        return True
+        deadline = self._idle_since + timeout
+        try_first = False  # the read just above found nothing: wait first
+        while True:
+            draining = state.draining
+            if draining:
+                # Idle since its last response: a client that sent nothing for drain_idle is
+                # not mid-send (HAProxy's close-spread-time plays the same part).
+                deadline = min(deadline, max(self._idle_since + self.drain_idle,
+                                             trio.current_time()))
+            self._waiting = True
+            try:
+                data = await transport.recv_until(
+                    READ_SIZE, deadline, state.timers, try_first=try_first
+                )
+            except trio.ClosedResourceError:
+                if state.draining and not draining and not transport.closed:
+                    try_first = True  # woken by on_drain: wait again, until drain_idle
+                    continue
+                return False
+            except TimeoutError:
+                if draining:
+                    await self._linger_close(DRAIN_LINGER_SECONDS)
+                return False  # idle too long
+            except OSError:
+                return False  # reset
+            finally:
+                self._waiting = False
+            if not data:
+                return False
+            self.buf += data
+            return True
 
     def _head_length(self) -> int:
         """Length of the complete head at the start of the buffer, -1 while incomplete.
@@ -587,7 +602,10 @@ class H1Server:
                 return False
             if not body.done:
                 return await self._linger_close()
-        if conn.our_state is h11.DONE and conn.their_state is h11.DONE and not self.state.draining:
+        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+            # The response promised keep-alive (it had no Connection: close). Even if the
+            # worker began draining since it went out, the client may be sending its next
+            # request now: `_wait_first_byte` serves it or closes after drain_idle.
             self.buf = bytearray(conn.trailing_data[0])
             return True
         return await self._linger_close() if conn.their_state is not h11.DONE else False
@@ -615,19 +633,25 @@ class H1Server:
             return
         await self._linger_close()
 
-    async def _linger_close(self) -> bool:
-        """Shut our write side and read what the client still sends, briefly. Returns False."""
+    async def _linger_close(self, seconds: float = LINGER_SECONDS) -> bool:
+        """Shut our write side and read what the client still sends, for at most `seconds`
+        (nginx's lingering_close), so the client reads what we wrote instead of a reset.
+        Returns False."""
+        transport = self.transport
         try:
-            self.sock.shutdown(socket.SHUT_WR)
+            transport.shutdown_write()
         except OSError:
             return False
         total = 0
-        with trio.move_on_after(LINGER_SECONDS):
+        with trio.move_on_after(seconds):
             try:
-                while data := await recv(self.sock, READ_SIZE):
+                while data := await transport.recv(READ_SIZE):
                     total += len(data)
                     if total > LINGER_BYTES:
-                        break
-            except OSError:
+                        # A client that keeps sending (an upload weft refused): stop reading, so
+                        # it costs no more CPU, but keep the connection until the time is up, so
+                        # it can read our response before the close's reset discards it.
+                        await trio.sleep_forever()
+            except (OSError, trio.ClosedResourceError):
                 pass
         return False

@@ -29,7 +29,7 @@ import math
 import select
 import socket
 
-from trio.lowlevel import wait_readable
+from trio.lowlevel import notify_closing, wait_readable
 
 from weft.http.io import Timers, close, connect, recv, recv_until, send_all, send_some
 
@@ -128,6 +128,11 @@ class TCPTransport(Transport):
     def shutdown_write(self) -> None:
         """Send FIN: the peer reads EOF after what was written. Raises OSError."""
         self.sock.shutdown(socket.SHUT_WR)
+
+    def wake(self) -> None:
+        """Wake a task waiting on this transport (it gets trio.ClosedResourceError) and leave
+        the transport open: a drain uses it to make an idle connection re-arm its wait."""
+        notify_closing(self.sock)
 
     def close(self) -> None:
         """Close now (idempotent); a task waiting on the socket gets ClosedResourceError."""

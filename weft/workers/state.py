@@ -9,10 +9,8 @@ on the next response, h2 with GOAWAY).
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Awaitable, Callable
-
-import trio
+from typing import Protocol
 
 from weft.http.io import Timers
 from weft.http.messages import Request, Response
@@ -21,12 +19,20 @@ from weft.schema import Config
 ServerApp = Callable[[Request], Awaitable[Response]]
 
 
+class Drainable(Protocol):
+    """A served connection, as the worker's drain sees it."""
+
+    def on_drain(self) -> None:
+        """The worker drains: finish what is in flight, then close (h1: ``Connection: close``
+        on the next response and a close once idle for ``timeouts.drain_idle``; h2: GOAWAY)."""
+
+
 class ServerState:
     """What a connection needs from its worker: config, the app, the worker's timers, and the
     drain signal.
 
-    Connections waiting for a request are in `waiting` so that a drain can wake them (it marks
-    their sockets closing, which ends their wait with `trio.ClosedResourceError`).
+    Every served connection is in `connections` (`register` / `unregister`) so that `drain` can
+    call its `on_drain`; a connection that starts after the drain began sees `draining`.
     """
 
     def __init__(self, config: Config, app: ServerApp, timers: Timers) -> None:
@@ -34,7 +40,7 @@ class ServerState:
         self.app = app
         self.timers = timers
         self.draining = False
-        self.waiting: set[socket.socket] = set()
+        self.connections: set[Drainable] = set()
         # Requests being served now, and served in all (published by the worker's heartbeat).
         self.inflight = 0
         self.requests = 0
@@ -47,11 +53,18 @@ class ServerState:
         # to log; metrics count it as nginx's 499 and end its in-flight count).
         self.on_abandon: Callable[[Request], None] | None = None
 
+    def register(self, conn: Drainable) -> None:
+        self.connections.add(conn)
+        if self.draining:
+            conn.on_drain()
+
+    def unregister(self, conn: Drainable) -> None:
+        self.connections.discard(conn)
+
     def drain(self) -> None:
-        """Stop keep-alive: idle connections close now, busy ones after their response."""
+        """Stop keep-alive on every connection: each finishes what it serves, and closes."""
+        if self.draining:
+            return
         self.draining = True
-        for sock in list(self.waiting):
-            trio.lowlevel.notify_closing(sock)
-        self.waiting.clear()
-
-
+        for conn in list(self.connections):
+            conn.on_drain()
