@@ -20,6 +20,7 @@ import pytest
 import trio
 
 from weft import config
+from weft.metrics import ACCEPT_ERRNOS
 from weft.workers.worker import ACCEPT_BACKOFF, ACCEPT_WARN_INTERVAL, Worker
 
 CONFIG = """
@@ -119,6 +120,8 @@ async def test_a_client_that_gave_up_while_queued_is_counted_not_logged(
     assert worker.accept_errors == Counter(ECONNABORTED=1, EPROTO=1, ENFILE=1)
     assert accept_warnings(caplog) == [
         "accept: Too many open files in system; backing off 0.1s"]
+    # every name counted is a label value of weft_accept_errors_total, present from the start
+    assert set(worker.accept_errors) <= set(ACCEPT_ERRNOS)
 
 
 async def test_another_accept_error_is_raised_uncounted(worker, autojump_clock):

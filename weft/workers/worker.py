@@ -15,10 +15,10 @@ Inside `trio.run`, shaped like hypercorn's `worker_serve`:
 
 accept() errors: running out of a resource (descriptors, memory, buffers) backs the accept loop
 off for ``ACCEPT_BACKOFF`` instead of killing the worker, and a client that gave up while queued
-(ECONNABORTED, EPROTO) is skipped. Each such error is counted in `Worker.accept_errors`; the
-resource errors are logged at most once per ``ACCEPT_WARN_INTERVAL``, the next line saying how
-many it left out, because a worker out of descriptors retries ten times a second for as long as
-the shortage lasts.
+(ECONNABORTED, EPROTO) is skipped. Each such error is counted in `Worker.accept_errors` (the
+metrics publish it as ``weft_accept_errors_total``); the resource errors are logged at most once
+per ``ACCEPT_WARN_INTERVAL``, the next line saying how many it left out, because a worker out of
+descriptors retries ten times a second for as long as the shortage lasts.
 
 Drain (SIGTERM, SIGINT, or `stop` being set): the accept loops are cancelled (the sockets stay
 open and their queues with them), idle keep-alive connections are closed, busy connections
@@ -151,13 +151,14 @@ class Worker:
             self.state.on_exchange = self.access_log.record
         self.connections = trio.Semaphore(config.limits.max_connections)
         self.stop = trio.Event()
-        #: accept() errors survived, by errno name ("EMFILE"; the names of both sets above)
+        #: accept() errors survived, by errno name ("EMFILE"; the names of both sets above,
+        #: listed as label values in weft.metrics.ACCEPT_ERRNOS)
         self.accept_errors: Counter[str] = Counter()
         # The accept warning's rate limit: when it was last logged, and errors since then.
         self._accept_warned_at: float | None = None
         self._accept_unlogged = 0
         # Metrics (weft.metrics): None when off, or when no supervisor collects them.
-        self.metrics = metrics_mod.for_worker(config, self.pools)
+        self.metrics = metrics_mod.for_worker(config, self.pools, self.accept_errors)
         if self.metrics is not None:
             self._install_metrics(self.metrics)
 
