@@ -53,8 +53,8 @@ def weft(tmp_path: Path) -> Iterator[Callable[..., Weft]]:
     """Factory starting ``python -m weft run``; every started weft is stopped at teardown.
 
     ``weft(config_text=None, *, args=(), pythonpath=(), env=None, ready_timeout=10.0,
-    stop_timeout=15.0, name="weft") -> Weft``. See ``procs.start_weft``. A weft that does not
-    stop cleanly on SIGTERM fails the test at teardown (after being killed).
+    stop_timeout=15.0, name="weft", prefix=()) -> Weft``. See ``procs.start_weft``. A weft
+    that does not stop cleanly on SIGTERM fails the test at teardown (after being killed).
     """
     started: list[Weft] = []
     counter = iter(range(1, 1000))

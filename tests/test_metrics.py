@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -170,6 +171,32 @@ async def test_a_worker_records_exchanges_in_its_own_files(tmp_path, metrics_dir
     assert total(samples(metrics_dir, os.getpid()), "weft_requests_total") == 4
     assert metrics.pool_figures(metrics_dir) == {
         "web": {"127.0.0.1:9001": {"open": 0, "idle": 0, "waiting": 0}}}
+
+
+def test_accept_errors_are_published_by_errno_at_each_sample(tmp_path, metrics_dir):
+    cfg = load(tmp_path)
+    accept_errors: Counter[str] = Counter()
+    wm = metrics.for_worker(cfg, UpstreamPools(cfg.destinations.values(), 10, 1.0),
+                            accept_errors)
+    assert wm is not None
+    # 1. every errno label is there from the start, at zero
+    got = samples(metrics_dir)
+    assert {labels["errno"] for name, labels, _ in got
+            if name == "weft_accept_errors_total"} == set(metrics.ACCEPT_ERRNOS)
+    assert total(got, "weft_accept_errors_total") == 0
+    # 2. what the accept loop counted reaches the files at the next sample, not before
+    accept_errors["EMFILE"] += 3
+    accept_errors["ECONNABORTED"] += 1
+    assert total(samples(metrics_dir), "weft_accept_errors_total") == 0
+    wm.sample()
+    # 3. and only what is new since the last sample is added
+    accept_errors["EMFILE"] += 2
+    wm.sample()
+    wm.sample()
+    got = samples(metrics_dir)
+    assert total(got, "weft_accept_errors_total", errno="EMFILE") == 5
+    assert total(got, "weft_accept_errors_total", errno="ECONNABORTED") == 1
+    assert total(got, "weft_accept_errors_total") == 6
 
 
 def test_counters_outlive_their_process_but_live_gauges_do_not(tmp_path, metrics_dir):

@@ -32,11 +32,14 @@ Theory of operation:
   counters per exchange, each an mmap write of ~2-3 µs (measured on the 2-core test machine;
   a request costs weft ~600 µs there). In-flight requests per route and pool figures are kept
   in plain ints by the request path and copied into their gauges once a second by
-  `WorkerMetrics.run`, so they cost no write per request.
+  `WorkerMetrics.run`, so they cost no write per request. So are counts kept by the objects
+  that see the events (stray upstream responses by the pools, accept() errors by the worker):
+  `WorkerMetrics.sample` adds what they counted since its last look to their counters.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import glob
 import os
@@ -112,6 +115,9 @@ UPSTREAM_BUCKETS = (
     60.0,
 )  # fmt: skip
 POOL_STATES = ("open", "idle", "waiting")
+# The errno label values of weft_accept_errors_total: the accept() errors a worker survives
+# (weft.workers.worker: out of a resource, or a client that gave up while queued).
+ACCEPT_ERRNOS = ("ECONNABORTED", "EMFILE", "ENFILE", "ENOBUFS", "ENOMEM", "EPROTO")
 
 
 def method_label(method: str) -> str:
@@ -188,14 +194,21 @@ class WorkerMetrics:
     The data path calls `route_started` when a request is matched to a route (App.on_route),
     `exchange` once per finished exchange (ServerState.on_exchange), and `abandoned` for a
     request whose client went away before it got a response (ServerState.on_abandon). `run`
-    is a service task of the worker: it copies the in-flight counts and the pool figures to
-    their gauges every `SAMPLE_INTERVAL`.
+    is a service task of the worker: every `SAMPLE_INTERVAL` it copies the in-flight counts
+    and the pool figures to their gauges, and adds what `pools` (stray responses) and
+    `accept_errors` (the worker's accept loop, by errno name) counted since to their counters.
     """
 
-    def __init__(self, config: Config, pools: UpstreamPools) -> None:
+    def __init__(
+        self,
+        config: Config,
+        pools: UpstreamPools,
+        accept_errors: collections.Counter[str] | None = None,
+    ) -> None:
         pc = _prometheus_client(forks=False)
         Counter, Gauge, Histogram = pc.Counter, pc.Gauge, pc.Histogram
         self.pools = pools
+        self.accept_errors = collections.Counter() if accept_errors is None else accept_errors
         self.requests = Counter(
             "weft_requests",
             "Requests answered, by route, method and status code.",
@@ -257,6 +270,18 @@ class WorkerMetrics:
             registry=None,
         )
         self._stray_counted: dict[tuple[str, str], int] = {}
+        self.accept = Counter(
+            "weft_accept_errors",
+            "accept() errors a worker survived, by errno: out of a resource (EMFILE, ENFILE, "
+            "ENOMEM, ENOBUFS: it backed off), or a client that gave up while queued.",
+            ["errno"],
+            registry=None,
+        )
+        # Present from the start (at zero), so that rate() sees the first error, and so that
+        # counting one never adds a key to the value file (which can grow it: a descriptor, at
+        # the moment a worker has none to spare).
+        self._accept_children = {name: self.accept.labels(name) for name in ACCEPT_ERRNOS}
+        self._accept_counted = dict.fromkeys(ACCEPT_ERRNOS, 0)
         # Children by label values, so that the request path does one dict lookup instead of
         # prometheus_client's label validation.
         self._requests: dict[tuple[str, str, int], Any] = {}
@@ -376,6 +401,15 @@ class WorkerMetrics:
                     before = self._stray_counted.get((dest, ep), 0)
                     self.stray.labels(dest, ep).inc(p.stray_responses - before)
                     self._stray_counted[(dest, ep)] = p.stray_responses
+        counted = self._accept_counted
+        for name, n in self.accept_errors.items():
+            before = counted.get(name, 0)
+            if n != before:
+                child = self._accept_children.get(name)
+                if child is None:  # a name outside ACCEPT_ERRNOS: still a fixed errno name
+                    child = self._accept_children[name] = self.accept.labels(name)
+                child.inc(n - before)
+                counted[name] = n
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Sample every SAMPLE_INTERVAL until cancelled."""
@@ -385,12 +419,15 @@ class WorkerMetrics:
             self.sample()
 
 
-def for_worker(config: Config, pools: UpstreamPools) -> WorkerMetrics | None:
+def for_worker(
+    config: Config, pools: UpstreamPools, accept_errors: collections.Counter[str] | None = None
+) -> WorkerMetrics | None:
     """The worker's metrics, or None when they are off or nobody collects them (a worker run
-    without a supervisor has no metrics directory)."""
+    without a supervisor has no metrics directory). `accept_errors`: the worker's
+    `Worker.accept_errors`, read at every sample."""
     if not config.metrics.enabled or not os.environ.get(ENV):
         return None
-    return WorkerMetrics(config, pools)
+    return WorkerMetrics(config, pools, accept_errors)
 
 
 # -- the supervisor ---------------------------------------------------------------------------

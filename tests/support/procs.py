@@ -453,6 +453,7 @@ def start_weft(
     ready_timeout: float = READY_TIMEOUT,
     stop_timeout: float = STOP_TIMEOUT,
     name: str = "weft",
+    prefix: Sequence[str] = (),
 ) -> Weft:
     """Start ``python -m weft run`` and return once its listener accepts TCP connections.
 
@@ -465,13 +466,16 @@ def start_weft(
         env: extra environment variables.
         ready_timeout: seconds to wait for the listener.
         stop_timeout: seconds ``stop()`` waits after SIGTERM.
+        prefix: a wrapper command put before ``python``, such as ``["prlimit",
+            "--nofile=64:64"]``. It must exec weft (not fork it): the started process, whose
+            pid ``stop()`` signals and whose descendants it kills, has to be the supervisor.
 
     Raises AssertionError with weft's stderr if it exits or is not listening in time (the
     process is killed first).
     """
     config: dict[str, object] = {}
     config_path = None
-    cmd = [sys.executable, "-m", "weft", "run"]
+    cmd = [*prefix, sys.executable, "-m", "weft", "run"]
     if config_text is not None:
         config = tomllib.loads(config_text)
         config_path = workdir / f"{name}.toml"

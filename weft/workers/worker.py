@@ -13,6 +13,13 @@ Inside `trio.run`, shaped like hypercorn's `worker_serve`:
   protocol dispatcher (`weft.http.dispatch`) picks;
 * the **service nursery** runs the pool sweeper and the access-log writer.
 
+accept() errors: running out of a resource (descriptors, memory, buffers) backs the accept loop
+off for ``ACCEPT_BACKOFF`` instead of killing the worker, and a client that gave up while queued
+(ECONNABORTED, EPROTO) is skipped. Each such error is counted in `Worker.accept_errors` (the
+metrics publish it as ``weft_accept_errors_total``); the resource errors are logged at most once
+per ``ACCEPT_WARN_INTERVAL``, the next line saying how many it left out, because a worker out of
+descriptors retries ten times a second for as long as the shortage lasts.
+
 Drain (SIGTERM, SIGINT, or `stop` being set): the accept loops are cancelled (the sockets stay
 open and their queues with them), idle keep-alive connections are closed, busy connections
 finish their current response with ``Connection: close``, and whatever still runs after
@@ -27,6 +34,7 @@ import logging
 import os
 import signal
 import socket
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 
 import trio
@@ -50,7 +58,12 @@ log = logging.getLogger("weft.worker")
 # accept() errors that mean "out of a resource for now": back off instead of dying, as
 # trio's serve_listeners does (EMFILE/ENFILE/ENOMEM/ENOBUFS).
 _ACCEPT_RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+# accept() errors of a client that gave up while queued: nothing to serve, take the next one.
+_ACCEPT_ABORTED_ERRORS = {errno.ECONNABORTED, errno.EPROTO}
 ACCEPT_BACKOFF = 0.1  # seconds
+# At most one accept warning per this many seconds per worker: a shortage that lasts retries
+# every ACCEPT_BACKOFF, which would be 10 lines a second, and the first line says it all.
+ACCEPT_WARN_INTERVAL = 10.0  # seconds
 # Connections accepted back to back before the accept loop yields (fairness to served ones).
 ACCEPT_BURST = 64
 
@@ -138,8 +151,14 @@ class Worker:
             self.state.on_exchange = self.access_log.record
         self.connections = trio.Semaphore(config.limits.max_connections)
         self.stop = trio.Event()
+        #: accept() errors survived, by errno name ("EMFILE"; the names of both sets above,
+        #: listed as label values in weft.metrics.ACCEPT_ERRNOS)
+        self.accept_errors: Counter[str] = Counter()
+        # The accept warning's rate limit: when it was last logged, and errors since then.
+        self._accept_warned_at: float | None = None
+        self._accept_unlogged = 0
         # Metrics (weft.metrics): None when off, or when no supervisor collects them.
-        self.metrics = metrics_mod.for_worker(config, self.pools)
+        self.metrics = metrics_mod.for_worker(config, self.pools, self.accept_errors)
         if self.metrics is not None:
             self._install_metrics(self.metrics)
 
@@ -166,6 +185,14 @@ class Worker:
         self.state.on_exchange = both
 
     async def accept_loop(self, listener: socket.socket, nursery: trio.Nursery) -> None:
+        """Accept connections on `listener` and serve each in a task of `nursery`, forever.
+
+        Waits for a `connections` token before each accept (the excess waits in the kernel
+        backlog). Out of a resource (EMFILE, ENFILE, ENOMEM, ENOBUFS): count, warn (rate
+        limited, `_accept_warning`), sleep ``ACCEPT_BACKOFF`` and retry; a client that gave up
+        while queued (ECONNABORTED, EPROTO): count and go on. Any other OSError is raised.
+        Returns only by cancellation.
+        """
         burst = 0
         while True:
             burst += 1
@@ -181,16 +208,32 @@ class Worker:
             except OSError as e:
                 self.connections.release()
                 if e.errno in _ACCEPT_RESOURCE_ERRORS:
-                    log.warning("accept: %s; backing off %.1fs", e.strerror, ACCEPT_BACKOFF)
+                    self.accept_errors[errno.errorcode[e.errno]] += 1
+                    self._accept_warning(e)
                     await trio.sleep(ACCEPT_BACKOFF)
                     continue
-                if e.errno in (errno.ECONNABORTED, errno.EPROTO):
+                if e.errno in _ACCEPT_ABORTED_ERRORS:
+                    self.accept_errors[errno.errorcode[e.errno]] += 1
                     continue  # the client gave up while queued: nothing to serve
                 raise
             except BaseException:
                 self.connections.release()
                 raise
             nursery.start_soon(self.handle, sock, peer)
+
+    def _accept_warning(self, e: OSError) -> None:
+        """Log a resource error of accept() now, or count it for the next line if one was
+        logged less than ACCEPT_WARN_INTERVAL ago (trio's clock, so tests can fake it)."""
+        now = trio.current_time()
+        last = self._accept_warned_at
+        if last is not None and now - last < ACCEPT_WARN_INTERVAL:
+            self._accept_unlogged += 1
+            return
+        more = self._accept_unlogged
+        self._accept_warned_at = now
+        self._accept_unlogged = 0
+        since = f" ({more} more since the last message)" if more else ""
+        log.warning("accept: %s%s; backing off %.1fs", e.strerror, since, ACCEPT_BACKOFF)
 
     async def handle(self, sock: socket.socket, peer: tuple[str, int]) -> None:
         try:
