@@ -137,13 +137,12 @@ async def test_a_worker_records_exchanges_in_its_own_files(tmp_path, metrics_dir
     pools = UpstreamPools(cfg.destinations.values(), 10, 1.0)
     wm = metrics.for_worker(cfg, pools)
     assert wm is not None
-    ok = request(cfg, "POST", received=10, endpoint="127.0.0.1:9001", upstream_time=0.002,
-                 bytes_out=50)
+    ok = request(cfg, "POST", received=10, endpoint="127.0.0.1:9001", upstream_time=0.002)
     wm.route_started(ok)
     assert wm.inflight["web"] == 1
-    wm.exchange(ok, SimpleNamespace(status=200), None, ("127.0.0.1", 1), 0.004)
-    wm.exchange(request(cfg, "BREW", routed=False), SimpleNamespace(status=404), "no_route",
-                ("127.0.0.1", 1), 0.001)
+    wm.exchange(ok, SimpleNamespace(status=200, bytes_out=50), None, ("127.0.0.1", 1), 0.004)
+    wm.exchange(request(cfg, "BREW", routed=False), SimpleNamespace(status=404, bytes_out=0),
+                "no_route", ("127.0.0.1", 1), 0.001)
     wm.exchange(None, SimpleNamespace(status=400), "bad_request_line", ("127.0.0.1", 1), 0.0)
     gone = request(cfg)
     wm.route_started(gone)
@@ -211,7 +210,7 @@ def test_counters_outlive_their_process_but_live_gauges_do_not(tmp_path, metrics
         "wm = metrics.WorkerMetrics(cfg, UpstreamPools(cfg.destinations.values(), 1, 1.0))\n"
         "r = N(method='GET', route=cfg.routes[0], ctx={}, body=None, start=0.0)\n"
         "wm.route_started(r); wm.route_started(r)\n"
-        "wm.exchange(r, N(status=200), None, ('h', 1), 0.1)\n"
+        "wm.exchange(r, N(status=200, bytes_out=0), None, ('h', 1), 0.1)\n"
         "wm.sample()\n"
         "import os; print(os.getpid())\n"
     )

@@ -61,7 +61,7 @@ class AccessLog:
                 "version": request.http_version if request is not None else None,
                 "status": response.status,
                 "bytes_in": body_in,
-                "bytes_out": ctx.get("bytes_out", 0),
+                "bytes_out": response.bytes_out,
                 "duration_ms": round(duration * 1000, 3),
                 "route": route,
                 "endpoint": ctx.get("endpoint"),

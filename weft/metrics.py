@@ -331,7 +331,7 @@ class WorkerMetrics:
         received = getattr(request.body, "received", 0)
         if received:
             self._child(self._bytes_in, self.bytes_in, route).inc(received)
-        sent = ctx.get("bytes_out", 0)
+        sent = response.bytes_out
         if sent:
             self._child(self._bytes_out, self.bytes_out, route).inc(sent)
         upstream_time = ctx.get("upstream_time")

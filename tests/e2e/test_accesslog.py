@@ -7,6 +7,7 @@ import httpx
 import pytest
 from support.config import base_config, destination, route, simple_config
 from support.procs import wait_for
+from support.rawhttp import RawConnection
 
 pytestmark = pytest.mark.e2e
 
@@ -68,3 +69,31 @@ def test_disabled_access_log_writes_nothing(upstream, weft, free_port, tmp_path)
     proxy.stop()  # the last lines are flushed at stop: after it, nothing may be there
     assert not log.exists() or log.read_text() == ""
     assert proxy.stdout_text() == ""
+
+
+@pytest.mark.parametrize(
+    ("sent", "status", "limits", "timeouts"),
+    [
+        pytest.param(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n", 413,
+                     {"max_body_bytes": 10}, {}, id="413-body-too-large"),
+        pytest.param(b"GET /echo HTTP/1.1\r\nHost: t\r\n", 408, {}, {"client_header": "300ms"},
+                     id="408-head-too-slow"),
+        pytest.param(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\nabc", 408,
+                     {}, {"client_body_idle": "300ms"}, id="408-body-too-slow"),
+        pytest.param(b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: t\r\n\r\n", 414, {}, {},
+                     id="414-before-any-request"),
+    ],
+)
+def test_weft_s_own_answers_log_the_bytes_they_sent(upstream, weft, free_port, tmp_path,
+                                                    sent, status, limits, timeouts):
+    """bytes_out is the body weft wrote, for the answers weft makes itself too (it said 0)."""
+    up = upstream("own")
+    proxy = weft(simple_config(free_port(), [up.address], access_log=tmp_path / "access.log",
+                               limits=limits, timeouts=timeouts))
+    with RawConnection(proxy.port) as conn:
+        conn.send(sent)
+        resp = conn.read_response(timeout=5.0)
+    assert resp.status == status
+    (record,) = _records(proxy, 1)
+    assert record["status"] == status
+    assert record["bytes_out"] == len(resp.body) > 0, (record, resp.body)

@@ -399,6 +399,8 @@ class H1Server:
             if request is not None:
                 request.ctx.setdefault("error", e.reason)
             response = error_response(e.status, e.detail, request_id, close=True)
+            if request is None or request.method != "HEAD":
+                response.bytes_out = response.body.length or 0
             self._log(request, response, e.reason, start)
             await self._send_error_and_close(conn, response, request)
             return False
@@ -560,11 +562,11 @@ class H1Server:
             trailers = body.trailers if chunked and not no_body else []
             out.append(conn.send(end_of_message(trailers)))
         await self.send_bytes(b"".join(out))
+        response.bytes_out = sent
         if not complete:
             while chunk := await body.receive():
                 if no_body:
                     continue
-                sent += len(chunk)
                 try:
                     data = conn.send(h11.Data(data=chunk))
                 except h11.LocalProtocolError as e:
@@ -572,6 +574,7 @@ class H1Server:
                         f"upstream sent more than it declared: {e}", reason="bad_response"
                     ) from None
                 await self.send_bytes(data)
+                response.bytes_out += len(chunk)
             trailers = body.trailers if chunked and not no_body else []
             try:
                 data = conn.send(end_of_message(trailers))
@@ -581,7 +584,6 @@ class H1Server:
                 ) from None
             if data:
                 await self.send_bytes(data)
-        request.ctx["bytes_out"] = sent
         return True
 
     async def _finish_exchange(self, conn: h11.Connection, request: Request) -> bool:

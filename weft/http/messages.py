@@ -230,9 +230,13 @@ class Request:
 
 
 class Response:
-    """One HTTP response. `tunnel` is set only for a 101 that switches protocols."""
+    """One HTTP response. `tunnel` is set only for a 101 that switches protocols.
 
-    __slots__ = ("body", "headers", "reason", "status", "tunnel")
+    `bytes_out` is what the protocol adapter wrote of the body to the client (the access log's
+    and the metrics' figure), for relayed responses and weft's own alike.
+    """
+
+    __slots__ = ("body", "bytes_out", "headers", "reason", "status", "tunnel")
 
     def __init__(
         self,
@@ -248,6 +252,7 @@ class Response:
         self.body = body if body is not None else BytesBody(b"")
         self.reason = reason
         self.tunnel = tunnel
+        self.bytes_out = 0
 
     @classmethod
     def text(cls, status: int, text: str, headers: Iterable[tuple[str, str]] = ()) -> Response:
