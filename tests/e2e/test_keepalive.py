@@ -212,13 +212,13 @@ def test_a_post_after_the_upstream_closed_an_idle_connection_is_not_an_error(
 def test_an_unsolicited_408_on_a_long_idle_connection_is_never_taken_for_a_response(
     upstream, weft, free_port
 ):
-    """Some servers answer their idle timeout with a 408 before closing. A connection idle for
-    longer than weft's RECENT_IDLE is always checked before reuse, even for a GET (which skips
-    the check on a connection released moments ago, and is retried if that one is dead)."""
+    """Some servers answer their idle timeout with a 408 before closing. An idle upstream
+    connection is always checked before reuse: the 408 waiting on it marks it dead (a stray
+    response), and the request goes out on a new connection."""
     up = upstream("stale408")
     proxy = weft(simple_config(free_port(), [up.address]))
     with httpx.Client(base_url=proxy.url, timeout=5.0) as client:
-        first = client.get("/echo", params={"idle_408": 0.6})  # above RECENT_IDLE (0.5 s)
+        first = client.get("/echo", params={"idle_408": 0.6})
         wait_for(lambda: up.stats()["open_connections"] == 0, 5.0,
                  "the upstream to send its 408 and close the idle connection")
         second = client.get("/echo")
