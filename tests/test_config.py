@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from weft import config
+from weft import config, confread
 from weft.schema import ConfigError, Limits, PoolConfig, Timeouts
 
 REPO = Path(__file__).resolve().parents[1]
@@ -772,7 +772,7 @@ def test_quick_mode_reports_every_bad_flag_by_its_name():
     ],
 )
 def test_parse_hostport_accepts_names_ipv4_and_bracketed_ipv6(text, expected):
-    assert config.parse_hostport(text) == expected
+    assert confread.parse_hostport(text) == expected
 
 
 @pytest.mark.parametrize(
@@ -790,4 +790,4 @@ def test_parse_hostport_accepts_names_ipv4_and_bracketed_ipv6(text, expected):
 )
 def test_parse_hostport_refuses_with_a_reason(text, reason):
     with pytest.raises(ValueError, match=re.escape(reason)):
-        config.parse_hostport(text)
+        confread.parse_hostport(text)

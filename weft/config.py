@@ -6,10 +6,11 @@ dicts; the rest of the code receives a `Config` whose every value has been check
 
 Theory of operation:
 
-* Parsing is a walk over the TOML tree with a `_Path` that knows where it is
+* Parsing is a walk over the TOML tree; every key is read with its key path
   (``routes[1].timeouts.upstream_header``). Each section reader pops the keys it knows from a
   copy of its table and reports what is left as unknown keys: a typo must never silently fall
-  back to a default.
+  back to a default. The value parsers and the error-collecting `Reader` are in
+  `weft.confread`, shared with every section added later; the schema is `weft.schema`.
 * Errors are collected, not raised one by one, so `weft check` shows every mistake of a file in
   one go. Each is ``<file>: <key path>: <reason>``.
 * Cross-references (a route's destination, duplicate names) are checked after every section was
@@ -24,11 +25,11 @@ import hashlib
 import ipaddress
 import re
 import tomllib
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from weft import confread as cr
 from weft.schema import (
     ROUTE_TIMEOUTS,
     STRATEGIES,
@@ -47,182 +48,9 @@ from weft.schema import (
     Timeouts,
 )
 
-# ---------------------------------------------------------------------------------------------
-# Value parsers: each returns the value or raises _Bad with the reason.
-
-
-class _Bad(Exception):
-    pass
-
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-_SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB|k|K|M|G)?\s*$")
-_SIZE_UNITS = {
-    None: 1,
-    "B": 1,
-    "KiB": 1024,
-    "MiB": 1024**2,
-    "GiB": 1024**3,
-    "k": 1024,
-    "K": 1024,
-    "M": 1024**2,
-    "G": 1024**3,
-    "KB": 1000,
-    "MB": 1000**2,
-    "GB": 1000**3,
-}
-_HOSTNAME = re.compile(
-    r"^(?=.{1,253}\Z)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_-]{1,63})*\.?\Z"
-)
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}\Z")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*\Z")
-
-
-def _duration(v: Any, *, allow_zero: bool = False, max_s: float = 86400.0) -> float:
-    if isinstance(v, bool):
-        raise _Bad(f'expected a duration like "10s" or "250ms", got {v!r}')
-    if isinstance(v, (int, float)):
-        secs = float(v)
-    elif isinstance(v, str):
-        m = _DURATION.match(v)
-        if not m:
-            raise _Bad(f'expected a duration like "10s" or "250ms", got {v!r}')
-        secs = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-    else:
-        raise _Bad(f'expected a duration like "10s" or "250ms", got {type(v).__name__}')
-    if secs < 0 or (secs == 0 and not allow_zero):
-        raise _Bad(f"must be {'>= 0' if allow_zero else '> 0'}, got {v!r}")
-    if secs > max_s:
-        raise _Bad(f"must be at most {max_s:g}s, got {v!r}")
-    return secs
-
-
-def _size(v: Any, *, lo: int = 1, hi: int = 1 << 40) -> int:
-    if isinstance(v, bool):
-        raise _Bad(f'expected a size like 8192 or "8KiB", got {v!r}')
-    if isinstance(v, int):
-        n = v
-    elif isinstance(v, str):
-        m = _SIZE.match(v)
-        if not m:
-            raise _Bad(f'expected a size like 8192 or "8KiB", got {v!r}')
-        n = int(m.group(1)) * _SIZE_UNITS[m.group(2)]
-    else:
-        raise _Bad(f'expected a size like 8192 or "8KiB", got {type(v).__name__}')
-    if not lo <= n <= hi:
-        raise _Bad(f"must be between {lo} and {hi} bytes, got {v!r}")
-    return n
-
-
-def _int(v: Any, *, lo: int, hi: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise _Bad(f"expected an integer, got {v!r}")
-    if not lo <= v <= hi:
-        raise _Bad(f"must be between {lo} and {hi}, got {v}")
-    return v
-
-
-def _float(v: Any, *, lo: float, hi: float) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise _Bad(f"expected a number, got {v!r}")
-    if not lo <= v <= hi:
-        raise _Bad(f"must be between {lo:g} and {hi:g}, got {v}")
-    return float(v)
-
-
-def _bool(v: Any) -> bool:
-    if not isinstance(v, bool):
-        raise _Bad(f"expected true or false, got {v!r}")
-    return v
-
-
-def _str(v: Any) -> str:
-    if not isinstance(v, str):
-        raise _Bad(f"expected a string, got {type(v).__name__}")
-    return v
-
-
-def _ip(v: Any) -> str:
-    s = _str(v)
-    try:
-        return str(ipaddress.ip_address(s))
-    except ValueError:
-        raise _Bad(f"expected an IPv4 or IPv6 address, got {s!r}") from None
-
-
-def _port(v: Any) -> int:
-    return _int(v, lo=1, hi=65535)
-
-
-def parse_hostport(s: str) -> tuple[str, int]:
-    """Split ``host:port`` / ``[v6]:port``; raises ValueError with a reason."""
-    m = re.match(r"^\[([0-9A-Fa-f:.]+)\]:(\d+)\Z", s) or re.match(r"^([^:\[\]]+):(\d+)\Z", s)
-    if not m:
-        raise ValueError(f'expected "host:port" (IPv6 as "[::1]:port"), got {s!r}')
-    host, port = m.group(1), int(m.group(2))
-    if not 1 <= port <= 65535:
-        raise ValueError(f"port must be between 1 and 65535, got {port}")
-    try:
-        host = str(ipaddress.ip_address(host))
-    except ValueError:
-        if not _HOSTNAME.match(host):
-            raise ValueError(f"not a valid host name or address: {host!r}") from None
-    return host, port
-
-
-# ---------------------------------------------------------------------------------------------
-# The tree walk.
-
-
-class _Reader:
-    """Collects errors while reading tables; `take` pops a key and converts it."""
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.errors: list[str] = []
-
-    def error(self, path: str, reason: str) -> None:
-        self.errors.append(
-            f"{self.source}: {path}: {reason}" if path else f"{self.source}: {reason}"
-        )
-
-    def table(self, v: Any, path: str) -> dict[str, Any] | None:
-        if not isinstance(v, dict):
-            self.error(path, f"expected a table, got {type(v).__name__}")
-            return None
-        return dict(v)
-
-    def take(
-        self, t: dict[str, Any], key: str, path: str, conv: Callable[[Any], Any], default: Any
-    ) -> Any:
-        if key not in t:
-            return default
-        raw = t.pop(key)
-        try:
-            return conv(raw)
-        except _Bad as e:
-            self.error(_join(path, key), str(e))
-            return default
-
-    def unknown(self, t: dict[str, Any], path: str, known: tuple[str, ...]) -> None:
-        for key in t:
-            hint = _close_match(key, known)
-            self.error(
-                _join(path, key), "unknown key" + (f' (did you mean "{hint}"?)' if hint else "")
-            )
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
-def _close_match(key: str, known: tuple[str, ...]) -> str | None:
-    import difflib
-
-    m = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
-    return m[0] if m else None
 
 
 _TIMEOUT_KEYS = tuple(Timeouts.__dataclass_fields__)
@@ -231,7 +59,7 @@ _POOL_KEYS = tuple(PoolConfig.__dataclass_fields__)
 
 
 def _read_timeouts(
-    r: _Reader, raw: Any, path: str, base: Timeouts, allowed: tuple[str, ...]
+    r: cr.Reader, raw: Any, path: str, base: Timeouts, allowed: tuple[str, ...]
 ) -> Timeouts:
     t = r.table(raw, path)
     if t is None:
@@ -240,17 +68,17 @@ def _read_timeouts(
     for key in allowed:
         zero_ok = key == "request_total"
         values[key] = r.take(
-            t, key, path, lambda v, z=zero_ok: _duration(v, allow_zero=z), getattr(base, key)
+            t, key, path, lambda v, z=zero_ok: cr.duration(v, allow_zero=z), getattr(base, key)
         )
     for key in list(t):
         if key in _TIMEOUT_KEYS:
             t.pop(key)
-            r.error(_join(path, key), "cannot be set per route (set it in [timeouts])")
+            r.error(cr.join(path, key), "cannot be set per route (set it in [timeouts])")
     r.unknown(t, path, allowed)
     return replace(base, **values)
 
 
-def _read_limits(r: _Reader, raw: Any) -> Limits:
+def _read_limits(r: cr.Reader, raw: Any) -> Limits:
     t = r.table(raw, "limits")
     if t is None:
         return Limits()
@@ -260,24 +88,28 @@ def _read_limits(r: _Reader, raw: Any) -> Limits:
             t,
             "max_request_line",
             "limits",
-            lambda v: _size(v, lo=64, hi=1 << 20),
+            lambda v: cr.size(v, lo=64, hi=1 << 20),
             d.max_request_line,
         ),
         max_header_bytes=r.take(
             t,
             "max_header_bytes",
             "limits",
-            lambda v: _size(v, lo=256, hi=1 << 24),
+            lambda v: cr.size(v, lo=256, hi=1 << 24),
             d.max_header_bytes,
         ),
         max_headers=r.take(
-            t, "max_headers", "limits", lambda v: _int(v, lo=1, hi=10000), d.max_headers
+            t, "max_headers", "limits", lambda v: cr.integer(v, lo=1, hi=10000), d.max_headers
         ),
         max_body_bytes=r.take(
-            t, "max_body_bytes", "limits", lambda v: _size(v, lo=0, hi=1 << 50), d.max_body_bytes
+            t, "max_body_bytes", "limits", lambda v: cr.size(v, lo=0, hi=1 << 50), d.max_body_bytes
         ),
         max_connections=r.take(
-            t, "max_connections", "limits", lambda v: _int(v, lo=1, hi=1 << 20), d.max_connections
+            t,
+            "max_connections",
+            "limits",
+            lambda v: cr.integer(v, lo=1, hi=1 << 20),
+            d.max_connections,
         ),
     )
     r.unknown(t, "limits", _LIMIT_KEYS)
@@ -289,7 +121,7 @@ def _read_limits(r: _Reader, raw: Any) -> Limits:
     return lim
 
 
-def _read_listeners(r: _Reader, raw: Any) -> tuple[Listener, ...]:
+def _read_listeners(r: cr.Reader, raw: Any) -> tuple[Listener, ...]:
     if not isinstance(raw, list) or not raw:
         r.error("listeners", "expected at least one [[listeners]] table")
         return ()
@@ -302,9 +134,9 @@ def _read_listeners(r: _Reader, raw: Any) -> tuple[Listener, ...]:
             continue
         if "address" not in t or "port" not in t:
             r.error(path, 'needs both "address" and "port"')
-        address = r.take(t, "address", path, _ip, "127.0.0.1")
-        port = r.take(t, "port", path, _port, 0)
-        backlog = r.take(t, "backlog", path, lambda v: _int(v, lo=1, hi=65535), 1024)
+        address = r.take(t, "address", path, cr.ip, "127.0.0.1")
+        port = r.take(t, "port", path, cr.port, 0)
+        backlog = r.take(t, "backlog", path, lambda v: cr.integer(v, lo=1, hi=65535), 1024)
         r.unknown(t, path, ("address", "port", "backlog"))
         if (address, port) in seen:
             r.error(path, f"{address}:{port} is already listeners[{seen[(address, port)]}]")
@@ -313,7 +145,7 @@ def _read_listeners(r: _Reader, raw: Any) -> tuple[Listener, ...]:
     return tuple(out)
 
 
-def _endpoint(r: _Reader, item: Any, path: str) -> Endpoint | None:
+def _endpoint(r: cr.Reader, item: Any, path: str) -> Endpoint | None:
     if isinstance(item, str):
         addr, weight = item, 1
     elif isinstance(item, dict):
@@ -322,45 +154,51 @@ def _endpoint(r: _Reader, item: Any, path: str) -> Endpoint | None:
             r.error(path, 'needs "address"')
             return None
         addr = t.pop("address")
-        weight = r.take(t, "weight", path, lambda v: _int(v, lo=1, hi=1000), 1)
+        weight = r.take(t, "weight", path, lambda v: cr.integer(v, lo=1, hi=1000), 1)
         r.unknown(t, path, ("address", "weight"))
         if not isinstance(addr, str):
-            r.error(_join(path, "address"), f'expected "host:port", got {addr!r}')
+            r.error(cr.join(path, "address"), f'expected "host:port", got {addr!r}')
             return None
-        path = _join(path, "address")
+        path = cr.join(path, "address")
     else:
         r.error(path, f'expected "host:port" or a table with address and weight, got {item!r}')
         return None
     try:
-        host, port = parse_hostport(addr)
+        host, port = cr.parse_hostport(addr)
     except ValueError as e:
         r.error(path, str(e))
         return None
     return Endpoint(host, port, weight)
 
 
-def _read_pool(r: _Reader, raw: Any, path: str) -> PoolConfig:
+def _read_pool(r: cr.Reader, raw: Any, path: str) -> PoolConfig:
     t = r.table(raw, path)
     if t is None:
         return PoolConfig()
     d = PoolConfig()
     pool = PoolConfig(
         max_per_endpoint=r.take(
-            t, "max_per_endpoint", path, lambda v: _int(v, lo=1, hi=100000), d.max_per_endpoint
+            t,
+            "max_per_endpoint",
+            path,
+            lambda v: cr.integer(v, lo=1, hi=100000),
+            d.max_per_endpoint,
         ),
         max_idle_per_endpoint=r.take(
             t,
             "max_idle_per_endpoint",
             path,
-            lambda v: _int(v, lo=0, hi=100000),
+            lambda v: cr.integer(v, lo=0, hi=100000),
             d.max_idle_per_endpoint,
         ),
-        idle_timeout=r.take(t, "idle_timeout", path, _duration, d.idle_timeout),
+        idle_timeout=r.take(t, "idle_timeout", path, cr.duration, d.idle_timeout),
         max_requests=r.take(
-            t, "max_requests", path, lambda v: _int(v, lo=0, hi=1 << 40), d.max_requests
+            t, "max_requests", path, lambda v: cr.integer(v, lo=0, hi=1 << 40), d.max_requests
         ),
-        queue_size=r.take(t, "queue_size", path, lambda v: _int(v, lo=0, hi=1 << 20), d.queue_size),
-        queue_timeout=r.take(t, "queue_timeout", path, _duration, d.queue_timeout),
+        queue_size=r.take(
+            t, "queue_size", path, lambda v: cr.integer(v, lo=0, hi=1 << 20), d.queue_size
+        ),
+        queue_timeout=r.take(t, "queue_timeout", path, cr.duration, d.queue_timeout),
     )
     r.unknown(t, path, _POOL_KEYS)
     return pool
@@ -370,32 +208,32 @@ _DEST_KEYS = ("strategy", "endpoints", "host_header", "hash_key", "hash_balance_
 
 
 def _hash_key(v: Any) -> str:
-    s = _str(v)
+    s = cr.string(v)
     if s in ("client_ip", "path"):
         return s
     kind, _, name = s.partition(":")
     if kind in ("header", "cookie") and name:
         if kind == "header" and not _HEADER_NAME.match(name):
-            raise _Bad(f"{name!r} is not a valid header name")
+            raise cr.Bad(f"{name!r} is not a valid header name")
         return f"{kind}:{name.lower() if kind == 'header' else name}"
-    raise _Bad(f'expected "client_ip", "path", "header:<name>" or "cookie:<name>", got {s!r}')
+    raise cr.Bad(f'expected "client_ip", "path", "header:<name>" or "cookie:<name>", got {s!r}')
 
 
 def _strategy(v: Any) -> str:
-    s = _str(v)
+    s = cr.string(v)
     if s not in STRATEGIES:
-        raise _Bad(f"unknown strategy {s!r} (known: {', '.join(STRATEGIES)})")
+        raise cr.Bad(f"unknown strategy {s!r} (known: {', '.join(STRATEGIES)})")
     return s
 
 
 def _host_header(v: Any) -> str:
-    s = _str(v)
+    s = cr.string(v)
     if s in ("pass", "endpoint"):
         return s
     try:
         _check_host_value(s)
     except ValueError as e:
-        raise _Bad(f'expected "pass", "endpoint" or a host[:port] to send: {e}') from None
+        raise cr.Bad(f'expected "pass", "endpoint" or a host[:port] to send: {e}') from None
     return s
 
 
@@ -407,11 +245,11 @@ def _check_host_value(s: str) -> None:
         host = s
     if host.startswith("[") and host.endswith("]"):
         ipaddress.IPv6Address(host[1:-1])
-    elif not _HOSTNAME.match(host):
+    elif not cr.HOSTNAME.match(host):
         raise ValueError(f"{s!r} is not a valid host")
 
 
-def _read_destinations(r: _Reader, raw: Any) -> dict[str, Destination]:
+def _read_destinations(r: cr.Reader, raw: Any) -> dict[str, Destination]:
     t = r.table(raw, "destinations")
     if t is None:
         return {}
@@ -427,10 +265,11 @@ def _read_destinations(r: _Reader, raw: Any) -> dict[str, Destination]:
         host_header = r.take(d, "host_header", path, _host_header, "pass")
         has_hash_key = "hash_key" in d
         hash_key = r.take(d, "hash_key", path, _hash_key, None)
-        factor = r.take(d, "hash_balance_factor", path, lambda v: _float(v, lo=0, hi=100), 1.25)
+        factor = r.take(d, "hash_balance_factor", path, lambda v: cr.number(v, lo=0, hi=100), 1.25)
         if 0 < factor < 1:
             r.error(
-                _join(path, "hash_balance_factor"), f"must be 0 (off) or at least 1, got {factor:g}"
+                cr.join(path, "hash_balance_factor"),
+                f"must be 0 (off) or at least 1, got {factor:g}",
             )
         pool = _read_pool(r, d.pop("pool"), f"{path}.pool") if "pool" in d else PoolConfig()
         eps: list[Endpoint] = []
@@ -479,26 +318,28 @@ _ROUTE_KEYS = (
 
 
 def _route_host(v: Any) -> str:
-    s = _str(v).lower().rstrip(".")  # "example.com." is the same host; requests match without it
+    s = (
+        cr.string(v).lower().rstrip(".")
+    )  # "example.com." is the same host; requests match without it
     if s.startswith("*."):
-        if not _HOSTNAME.match(s[2:]):
-            raise _Bad(f'{v!r} is not a host name or "*.suffix"')
+        if not cr.HOSTNAME.match(s[2:]):
+            raise cr.Bad(f'{v!r} is not a host name or "*.suffix"')
         return s
     if re.search(r":\d*$", s) and not s.endswith("]"):
-        raise _Bad(f"{v!r}: a route host has no port (routes match the host on any port)")
+        raise cr.Bad(f"{v!r}: a route host has no port (routes match the host on any port)")
     try:
         _check_host_value(s)
     except ValueError:
-        raise _Bad(f'{v!r} is not a host name or "*.suffix"') from None
+        raise cr.Bad(f'{v!r} is not a host name or "*.suffix"') from None
     return s
 
 
 def _path_prefix(v: Any) -> str:
-    s = _str(v)
+    s = cr.string(v)
     if not s.startswith("/"):
-        raise _Bad(f'must start with "/", got {s!r}')
+        raise cr.Bad(f'must start with "/", got {s!r}')
     if any(c in s for c in "?#") or not s.isascii() or any(c <= " " or c == "\x7f" for c in s):
-        raise _Bad(
+        raise cr.Bad(
             f"a path prefix has no query, fragment, space, control or non-ASCII character: {s!r}"
         )
     return s
@@ -506,18 +347,18 @@ def _path_prefix(v: Any) -> str:
 
 def _methods(v: Any) -> frozenset[str]:
     if not isinstance(v, list) or not v:
-        raise _Bad('expected a non-empty list of methods like ["GET", "POST"]')
+        raise cr.Bad('expected a non-empty list of methods like ["GET", "POST"]')
     out = set()
     for m in v:
         if not isinstance(m, str) or not re.match(r"^[A-Z][A-Z0-9_-]*\Z", m):
-            raise _Bad(f"{m!r} is not an HTTP method (upper case token)")
+            raise cr.Bad(f"{m!r} is not an HTTP method (upper case token)")
         if m == "CONNECT":
-            raise _Bad("CONNECT is not proxied (weft answers it with 405)")
+            raise cr.Bad("CONNECT is not proxied (weft answers it with 405)")
         out.add(m)
     return frozenset(out)
 
 
-def _middleware(r: _Reader, raw: Any, path: str) -> tuple[MiddlewareSpec, ...]:
+def _middleware(r: cr.Reader, raw: Any, path: str) -> tuple[MiddlewareSpec, ...]:
     if not isinstance(raw, list):
         r.error(path, 'expected a list of "module:factory" strings or {use = ...} tables')
         return ()
@@ -540,7 +381,7 @@ def _middleware(r: _Reader, raw: Any, path: str) -> tuple[MiddlewareSpec, ...]:
 
 
 def _read_routes(
-    r: _Reader, raw: Any, timeouts: Timeouts, limits: Limits
+    r: cr.Reader, raw: Any, timeouts: Timeouts, limits: Limits
 ) -> list[tuple[int, Route, bool]]:
     """Each route with its index in the file and whether it was read without a mistake."""
     if not isinstance(raw, list) or not raw:
@@ -553,16 +394,16 @@ def _read_routes(
         if t is None:
             continue
         errors_before = len(r.errors)
-        name = r.take(t, "name", path, _str, f"route{i}")
+        name = r.take(t, "name", path, cr.string, f"route{i}")
         if not _NAME.match(name):
             r.error(f"{path}.name", "a route name uses letters, digits, '_', '-', '.' (at most 64)")
         if "destination" not in t:
             r.error(path, 'needs "destination"')
-        dest = r.take(t, "destination", path, _str, "")
+        dest = r.take(t, "destination", path, cr.string, "")
         host = r.take(t, "host", path, _route_host, None)
         prefix = r.take(t, "path_prefix", path, _path_prefix, "/")
         methods = r.take(t, "methods", path, _methods, None)
-        strip = r.take(t, "strip_prefix", path, _bool, False)
+        strip = r.take(t, "strip_prefix", path, cr.boolean, False)
         rewrite = r.take(t, "rewrite_prefix", path, _path_prefix, None)
         if strip and rewrite is not None:
             r.error(path, "use either strip_prefix or rewrite_prefix, not both")
@@ -572,21 +413,13 @@ def _read_routes(
             else timeouts
         )
         body = r.take(
-            t, "max_body_bytes", path, lambda v: _size(v, lo=0, hi=1 << 50), limits.max_body_bytes
+            t, "max_body_bytes", path, lambda v: cr.size(v, lo=0, hi=1 << 50), limits.max_body_bytes
         )
         mws = _middleware(r, t.pop("middleware"), f"{path}.middleware") if "middleware" in t else ()
         r.unknown(t, path, _ROUTE_KEYS)
         route = Route(name, dest, host, prefix, methods, strip, rewrite, rt, body, mws)
         out.append((i, route, len(r.errors) == errors_before))
     return out
-
-
-def _cidr(v: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    s = _str(v)
-    try:
-        return ipaddress.ip_network(s, strict=False)
-    except ValueError:
-        raise _Bad(f'expected a CIDR like "10.0.0.0/8", got {s!r}') from None
 
 
 _TOP_KEYS = (
@@ -613,16 +446,16 @@ _SERVER_KEYS = (
 
 
 def _instance(v: Any) -> str:
-    s = _str(v)
+    s = cr.string(v)
     if not re.match(r"^[A-Za-z0-9_-]{1,32}\Z", s):
-        raise _Bad(f"an instance name is 1-32 of letters, digits, '_', '-', got {s!r}")
+        raise cr.Bad(f"an instance name is 1-32 of letters, digits, '_', '-', got {s!r}")
     return s
 
 
 def _token(v: Any) -> str:
-    s = _str(v)
+    s = cr.string(v)
     if not re.match(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z", s):
-        raise _Bad(f"expected a token (no spaces or separators), got {s!r}")
+        raise cr.Bad(f"expected a token (no spaces or separators), got {s!r}")
     return s
 
 
@@ -631,14 +464,14 @@ def _token(v: Any) -> str:
 ADMIN_TOKEN_MIN = 16
 
 
-def _read_admin(r: _Reader, raw: Any, listeners: tuple[Listener, ...]) -> Admin:
+def _read_admin(r: cr.Reader, raw: Any, listeners: tuple[Listener, ...]) -> Admin:
     t = r.table(raw, "admin")
     if t is None:
         return Admin()
     if "port" not in t:
         r.error("admin", 'needs "port" (the admin listener is off without an [admin] table)')
-    address = r.take(t, "address", "admin", _ip, "127.0.0.1")
-    port = r.take(t, "port", "admin", _port, None)
+    address = r.take(t, "address", "admin", cr.ip, "127.0.0.1")
+    port = r.take(t, "port", "admin", cr.port, None)
     token = r.take(t, "token", "admin", _admin_token, None)
     r.unknown(t, "admin", ("address", "port", "token"))
     if token is None and not ipaddress.ip_address(address).is_loopback:
@@ -655,9 +488,9 @@ def _read_admin(r: _Reader, raw: Any, listeners: tuple[Listener, ...]) -> Admin:
 
 
 def _admin_token(v: Any) -> str:
-    s = _str(v)
+    s = cr.string(v)
     if len(s) < ADMIN_TOKEN_MIN or not re.match(r"^[A-Za-z0-9._~+/=-]+\Z", s):
-        raise _Bad(
+        raise cr.Bad(
             f"expected at least {ADMIN_TOKEN_MIN} characters of letters, digits and "
             "'._~+/=-' (e.g. the output of `openssl rand -hex 16`)"
         )
@@ -666,13 +499,13 @@ def _admin_token(v: Any) -> str:
 
 def from_dict(data: dict[str, Any], source: str, digest: str = "") -> Config:
     """Validate a parsed TOML document. Raises ConfigError listing every mistake."""
-    r = _Reader(source)
+    r = cr.Reader(source)
     top = dict(data)
     server = r.table(top.pop("server", {}), "server") or {}
     instance = r.take(server, "instance", "server", _instance, "default")
-    workers = r.take(server, "workers", "server", lambda v: _int(v, lo=0, hi=256), 0)
-    boot_timeout = r.take(server, "boot_timeout", "server", _duration, 30.0)
-    heartbeat_timeout = r.take(server, "heartbeat_timeout", "server", _duration, 20.0)
+    workers = r.take(server, "workers", "server", lambda v: cr.integer(v, lo=0, hi=256), 0)
+    boot_timeout = r.take(server, "boot_timeout", "server", cr.duration, 30.0)
+    heartbeat_timeout = r.take(server, "heartbeat_timeout", "server", cr.duration, 20.0)
     via = r.take(server, "via", "server", _token, "weft")
     rid = r.take(server, "request_id_header", "server", lambda v: _token(v).lower(), "x-request-id")
     trusted: list[Any] = []
@@ -683,8 +516,8 @@ def from_dict(data: dict[str, Any], source: str, digest: str = "") -> Config:
         else:
             for i, c in enumerate(raw):
                 try:
-                    trusted.append(_cidr(c))
-                except _Bad as e:
+                    trusted.append(cr.cidr(c))
+                except cr.Bad as e:
                     r.error(f"server.trusted_proxies[{i}]", str(e))
     r.unknown(server, "server", _SERVER_KEYS)
 
@@ -699,16 +532,18 @@ def from_dict(data: dict[str, Any], source: str, digest: str = "") -> Config:
     # refusing it would refuse the default drain_idle for any short drain.
     al = r.table(top.pop("access_log", {}), "access_log") or {}
     access_log = AccessLog(
-        enabled=r.take(al, "enabled", "access_log", _bool, True),
-        path=r.take(al, "path", "access_log", _str, "-"),
+        enabled=r.take(al, "enabled", "access_log", cr.boolean, True),
+        path=r.take(al, "path", "access_log", cr.string, "-"),
     )
     r.unknown(al, "access_log", ("enabled", "path"))
     up = r.table(top.pop("upstream", {}), "upstream") or {}
-    up_max = r.take(up, "max_connections", "upstream", lambda v: _int(v, lo=1, hi=1 << 20), 4096)
+    up_max = r.take(
+        up, "max_connections", "upstream", lambda v: cr.integer(v, lo=1, hi=1 << 20), 4096
+    )
     r.unknown(up, "upstream", ("max_connections",))
     admin = _read_admin(r, top.pop("admin"), listeners) if "admin" in top else Admin()
     mt = r.table(top.pop("metrics", {}), "metrics") or {}
-    metrics = Metrics(enabled=r.take(mt, "enabled", "metrics", _bool, True))
+    metrics = Metrics(enabled=r.take(mt, "enabled", "metrics", cr.boolean, True))
     r.unknown(mt, "metrics", ("enabled",))
     dests = _read_destinations(r, top.pop("destinations", None)) if "destinations" in top else {}
     if not dests:
@@ -793,7 +628,7 @@ def quick(
     is the ``--admin HOST:PORT`` of the admin listener."""
     errors = []
     try:
-        lhost, lport = parse_hostport(listen)
+        lhost, lport = cr.parse_hostport(listen)
         ipaddress.ip_address(lhost)
     except ValueError as e:
         errors.append(f"--listen: {e}")
@@ -803,13 +638,13 @@ def quick(
     eps = []
     for u in upstreams:
         try:
-            eps.append(list(parse_hostport(u)))
+            eps.append(list(cr.parse_hostport(u)))
         except ValueError as e:
             errors.append(f"--upstream {u}: {e}")
     admin_table: dict[str, Any] | None = None
     if admin is not None:
         try:
-            ahost, aport = parse_hostport(admin)
+            ahost, aport = cr.parse_hostport(admin)
             ipaddress.ip_address(ahost)
             admin_table = {"address": ahost, "port": aport}
         except ValueError as e:
