@@ -349,3 +349,76 @@ def test_unambiguous_framing_variants_are_served_and_the_connection_kept(proxied
     assert (first.status, second.status) == (200, 200)
     assert json.loads(first.body)["body_len"] == 5
     assert not first.connection_close
+
+
+# -- chunked bodies (RFC 9112 section 7.1) ------------------------------------------------------
+
+BAD_CHUNKS = [
+    # chunk-size: hex digits, and a size that fits in 63 bits (a signed 64-bit offset).
+    ("size-100-hex-digits", b"f" * 100 + b"\r\nhello\r\n0\r\n\r\n"),
+    ("size-2-pow-64", b"10000000000000000\r\nhello\r\n0\r\n\r\n"),
+    ("size-2-pow-63", b"8000000000000000\r\nhello\r\n0\r\n\r\n"),
+    ("size-20-hex-digits", b"ffffffffffffffffffff\r\nhello\r\n0\r\n\r\n"),
+    ("size-not-hex", b"zz\r\nhello\r\n0\r\n\r\n"),
+    ("size-0x-prefix", b"0x5\r\nhello\r\n0\r\n\r\n"),
+    ("size-negative", b"-5\r\nhello\r\n0\r\n\r\n"),
+    ("size-two-numbers", b"5 5\r\nhello\r\n0\r\n\r\n"),
+    ("size-leading-space", b" 5\r\nhello\r\n0\r\n\r\n"),
+    ("size-missing", b"\r\nhello\r\n0\r\n\r\n"),
+    ("size-line-ends-in-bare-lf", b"5\nhello\r\n0\r\n\r\n"),
+    # chunk-ext = *( BWS ";" BWS name [ BWS "=" BWS ( token / quoted-string ) ] )
+    ("ext-empty-name", b"5;\r\nhello\r\n0\r\n\r\n"),
+    ("ext-no-name", b"5;=v\r\nhello\r\n0\r\n\r\n"),
+    ("ext-nul", b"5;a=\x00\r\nhello\r\n0\r\n\r\n"),
+    ("ext-bare-cr", b"5;a\rb\r\nhello\r\n0\r\n\r\n"),
+    ("ext-space-in-value", b"5;a=b c\r\nhello\r\n0\r\n\r\n"),
+    ("ext-unterminated-quote", b'5;a="b\r\nhello\r\n0\r\n\r\n'),
+    ("ext-non-ascii-name", b"5;\xe9=1\r\nhello\r\n0\r\n\r\n"),
+]
+
+
+@pytest.mark.parametrize("body", [c[1] for c in BAD_CHUNKS], ids=[c[0] for c in BAD_CHUNKS])
+def test_a_malformed_first_chunk_gets_400_and_a_close(proxied, body):
+    _refused(proxied, b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+             + body, 400, closed=True)
+
+
+def test_chunk_data_longer_than_its_size_gets_400_and_a_close(proxied):
+    # The chunk data must end in CRLF where the size says. (Its first 5 bytes were a valid
+    # chunk, so the request may be on its way upstream: only the answer is checked.)
+    proxy, _ = proxied
+    result = exchange(proxy.port, b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked"
+                      b"\r\n\r\n5\r\nhelloXX\r\n0\r\n\r\n")
+    assert result.statuses == [400]
+    assert result.closed
+
+
+def test_the_largest_chunk_size_weft_accepts_is_limited_by_max_body_bytes_only(proxied):
+    # 2**63 - 1: a valid size; the body limit (10 KiB) ends it with 413 once it is exceeded.
+    proxy, _ = proxied
+    result = exchange(proxy.port, b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked"
+                      b"\r\n\r\n7fffffffffffffff\r\n" + b"x" * 16 * 1024)
+    assert result.statuses == [413]
+    assert result.closed
+
+
+GOOD_CHUNKS = [
+    ("ext-token", b"5;a=b\r\nhello\r\n0\r\n\r\n"),
+    ("ext-name-only-and-several", b"5;a;b=c\r\nhello\r\n0\r\n\r\n"),
+    ("ext-quoted", b'5;a="x y;\\"z"\r\nhello\r\n0\r\n\r\n'),
+    ("ext-bws-after-semicolon", b"5; a = b\r\nhello\r\n0\r\n\r\n"),
+    ("size-upper-case-leading-zeros", b"000000000000000005\r\nhello\r\n0\r\n\r\n"),
+    ("last-chunk-with-ext-and-trailer", b"5\r\nhello\r\n0;end=1\r\nX-T: 1\r\n\r\n"),
+]
+
+
+@pytest.mark.parametrize("body", [c[1] for c in GOOD_CHUNKS], ids=[c[0] for c in GOOD_CHUNKS])
+def test_well_formed_chunks_are_served_and_the_connection_kept(proxied, body):
+    proxy, _ = proxied
+    with RawConnection(proxy.port) as conn:
+        conn.send(b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n" + body)
+        first = conn.read_response()
+        conn.send(b"GET /echo HTTP/1.1\r\nHost: t\r\n\r\n")
+        second = conn.read_response()
+    assert (first.status, second.status) == (200, 200)
+    assert json.loads(first.body)["body_len"] == 5

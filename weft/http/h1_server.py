@@ -40,7 +40,15 @@ import h11
 import trio
 
 from weft.http.errors import ClientError, ClientGone, UpstreamError, error_response
-from weft.http.h1 import END, METHOD, READ_SIZE, TARGET_BAD, end_of_message, fields
+from weft.http.h1 import (
+    END,
+    METHOD,
+    READ_SIZE,
+    TARGET_BAD,
+    check_chunk_lines,
+    end_of_message,
+    fields,
+)
 from weft.http.headers import fields_valid, has_field, new_request_id, valid_request_id
 from weft.http.io import close, recv, recv_until
 from weft.http.messages import Body, BodyTooLarge, Headers, Request, Response
@@ -133,6 +141,8 @@ class H1RequestBody(Body):
         self.limit: int | None = None
         self.received = 0
         self._done = length == 0
+        if length is None:
+            check_chunk_lines(conn)  # sizes past 63 bits, malformed chunk-ext: h11 takes them
 
     @property
     def done(self) -> bool:
