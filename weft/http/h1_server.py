@@ -96,7 +96,9 @@ def _check_fields(buf: bytearray, start: int, end: int, version: bytes) -> None:
     """
     if _OBS_FOLD.search(buf, start, end):
         # RFC 9112 §5.2 lets a server unfold or refuse: refuse, as nginx does.
-        raise ClientError("a header line starts with whitespace (obs-fold)", reason="obs_fold")
+        raise ClientError(
+            "a header line starts with whitespace (obs-fold)", reason="ambiguous_framing"
+        )
     found = _FRAMING_FIELD.findall(buf, start, end)
     if not found:
         return
@@ -119,7 +121,7 @@ def _check_fields(buf: bytearray, start: int, end: int, version: bytes) -> None:
             # (§7); weft frames no other coding (§6.1 allows 400 as well as 501 for them).
             raise ClientError(
                 "Transfer-Encoding must be chunked, once and alone",
-                reason="bad_transfer_encoding",
+                reason="ambiguous_framing",
             )
 
 
