@@ -8,6 +8,7 @@ must be closed after it, and that the upstream never saw the request.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from support import procs
@@ -422,3 +423,45 @@ def test_well_formed_chunks_are_served_and_the_connection_kept(proxied, body):
         second = conn.read_response()
     assert (first.status, second.status) == (200, 200)
     assert json.loads(first.body)["body_len"] == 5
+
+
+# -- what a refused client is told --------------------------------------------------------------
+
+PLAIN_BODY = re.compile(rb"[0-9]{3} [A-Za-z -]+: [A-Za-z0-9 ,./()-]+\n")
+
+MALFORMED = [
+    ("bad-header-name", b"GET /echo HTTP/1.1\r\nHost: t\r\nBad Name: x\r\n\r\n"),
+    ("header-without-colon", b"GET /echo HTTP/1.1\r\nHost: t\r\nNo-Colon-Here\r\n\r\n"),
+    ("nul-in-value", b"GET /echo HTTP/1.1\r\nHost: t\r\nX-Nul: a\x00b\r\n\r\n"),
+    ("bad-request-line", b"GET  /echo HTTP/1.1\r\nHost: t\r\n\r\n"),
+    ("bad-method", b"G(T /echo HTTP/1.1\r\nHost: t\r\n\r\n"),
+    ("bad-chunk-size", b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                       b"zz\r\nhello\r\n0\r\n\r\n"),
+    ("bad-chunk-footer", b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         b"5\r\nhelloXX\r\n0\r\n\r\n"),
+    ("huge-chunk-size", b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                        + b"f" * 100 + b"\r\nhello\r\n0\r\n\r\n"),
+    ("gzip-coding", b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip\r\n\r\nhello"),
+    ("bad-content-length", b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: x\r\n\r\nhello"),
+]
+
+
+@pytest.mark.parametrize("data", [c[1] for c in MALFORMED], ids=[c[0] for c in MALFORMED])
+def test_a_refused_request_is_told_why_in_a_short_plain_sentence(proxied, data):
+    proxy, _ = proxied
+    result = exchange(proxy.port, data)
+    assert result.statuses == [400]
+    body = result.responses[0].body
+    for leak in (b"b'", b'b"', b"bytearray", b"h11", b"Traceback", b"Error", b"\\x"):
+        assert leak not in body, f"the 400 body shows parser internals: {body!r}"
+    assert len(body) < 100 and PLAIN_BODY.fullmatch(body), body
+    assert body.startswith(b"400 Bad Request: ")
+
+
+def test_the_parser_detail_of_a_refused_request_goes_to_the_log(proxied):
+    proxy, _ = proxied
+    exchange(proxy.port, b"GET /echo HTTP/1.1\r\nHost: t\r\nX-Detail-In-Log\r\n\r\n")
+    procs.wait_for(lambda: "X-Detail-In-Log" in proxy.stderr_text(), 5.0,
+                   "the refused header line to be logged")
+    line = next(ln for ln in proxy.stderr_text().splitlines() if "X-Detail-In-Log" in ln)
+    assert " weft.h1[" in line and " INFO " in line, line

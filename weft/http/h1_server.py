@@ -26,7 +26,9 @@ What weft adds to h11, and why (see ARCHITECTURE.md, "Known pitfalls"):
 
 The server never lets a request kill the connection task with an unexpected exception: the
 handler (`weft.handler`) turns middleware failures into 500s, and the errors in
-`weft.http.errors` become their status here.
+`weft.http.errors` become their status here. The body of such an answer is a plain sentence
+(``400 Bad Request: malformed request head``); what h11 said about the bytes it refused goes to
+the log (``weft.h1``, info), never to the client.
 """
 
 from __future__ import annotations
@@ -162,7 +164,7 @@ class H1RequestBody(Body):
             try:
                 ev = conn.next_event()
             except h11.RemoteProtocolError as e:
-                raise ClientError(f"malformed request body: {e}", reason="bad_body") from None
+                raise self._srv.malformed("request body", e, "bad_body") from None
             if ev is h11.NEED_DATA:
                 data = await self._srv.receive(self._srv.body_idle, "client_body_timeout")
                 if not data:
@@ -185,7 +187,7 @@ class H1RequestBody(Body):
                 self.trailers = fields(ev.headers)
                 self._done = True
                 return b""
-            raise ClientError(f"unexpected {ev!r} in request body", reason="bad_body")
+            raise self._srv.malformed("request body", f"unexpected {type(ev).__name__}", "bad_body")
 
 
 class H1Server:
@@ -206,6 +208,12 @@ class H1Server:
         self.rid_header = cfg.request_id_header.encode()
         self.buf = bytearray()
         self.requests = 0
+
+    def malformed(self, part: str, detail: object, reason: str) -> ClientError:
+        """The 400 for a request h11 refused: the client is told which `part` was malformed,
+        the log gets h11's `detail` (it quotes the bytes, as Python reprs)."""
+        log.info("malformed %s from %s:%d: %s", part, *self.client, detail)
+        return ClientError(f"malformed {part}", reason=reason)
 
     # -- I/O with timeouts -------------------------------------------------------------------
 
@@ -427,11 +435,9 @@ class H1Server:
             try:
                 ev = conn.next_event()
             except h11.RemoteProtocolError as e:
-                raise ClientError(
-                    f"malformed request: {e}",
-                    status=e.error_status_hint if e.error_status_hint != 400 else None,
-                    reason="bad_request",
-                ) from None
+                # Always a 400: the head is complete (h11's 431 is for heads in pieces), and
+                # its 501 (Transfer-Encoding) cannot come past _check_fields.
+                raise self.malformed("request head", e, "bad_request") from None
             assert type(ev) is h11.Request, ev
             request = self._make_request(conn, ev, method, target, version, start)
             request.client_gone = self._client_gone
