@@ -375,6 +375,8 @@ BAD_CHUNKS = [
     ("ext-space-in-value", b"5;a=b c\r\nhello\r\n0\r\n\r\n"),
     ("ext-unterminated-quote", b'5;a="b\r\nhello\r\n0\r\n\r\n'),
     ("ext-non-ascii-name", b"5;\xe9=1\r\nhello\r\n0\r\n\r\n"),
+    ("line-over-4-KiB", b"5;a=" + b"b" * 4096 + b"\r\nhello\r\n0\r\n\r\n"),
+    ("line-over-4-KiB-without-its-crlf-yet", b"5;a=" + b"b" * 5000),
 ]
 
 
@@ -408,6 +410,8 @@ GOOD_CHUNKS = [
     ("ext-name-only-and-several", b"5;a;b=c\r\nhello\r\n0\r\n\r\n"),
     ("ext-quoted", b'5;a="x y;\\"z"\r\nhello\r\n0\r\n\r\n'),
     ("ext-bws-after-semicolon", b"5; a = b\r\nhello\r\n0\r\n\r\n"),
+    ("ext-s3-chunk-signature", b"5;chunk-signature=" + b"0a" * 32 + b"\r\nhello\r\n0\r\n\r\n"),
+    ("ext-line-of-4-KiB", b"5;a=" + b"b" * 4090 + b"\r\nhello\r\n0\r\n\r\n"),
     ("size-upper-case-leading-zeros", b"000000000000000005\r\nhello\r\n0\r\n\r\n"),
     ("last-chunk-with-ext-and-trailer", b"5\r\nhello\r\n0;end=1\r\nX-T: 1\r\n\r\n"),
 ]

@@ -3,8 +3,9 @@
 Both sides let h11 do the framing; what they share is how weft talks to h11 cheaply: one
 immutable end-of-message event, the header list taken from h11's own storage, and the check
 that lets a request line skip h11's per-field validation. And one check h11 leaves out:
-`check_chunk_lines` makes h11's chunked reader refuse chunk sizes past 63 bits and malformed
-chunk extensions (h11 takes any size of up to 20 hex digits, and anything after ``;``).
+`check_chunk_lines` makes h11's chunked reader refuse chunk sizes past 63 bits, malformed
+chunk extensions and chunk-size lines over 4 KiB (h11 takes any size of up to 20 hex digits,
+and anything after ``;``).
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ _CHUNK_LINE = re.compile(
 # Past this a chunk size is no length anything downstream can hold (a signed 64-bit offset,
 # what nginx and most upstreams count in); h11 takes up to 20 hex digits, 80 bits.
 MAX_CHUNK_SIZE = 2**63 - 1
+# The longest chunk-size line, extensions included (Go's net/http limit; RFC 9112 §7.1.1 asks
+# for one). Real extensions are short (S3's chunk-signature: 81 bytes); the bound also caps the
+# regex above at about a millisecond per line.
+MAX_CHUNK_LINE = 4096
 
 
 class _CheckedChunkedReader:
@@ -63,7 +68,9 @@ class _CheckedChunkedReader:
         if r._bytes_in_chunk == 0 and not r._reading_trailer:
             data = buf._data
             start = len(r._bytes_to_discard)  # the CRLF after the previous chunk (h11 checks it)
-            end = data.find(b"\r\n", start)
+            end = data.find(b"\r\n", start, start + MAX_CHUNK_LINE + 2)
+            if end < 0 and len(data) >= start + MAX_CHUNK_LINE + 2:
+                raise h11.RemoteProtocolError(f"chunk-size line over {MAX_CHUNK_LINE} bytes")
             if end >= 0:
                 m = _CHUNK_LINE.fullmatch(data, start, end)
                 if m is None:
