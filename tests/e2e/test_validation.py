@@ -429,6 +429,23 @@ def test_well_formed_chunks_are_served_and_the_connection_kept(proxied, body):
     assert json.loads(first.body)["body_len"] == 5
 
 
+def test_a_chunk_line_or_trailer_longer_than_the_head_may_arrive_in_pieces(proxied):
+    # A chunk-size line with an S3-style signature, and a trailer, each split across two
+    # sends, both longer than this short head: h11 measures incomplete lines against the
+    # head's own length unless told otherwise.
+    proxy, _ = proxied
+    signature = b"5;chunk-signature=" + b"0a" * 32
+    with RawConnection(proxy.port) as conn:
+        conn.send_pieces([
+            b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n",
+            signature, b"\r\nhello\r\n",
+            b"0\r\nX-Trailer: " + b"t" * 200, b"\r\n\r\n",
+        ], pause=0.1)
+        resp = conn.read_response()
+    assert resp.status == 200
+    assert json.loads(resp.body)["body_len"] == 5
+
+
 # -- what a refused client is told --------------------------------------------------------------
 
 PLAIN_BODY = re.compile(rb"[0-9]{3} [A-Za-z -]+: [A-Za-z0-9 ,./()-]+\n")

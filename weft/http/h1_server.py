@@ -147,6 +147,11 @@ class H1RequestBody(Body):
         self._done = length == 0
         if length is None:
             check_chunk_lines(conn)  # sizes past 63 bits, malformed chunk-ext: h11 takes them
+            # h11 measures an incomplete line (a chunk-size line, the trailer section) against
+            # the limit it was made with, the head's own length: a chunk line or trailer longer
+            # than a short head, split across reads, would fail. Trailers are bounded like a
+            # head, chunk lines by check_chunk_lines. (h11 is pinned; the attribute is its own.)
+            conn._max_incomplete_event_size = srv.limits.max_header_bytes
 
     @property
     def done(self) -> bool:
