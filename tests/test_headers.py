@@ -77,6 +77,7 @@ def test_hop_by_hop_set_is_the_rfc_list():
         b"te",
         b"transfer-encoding",
         b"upgrade",
+        b"http2-settings",  # RFC 7540 section 3.2.1: connection-specific (h2c upgrades only)
     }
 
 
@@ -98,10 +99,53 @@ def test_upgrade_is_kept_only_when_asked():
 
 
 def test_an_upgrade_request_needs_both_the_upgrade_field_and_the_connection_token():
-    assert is_upgrade_request([(b"connection", b"keep-alive, Upgrade"), (b"upgrade", b"ws")])
+    assert is_upgrade_request([(b"connection", b"keep-alive, Upgrade"), (b"upgrade", b"websocket")])
     assert not is_upgrade_request([(b"upgrade", b"websocket")])
     assert not is_upgrade_request([(b"connection", b"upgrade")])
     assert not is_upgrade_request([])
+
+
+@pytest.mark.parametrize("upgrade", [
+    [(b"upgrade", b"WebSocket")],
+    [(b"upgrade", b"h2c, websocket")],
+    [(b"upgrade", b"h2c"), (b"upgrade", b" websocket ")],
+])
+def test_a_websocket_token_anywhere_in_the_upgrade_list_is_an_upgrade_request(upgrade):
+    assert is_upgrade_request([(b"connection", b"Upgrade"), *upgrade])
+
+
+@pytest.mark.parametrize("value", [b"h2c", b"H2C", b"ws", b"TLS/1.2", b"websocket/13", b"",
+                                   b"websockets", b"h2c, web socket"])
+def test_only_a_websocket_upgrade_is_an_upgrade_request(value):
+    # RFC 9113 section 3.1: h2c is gone; an h2c upgrade that reached an upstream would let the
+    # client talk HTTP/2 to it past weft (h2csmuggler). Anything but WebSocket is plain HTTP/1.1.
+    assert not is_upgrade_request([(b"connection", b"Upgrade, HTTP2-Settings"),
+                                   (b"upgrade", value), (b"http2-settings", b"AAMAAABkAAQ")])
+
+
+@pytest.mark.parametrize("connection", [b"Upgrade, HTTP2-Settings", b"Upgrade", b"keep-alive"])
+def test_an_h2c_upgrade_is_forwarded_without_any_trace_of_it(connection):
+    headers = [(b"connection", connection), (b"upgrade", b"h2c"),
+               (b"http2-settings", b"AAMAAABkAAQ"), (b"x-a", b"1")]
+    out = forward(headers, upgrade=is_upgrade_request(headers))
+    names = [k for k, _ in out]
+    assert b"upgrade" not in names and b"http2-settings" not in names
+    assert b"connection" not in names
+    assert values(out, b"x-a") == [b"1"]
+
+
+def test_a_websocket_upgrade_offering_h2c_too_is_forwarded_as_websocket_only():
+    headers = [(b"connection", b"Upgrade, HTTP2-Settings"), (b"upgrade", b"h2c, WebSocket"),
+               (b"http2-settings", b"AAMAAABkAAQ"), (b"sec-websocket-key", b"k")]
+    out = forward(headers, upgrade=is_upgrade_request(headers))
+    assert values(out, b"upgrade") == [b"WebSocket"]
+    assert values(out, b"connection") == [b"upgrade"]
+    assert values(out, b"http2-settings") == []
+
+
+def test_http2_settings_is_hop_by_hop_even_when_connection_does_not_name_it():
+    assert b"http2-settings" in HOP_BY_HOP
+    assert strip_hop_by_hop([(b"http2-settings", b"AAMA"), (b"x-a", b"1")]) == [(b"x-a", b"1")]
 
 
 # -- trust ---------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import json
 import httpx
 import pytest
 from support.config import simple_config
+from support.procs import wait_for
 from support.rawhttp import RawConnection, exchange
 from support.upstream import pattern
 
@@ -160,3 +161,37 @@ def test_expect_100_continue_gets_an_interim_response_before_the_body(proxied):
         final = conn.read_response()
     assert final.status == 200
     assert _json(final.body)["body_len"] == 5
+
+
+@pytest.mark.parametrize("bad_chunk", [
+    b"10000000000000000\r\n" + b"x" * 100,  # 2**64: past any length (RFC 9112 section 7.1)
+    b"zz\r\nhello\r\n",  # not a chunk size
+    b"5;a=\x00\r\nhello\r\n",  # not a chunk-ext
+], ids=["size-overflow", "size-not-hex", "bad-ext"])
+def test_a_bad_chunk_after_the_head_went_upstream_closes_both_connections(proxied, bad_chunk):
+    """1. A GET opens one upstream connection, which goes back to the pool. 2. A chunked POST
+    takes it: its head and first chunk go upstream. 3. The next chunk is malformed: the client
+    gets 400 and a close (no response had started). 4. The upstream connection, left in the
+    middle of a body, is closed, never reused: the next request opens a new one."""
+    proxy, up = proxied
+    with RawConnection(proxy.port) as conn:
+        conn.send(b"GET /echo HTTP/1.1\r\nHost: t\r\n\r\n")
+        first_id = conn.read_response().header("x-connection-id")
+    assert up.stats()["connections_accepted"] == 1
+    with RawConnection(proxy.port) as conn:
+        conn.send(b"POST /sink HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                  b"5\r\nhello\r\n")
+        wait_for(lambda: up.stats()["requests"] == 2, 5.0, "the POST to reach the upstream")
+        assert up.stats()["connections_accepted"] == 1, "the POST reused the pooled connection"
+        conn.send(bad_chunk)
+        resp = conn.read_response()
+        assert resp.status == 400
+        assert conn.peer_closed(timeout=3.0), "the client connection must be closed"
+    wait_for(lambda: up.stats()["open_connections"] == 0, 5.0,
+             "weft to close the upstream connection the POST left mid-body")
+    with RawConnection(proxy.port) as conn:
+        conn.send(b"GET /echo HTTP/1.1\r\nHost: t\r\n\r\n")
+        after = conn.read_response()
+    assert after.status == 200
+    assert after.header("x-connection-id") != first_id
+    assert up.stats()["connections_accepted"] == 2

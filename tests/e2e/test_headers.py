@@ -6,11 +6,13 @@ The upstream's /echo returns the exact header list it received, in order.
 
 from __future__ import annotations
 
+import json
 import re
 
 import httpx
 import pytest
 from support.config import simple_config
+from support.rawhttp import RawConnection
 
 pytestmark = pytest.mark.e2e
 
@@ -189,3 +191,41 @@ def test_end_to_end_fields_keep_their_order_and_repetitions(distrusting):
     assert _values(got, "x-multi") == ["one", "two"]
     order = [k for k, _ in got if k in ("x-multi", "x-other")]
     assert order == ["x-multi", "x-other", "x-multi"]
+
+
+H2C_UPGRADE = (b"GET /echo HTTP/1.1\r\nHost: t\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+               b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n")
+
+
+@pytest.mark.parametrize("request_head", [
+    H2C_UPGRADE,
+    # the same without naming HTTP2-Settings in Connection (h2csmuggler sends both forms)
+    H2C_UPGRADE.replace(b"Connection: Upgrade, HTTP2-Settings", b"Connection: Upgrade"),
+    # other upgrades are not tunnelled either: only a WebSocket handshake is
+    H2C_UPGRADE.replace(b"Upgrade: h2c", b"Upgrade: TLS/1.2"),
+    H2C_UPGRADE.replace(b"Upgrade: h2c", b"Upgrade: h2c, websocket-not"),
+], ids=["h2c", "h2c-settings-not-named", "tls", "websocket-lookalike"])
+def test_an_h2c_upgrade_is_served_as_plain_http11_and_never_reaches_the_upstream(
+    distrusting, request_head
+):
+    """RFC 9113 section 3.1 (h2csmuggler): 1. the client asks to upgrade to h2c. 2. weft
+    answers as HTTP/1.1 and the upstream sees no trace of the upgrade (no Upgrade, no
+    HTTP2-Settings, no Connection token naming them), so no upstream can switch the
+    connection to a protocol weft does not inspect. 3. The connection stays HTTP/1.1: an
+    HTTP/2 preface sent next is refused, not relayed."""
+    proxy, up = distrusting
+    with RawConnection(proxy.port) as conn:
+        conn.send(request_head)
+        resp = conn.read_response()
+        assert resp.status == 200
+        got = [(k.lower(), v) for k, v in json.loads(resp.body)["headers"]]
+        names = {k for k, _ in got}
+        assert "upgrade" not in names and "http2-settings" not in names, got
+        for value in _values(got, "connection"):
+            assert "upgrade" not in value.lower() and "http2-settings" not in value.lower(), got
+        before = up.stats()["requests"]
+        conn.send(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        after = conn.read_response()
+        assert after.status == 505
+        assert conn.peer_closed(timeout=3.0)
+    assert up.stats()["requests"] == before

@@ -4,6 +4,11 @@ The data path raises these where it learns what went wrong and catches them wher
 still be written: a `ClientError` (the client's fault: 4xx, connection closed afterwards when
 framing is in doubt) or an `UpstreamError` (the upstream's fault: 502/503/504). `reason` is a
 short stable word used in the access log and, later, as a metric label.
+
+The `detail` of a ClientError is what the client is told (``400 Bad Request: <detail>``), so it
+is a short plain sentence: what a parser said about the bytes (h11's messages quote them as
+Python reprs) goes to the log, never into it. An UpstreamError's detail is only logged; the
+forwarder tells the client a fixed sentence per reason (`weft.forward.PUBLIC_REASON`).
 """
 
 from __future__ import annotations

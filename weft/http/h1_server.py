@@ -11,10 +11,15 @@ What weft adds to h11, and why (see ARCHITECTURE.md, "Known pitfalls"):
   request, pipelined or not. Each request then gets a fresh `h11.Connection` fed with that buffer;
   what h11 has not consumed when the exchange ends (`trailing_data`) becomes the start of the
   next request. A fresh h11 object costs a few microseconds and keeps the limits exact.
-* **Checks h11 leaves out**: Content-Length together with Transfer-Encoding, Transfer-Encoding
-  on HTTP/1.0, Host syntax, ``#`` in the target, asterisk-form for anything but OPTIONS, versions
-  other than 1.0/1.1 (505), CONNECT (405: weft is not a forward proxy) and the HTTP/2 preface
-  (505). h11 would pause on the last two; weft answers them before h11 sees them.
+* **Checks h11 leaves out**: Host syntax, ``#`` in the target, asterisk-form for anything but
+  OPTIONS, versions other than 1.0/1.1 (505), CONNECT (405: weft is not a forward proxy) and the
+  HTTP/2 preface (505). h11 would pause on the last two; weft answers them before h11 sees them.
+* **Framing is checked on the raw head** (`_check_fields`), before h11 repairs the evidence
+  away: a body length that two parsers could read differently is a 400 and a close. That is
+  Content-Length together with Transfer-Encoding; more than one Content-Length, repeated or
+  listed, even when the values agree (h11 merges them); a Transfer-Encoding other than one
+  ``chunked`` (h11 answers 501; RFC 9112 §6.3 wants 400 when chunked is not last, and weft
+  frames no other coding); Transfer-Encoding on HTTP/1.0; obs-fold (h11 unfolds it).
 * **Closing is lingering**: after an error response the write side is shut and the read side
   drained briefly, so the client reads the response instead of a reset (nginx's lingering_close).
 * **100-continue** is answered by weft the moment the forwarder starts reading the body.
@@ -26,7 +31,9 @@ What weft adds to h11, and why (see ARCHITECTURE.md, "Known pitfalls"):
 
 The server never lets a request kill the connection task with an unexpected exception: the
 handler (`weft.handler`) turns middleware failures into 500s, and the errors in
-`weft.http.errors` become their status here.
+`weft.http.errors` become their status here. The body of such an answer is a plain sentence
+(``400 Bad Request: malformed request head``); what h11 said about the bytes it refused goes to
+the log (``weft.h1``, info), never to the client.
 """
 
 from __future__ import annotations
@@ -39,7 +46,15 @@ import h11
 import trio
 
 from weft.http.errors import ClientError, ClientGone, UpstreamError, error_response
-from weft.http.h1 import END, METHOD, READ_SIZE, TARGET_BAD, end_of_message, fields
+from weft.http.h1 import (
+    END,
+    METHOD,
+    READ_SIZE,
+    TARGET_BAD,
+    check_chunk_lines,
+    end_of_message,
+    fields,
+)
 from weft.http.headers import fields_valid, has_field, new_request_id, valid_request_id
 from weft.http.messages import Body, BodyTooLarge, Headers, Request, Response
 from weft.http.transport import TCPTransport
@@ -68,6 +83,51 @@ _PLAIN_REQUEST_LINE = re.compile(
     rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) (/[\x21\x22\x24-\x7e]*) (HTTP/1\.[01])\r?"
 )
 _REASON = re.compile(rb"[\t \x21-\x7e\x80-\xff]*")  # RFC 9112 §4 reason-phrase
+# The framing fields, found in the raw head (see _check_fields): each match is one field line.
+_FRAMING_FIELD = re.compile(rb"\n(content-length|transfer-encoding)[ \t]*:([^\n]*)", re.I)
+# A line that starts with whitespace: obs-fold (RFC 9112 §5.2), or whitespace before the first
+# field (§2.2).
+_OBS_FOLD = re.compile(rb"\n[ \t]")
+
+
+def _check_fields(buf: bytearray, start: int, end: int, version: bytes) -> None:
+    """Refuse a head whose body length is ambiguous, before h11 parses it.
+
+    `buf[start:end]` is the head from the newline that ends the request line. These checks run
+    on the raw bytes because h11 repairs what they look for: it unfolds obs-fold lines and
+    merges repeated or listed Content-Length values that agree, and an intermediary that did
+    not would frame the same bytes differently (request smuggling). Raises ClientError (400:
+    the connection is closed after it, since where this request ends is unknown).
+    """
+    if _OBS_FOLD.search(buf, start, end):
+        # RFC 9112 §5.2 lets a server unfold or refuse: refuse, as nginx does.
+        raise ClientError(
+            "a header line starts with whitespace (obs-fold)", reason="ambiguous_framing"
+        )
+    found = _FRAMING_FIELD.findall(buf, start, end)
+    if not found:
+        return
+    lengths = [v for k, v in found if len(k) == 14]  # "content-length"
+    codings = [v for k, v in found if len(k) != 14]
+    if lengths and codings:
+        # RFC 9112 §6.1: MAY be refused; a proxy that passed both on would enable smuggling.
+        raise ClientError("both Content-Length and Transfer-Encoding", reason="ambiguous_framing")
+    if len(lengths) > 1 or (lengths and b"," in lengths[0]):
+        # RFC 9112 §6.3 item 5 allows merging identical values; refuse them all, as nginx does.
+        raise ClientError("more than one Content-Length", reason="ambiguous_framing")
+    if codings:
+        if version == b"HTTP/1.0":
+            # RFC 9112 §6.1: an HTTP/1.0 recipient cannot tell where such a body ends.
+            raise ClientError(
+                "Transfer-Encoding in an HTTP/1.0 request", reason="ambiguous_framing"
+            )
+        if len(codings) > 1 or codings[0].strip(b" \t\r").lower() != b"chunked":
+            # RFC 9112 §6.3 item 4: chunked must be the final coding, and applied once
+            # (§7); weft frames no other coding (§6.1 allows 400 as well as 501 for them).
+            raise ClientError(
+                "Transfer-Encoding must be chunked, once and alone",
+                reason="ambiguous_framing",
+            )
 
 
 class _ClientTimeout(ClientError):
@@ -88,6 +148,13 @@ class H1RequestBody(Body):
         self.limit: int | None = None
         self.received = 0
         self._done = length == 0
+        if length is None:
+            check_chunk_lines(conn)  # sizes past 63 bits, malformed chunk-ext: h11 takes them
+            # h11 measures an incomplete line (a chunk-size line, the trailer section) against
+            # the limit it was made with, the head's own length: a chunk line or trailer longer
+            # than a short head, split across reads, would fail. Trailers are bounded like a
+            # head, chunk lines by check_chunk_lines. (h11 is pinned; the attribute is its own.)
+            conn._max_incomplete_event_size = srv.limits.max_header_bytes
 
     @property
     def done(self) -> bool:
@@ -105,7 +172,7 @@ class H1RequestBody(Body):
             try:
                 ev = conn.next_event()
             except h11.RemoteProtocolError as e:
-                raise ClientError(f"malformed request body: {e}", reason="bad_body") from None
+                raise self._srv.malformed("request body", e, "bad_body") from None
             if ev is h11.NEED_DATA:
                 data = await self._srv.receive(self._srv.body_idle, "client_body_timeout")
                 if not data:
@@ -128,7 +195,7 @@ class H1RequestBody(Body):
                 self.trailers = fields(ev.headers)
                 self._done = True
                 return b""
-            raise ClientError(f"unexpected {ev!r} in request body", reason="bad_body")
+            raise self._srv.malformed("request body", f"unexpected {type(ev).__name__}", "bad_body")
 
 
 class H1Server:
@@ -153,6 +220,12 @@ class H1Server:
         # and drain idle times count from here. `_waiting`: blocked in `_wait_first_byte`.
         self._idle_since = trio.current_time()
         self._waiting = False
+
+    def malformed(self, part: str, detail: object, reason: str) -> ClientError:
+        """The 400 for a request h11 refused: the client is told which `part` was malformed,
+        the log gets h11's `detail` (it quotes the bytes, as Python reprs)."""
+        log.info("malformed %s from %s:%d: %s", part, *self.client, detail)
+        return ClientError(f"malformed {part}", reason=reason)
 
     # -- I/O with timeouts -------------------------------------------------------------------
 
@@ -374,6 +447,7 @@ class H1Server:
             method, target, version = self._check_request_line(bytes(buf[:nl]))
             if buf.count(b"\n", 0, head_len) - 2 > self.limits.max_headers:
                 raise ClientError("too many header fields", status=431, reason="too_many_headers")
+            _check_fields(buf, nl, head_len, version)
             conn = h11.Connection(h11.SERVER, max_incomplete_event_size=head_len + 1)
             self._current_conn = conn
             conn.receive_data(buf)  # h11 copies it into its own buffer
@@ -381,11 +455,9 @@ class H1Server:
             try:
                 ev = conn.next_event()
             except h11.RemoteProtocolError as e:
-                raise ClientError(
-                    f"malformed request: {e}",
-                    status=e.error_status_hint if e.error_status_hint != 400 else None,
-                    reason="bad_request",
-                ) from None
+                # Always a 400: the head is complete (h11's 431 is for heads in pieces), and
+                # its 501 (Transfer-Encoding) cannot come past _check_fields.
+                raise self.malformed("request head", e, "bad_request") from None
             assert type(ev) is h11.Request, ev
             request = self._make_request(conn, ev, method, target, version, start)
             request.client_gone = self._client_gone
@@ -446,7 +518,7 @@ class H1Server:
         if len(headers) > self.limits.max_headers:
             raise ClientError("too many header fields", status=431, reason="too_many_headers")
         hosts = []
-        has_cl = has_te = False
+        has_te = False
         rid = b""
         length = 0
         rid_header = self.rid_header
@@ -454,20 +526,11 @@ class H1Server:
             if k == b"host":
                 hosts.append(v)
             elif k == b"content-length":
-                has_cl = True
-                length = int(v)  # h11 checked it (and that repeats agree)
+                length = int(v)  # h11 checked the digits, _check_fields that it is alone
             elif k == b"transfer-encoding":
-                has_te = True
+                has_te = True  # "chunked", alone (_check_fields)
             elif k == rid_header:
                 rid = v
-        if has_cl and has_te:
-            raise ClientError(
-                "both Content-Length and Transfer-Encoding", reason="ambiguous_framing"
-            )
-        if has_te and version == b"HTTP/1.0":
-            raise ClientError(
-                "Transfer-Encoding in an HTTP/1.0 request", reason="ambiguous_framing"
-            )
         if len(hosts) > 1:
             raise ClientError("more than one Host header", reason="bad_host")
         if hosts and not _HOST.match(hosts[0]):

@@ -7,9 +7,12 @@ The rules (RFC 9110 §7.6.1 and §7.6.3, RFC 7239's X-Forwarded-* precursors as 
 use them):
 
 * Hop-by-hop fields are removed in both directions: Connection and every field it names,
-  Keep-Alive, Proxy-Connection, TE, Transfer-Encoding, Upgrade. Two exceptions: ``TE: trailers``
-  is sent on as ``te: trailers`` (gRPC needs it), and Upgrade/``Connection: upgrade`` are kept on
-  a request that asks to switch protocols (WebSocket), because the upstream must see them.
+  Keep-Alive, Proxy-Connection, TE, Transfer-Encoding, Upgrade, HTTP2-Settings. Two exceptions:
+  ``TE: trailers`` is sent on as ``te: trailers`` (gRPC needs it), and a WebSocket handshake
+  keeps ``Upgrade: websocket`` and ``Connection: upgrade``, because the upstream must see them.
+* Only WebSocket is an upgrade. Any other Upgrade (``h2c`` above all, RFC 9113 §3.1) is dropped
+  like any hop-by-hop field and the request is served as plain HTTP/1.1: an upstream that
+  switched to h2c would let the client speak HTTP/2 to it past weft's checks (h2csmuggler).
 * Expect is answered by weft itself (it sends ``100 Continue`` when the forwarder starts reading
   the body), so it is not sent upstream: an upstream that ignores Expect can then never make a
   client wait.
@@ -31,7 +34,17 @@ from collections.abc import Sequence
 from weft.http.messages import HeaderList
 
 HOP_BY_HOP = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"transfer-encoding", b"upgrade"}
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"transfer-encoding",
+        b"upgrade",
+        # Connection-specific by definition (RFC 7540 §3.2.1), even when a client forgets to
+        # name it in Connection: it only ever comes with an h2c upgrade, which never passes.
+        b"http2-settings",
+    }
 )
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -98,8 +111,21 @@ def strip_hop_by_hop(headers: HeaderList, *, keep_upgrade: bool = False) -> Head
 
 
 def is_upgrade_request(headers: HeaderList) -> bool:
-    """True when the client asks to switch protocols (Upgrade named in Connection)."""
-    return any(k == b"upgrade" for k, _ in headers) and b"upgrade" in connection_tokens(headers)
+    """True when the client asks to switch to WebSocket: ``websocket`` (any case) is one of the
+    protocols in Upgrade, and Connection names upgrade (RFC 9110 §7.8). Any other Upgrade,
+    h2c included, is not a switch weft relays: such a request is plain HTTP/1.1."""
+    return websocket_token(headers) is not None and b"upgrade" in connection_tokens(headers)
+
+
+def websocket_token(headers: HeaderList) -> bytes | None:
+    """The ``websocket`` element of the Upgrade fields, as the client spelled it, or None."""
+    for k, v in headers:
+        if k == b"upgrade":
+            for t in v.split(b","):
+                t = t.strip()
+                if t.lower() == b"websocket":
+                    return t
+    return None
 
 
 def is_trusted(client_ip: str, trusted: Sequence[Network]) -> bool:
@@ -177,14 +203,15 @@ def forward_request_headers(
       upstream_host: the Host value to send (from the destination's host_header policy).
       via: the Via entry to append, e.g. ``b"1.1 weft"``.
       request_id_header, request_id: the id field and its value (already chosen).
-      upgrade: keep Upgrade and ``Connection: upgrade`` (a protocol switch is asked for).
+      upgrade: send ``Upgrade: websocket`` and ``Connection: upgrade`` (a WebSocket handshake,
+        see `is_upgrade_request`); other protocols the client offered are not passed on.
     """
     # One pass over the fields (this runs for every request): ordinary fields are copied, the
     # few that need a decision are looked up in one set.
     named = connection_tokens(headers) if has_field(headers, b"connection") else ()
     out: HeaderList = []
     xff: list[bytes] = []
-    xfp = xfh = via_value = upgrade_value = None
+    xfp = xfh = via_value = None
     wants_trailers = False
     for k, v in headers:
         if k not in _REQUEST_SPECIAL and k not in named and k != request_id_header:
@@ -202,18 +229,16 @@ def forward_request_headers(
             via_value = v if via_value is None else via_value + b", " + v
         elif k == b"te":
             wants_trailers = wants_trailers or b"trailers" in v.lower()
-        elif k == b"upgrade":
-            upgrade_value = v
-        # else: host, expect, the request id, hop-by-hop and Connection-named fields: replaced
-        # by weft's own values below, or dropped.
+        # else: host, expect, the request id, hop-by-hop (Upgrade among them) and
+        # Connection-named fields: replaced by weft's own values below, or dropped.
     if upstream_host is not None:
         # Host goes first, as clients send it (some upstreams log the head verbatim).
         out.insert(0, (b"host", upstream_host))
     if wants_trailers:
         out.append((b"te", b"trailers"))
-    if upgrade and upgrade_value is not None:
+    if upgrade and (token := websocket_token(headers)) is not None:
         out.append((b"connection", b"upgrade"))
-        out.append((b"upgrade", upgrade_value))
+        out.append((b"upgrade", token))
     xff.append(client_ip.encode())
     out.append((b"x-forwarded-for", b", ".join(xff)))
     out.append((b"x-forwarded-proto", xfp if xfp is not None else scheme.encode()))
