@@ -14,12 +14,13 @@ What weft adds to h11, and why (see ARCHITECTURE.md, "Known pitfalls"):
 * **Checks h11 leaves out**: Host syntax, ``#`` in the target, asterisk-form for anything but
   OPTIONS, versions other than 1.0/1.1 (505), CONNECT (405: weft is not a forward proxy) and the
   HTTP/2 preface (505). h11 would pause on the last two; weft answers them before h11 sees them.
-* **Framing is checked on the raw head** (`_check_fields`), before h11 repairs the evidence
-  away: a body length that two parsers could read differently is a 400 and a close. That is
-  Content-Length together with Transfer-Encoding; more than one Content-Length, repeated or
-  listed, even when the values agree (h11 merges them); a Transfer-Encoding other than one
-  ``chunked`` (h11 answers 501; RFC 9112 §6.3 wants 400 when chunked is not last, and weft
-  frames no other coding); Transfer-Encoding on HTTP/1.0; obs-fold (h11 unfolds it).
+* **Framing is checked on the raw head** (`weft.http.h1_request`, where the head rules
+  live), before h11 repairs the evidence away: a body length that two parsers could read
+  differently is a 400 and a close. That is Content-Length together with Transfer-Encoding;
+  more than one Content-Length, repeated or listed, even when the values agree (h11 merges
+  them); a Transfer-Encoding other than one ``chunked`` (h11 answers 501; RFC 9112 §6.3 wants
+  400 when chunked is not last, and weft frames no other coding); Transfer-Encoding on
+  HTTP/1.0; obs-fold (h11 unfolds it).
 * **Closing is lingering**: after an error response the write side is shut and the read side
   drained briefly, so the client reads the response instead of a reset (nginx's lingering_close).
 * **100-continue** is answered by weft the moment the forwarder starts reading the body.
@@ -48,15 +49,19 @@ import trio
 from weft.http.errors import ClientError, ClientGone, UpstreamError, error_response
 from weft.http.h1 import (
     END,
-    METHOD,
     READ_SIZE,
-    TARGET_BAD,
-    check_chunk_lines,
     end_of_message,
     fields,
 )
+from weft.http.h1_request import (
+    ClientTimeout,
+    H1RequestBody,
+    check_fields,
+    head_length,
+    request_line,
+)
 from weft.http.headers import fields_valid, has_field, new_request_id, valid_request_id
-from weft.http.messages import Body, BodyTooLarge, Headers, Request, Response
+from weft.http.messages import Headers, Request, Response
 from weft.http.transport import TCPTransport
 
 if TYPE_CHECKING:
@@ -74,130 +79,8 @@ DISCARD_BYTES = 256 * 1024
 # a request just as the idle time ran out, and a close with its bytes unread would be a reset.
 DRAIN_LINGER_SECONDS = 1.0
 
-_VERSION = re.compile(rb"^HTTP/(\d)\.(\d)$")
 _HOST = re.compile(rb"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]+)(?::[0-9]{0,5})?$")
-_HEAD_END = re.compile(rb"\r?\n\r?\n")
-# The common request line, accepted in one match: token method, origin-form target of
-# visible ASCII without "#", HTTP/1.0 or 1.1 (what the rules below accept, minus CONNECT).
-_PLAIN_REQUEST_LINE = re.compile(
-    rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) (/[\x21\x22\x24-\x7e]*) (HTTP/1\.[01])\r?"
-)
 _REASON = re.compile(rb"[\t \x21-\x7e\x80-\xff]*")  # RFC 9112 §4 reason-phrase
-# The framing fields, found in the raw head (see _check_fields): each match is one field line.
-_FRAMING_FIELD = re.compile(rb"\n(content-length|transfer-encoding)[ \t]*:([^\n]*)", re.I)
-# A line that starts with whitespace: obs-fold (RFC 9112 §5.2), or whitespace before the first
-# field (§2.2).
-_OBS_FOLD = re.compile(rb"\n[ \t]")
-
-
-def _check_fields(buf: bytearray, start: int, end: int, version: bytes) -> None:
-    """Refuse a head whose body length is ambiguous, before h11 parses it.
-
-    `buf[start:end]` is the head from the newline that ends the request line. These checks run
-    on the raw bytes because h11 repairs what they look for: it unfolds obs-fold lines and
-    merges repeated or listed Content-Length values that agree, and an intermediary that did
-    not would frame the same bytes differently (request smuggling). Raises ClientError (400:
-    the connection is closed after it, since where this request ends is unknown).
-    """
-    if _OBS_FOLD.search(buf, start, end):
-        # RFC 9112 §5.2 lets a server unfold or refuse: refuse, as nginx does.
-        raise ClientError(
-            "a header line starts with whitespace (obs-fold)", reason="ambiguous_framing"
-        )
-    found = _FRAMING_FIELD.findall(buf, start, end)
-    if not found:
-        return
-    lengths = [v for k, v in found if len(k) == 14]  # "content-length"
-    codings = [v for k, v in found if len(k) != 14]
-    if lengths and codings:
-        # RFC 9112 §6.1: MAY be refused; a proxy that passed both on would enable smuggling.
-        raise ClientError("both Content-Length and Transfer-Encoding", reason="ambiguous_framing")
-    if len(lengths) > 1 or (lengths and b"," in lengths[0]):
-        # RFC 9112 §6.3 item 5 allows merging identical values; refuse them all, as nginx does.
-        raise ClientError("more than one Content-Length", reason="ambiguous_framing")
-    if codings:
-        if version == b"HTTP/1.0":
-            # RFC 9112 §6.1: an HTTP/1.0 recipient cannot tell where such a body ends.
-            raise ClientError(
-                "Transfer-Encoding in an HTTP/1.0 request", reason="ambiguous_framing"
-            )
-        if len(codings) > 1 or codings[0].strip(b" \t\r").lower() != b"chunked":
-            # RFC 9112 §6.3 item 4: chunked must be the final coding, and applied once
-            # (§7); weft frames no other coding (§6.1 allows 400 as well as 501 for them).
-            raise ClientError(
-                "Transfer-Encoding must be chunked, once and alone",
-                reason="ambiguous_framing",
-            )
-
-
-class _ClientTimeout(ClientError):
-    status = 408
-    reason = "client_timeout"
-
-
-class H1RequestBody(Body):
-    """The body of the request being served, pulled from the client connection on demand."""
-
-    __slots__ = ("_conn", "_done", "_srv", "limit", "received")
-
-    def __init__(self, srv: H1Server, conn: h11.Connection, length: int | None) -> None:
-        super().__init__()
-        self._srv = srv
-        self._conn = conn
-        self.length = length
-        self.limit: int | None = None
-        self.received = 0
-        self._done = length == 0
-        if length is None:
-            check_chunk_lines(conn)  # sizes past 63 bits, malformed chunk-ext: h11 takes them
-            # h11 measures an incomplete line (a chunk-size line, the trailer section) against
-            # the limit it was made with, the head's own length: a chunk line or trailer longer
-            # than a short head, split across reads, would fail. Trailers are bounded like a
-            # head, chunk lines by check_chunk_lines. (h11 is pinned; the attribute is its own.)
-            conn._max_incomplete_event_size = srv.limits.max_header_bytes
-
-    @property
-    def done(self) -> bool:
-        return self._done
-
-    async def receive(self) -> bytes:
-        if self._done:
-            return b""
-        conn = self._conn
-        if conn.client_is_waiting_for_100_continue:
-            await self._srv.send_bytes(
-                conn.send(h11.InformationalResponse(status_code=100, headers=[]))
-            )
-        while True:
-            try:
-                ev = conn.next_event()
-            except h11.RemoteProtocolError as e:
-                raise self._srv.malformed("request body", e, "bad_body") from None
-            if ev is h11.NEED_DATA:
-                data = await self._srv.receive(self._srv.body_idle, "client_body_timeout")
-                if not data:
-                    raise ClientGone("client closed while sending the body")
-                conn.receive_data(data)
-                continue
-            t = type(ev)
-            if t is h11.Data:
-                self.received += len(ev.data)
-                if self.limit is not None and self.received > self.limit:
-                    raise BodyTooLarge(self.limit)
-                if self.length is not None and self.received >= self.length:
-                    # h11 yields EndOfMessage next without I/O: take it now so the forwarder
-                    # knows the body is complete and can send it in one write.
-                    end = conn.next_event()
-                    if type(end) is h11.EndOfMessage:
-                        self._done = True
-                return bytes(ev.data)
-            if t is h11.EndOfMessage:
-                self.trailers = fields(ev.headers)
-                self._done = True
-                return b""
-            raise self._srv.malformed("request body", f"unexpected {type(ev).__name__}", "bad_body")
-
-
 class H1Server:
     """Serves one client connection until it closes, fails, or the worker drains."""
 
@@ -230,14 +113,14 @@ class H1Server:
     # -- I/O with timeouts -------------------------------------------------------------------
 
     async def receive(self, timeout: float, what: str) -> bytes:
-        """One read from the client. Raises _ClientTimeout after `timeout`, ClientGone on reset."""
+        """One read from the client. Raises ClientTimeout after `timeout`, ClientGone on reset."""
         with trio.move_on_after(timeout) as cs:
             try:
                 return await self.transport.recv(READ_SIZE)
             except OSError as e:
                 raise ClientGone(f"client connection broke: {e}") from None
         assert cs.cancelled_caught
-        raise _ClientTimeout(what)
+        raise ClientTimeout(what)
 
     async def send_bytes(self, data: bytes) -> None:
         """Write to the client. Raises ClientGone on a reset or after `client_send_idle`."""
@@ -354,82 +237,18 @@ class H1Server:
             self.buf += data
             return True
 
-    def _head_length(self) -> int:
-        """Length of the complete head at the start of the buffer, -1 while incomplete.
-        Raises ClientError when a limit is passed."""
-        lim = self.limits
-        buf = self.buf
-        # RFC 9112 §2.2: ignore empty lines before the request line.
-        if buf[:1] in (b"\r", b"\n"):
-            n = 0
-            while n < len(buf) and buf[n] in (13, 10):
-                n += 1
-            del buf[:n]
-        end = buf.find(b"\r\n\r\n")
-        if end >= 0:
-            head_len = end + 4
-        elif b"\n\n" in buf or b"\n\r\n" in buf:
-            m = _HEAD_END.search(buf)
-            head_len = m.end() if m else -1
-        else:
-            head_len = -1
-        nl = buf.find(b"\n")
-        line_len = nl if nl >= 0 else len(buf)
-        if line_len > lim.max_request_line + 1:
-            raise ClientError("request line too long", status=414, reason="uri_too_long")
-        if head_len >= 0:
-            if head_len > lim.max_header_bytes:
-                raise ClientError("request head too large", status=431, reason="head_too_large")
-            return head_len
-        if len(buf) > lim.max_header_bytes:
-            raise ClientError("request head too large", status=431, reason="head_too_large")
-        return -1
-
     async def _read_head(self) -> int:
         """Read until the end of the head; returns its length. Raises ClientError on limits."""
         deadline = trio.current_time() + self.timeouts.client_header
-        while (head_len := self._head_length()) < 0:
+        while (head_len := head_length(self.buf, self.limits)) < 0:
             remaining = deadline - trio.current_time()
             if remaining <= 0:
-                raise _ClientTimeout("client_header_timeout")
+                raise ClientTimeout("client_header_timeout")
             data = await self.receive(remaining, "client_header_timeout")
             if not data:
                 raise ClientGone("client closed mid-head")
             self.buf += data
         return head_len
-
-    def _check_request_line(self, line: bytes) -> tuple[bytes, bytes, bytes]:
-        m = _PLAIN_REQUEST_LINE.fullmatch(line)
-        if m is not None and m.group(1) != b"CONNECT":
-            return m.group(1), m.group(2), m.group(3)
-        # Anything else is checked rule by rule, to give each refusal its status and reason.
-        parts = line.rstrip(b"\r").split(b" ")
-        if len(parts) != 3:
-            if len(parts) == 2 and METHOD.match(parts[0]):
-                raise ClientError(
-                    "HTTP/0.9 request line is not supported", reason="bad_request_line"
-                )
-            raise ClientError("malformed request line", reason="bad_request_line")
-        method, target, version = parts
-        m = _VERSION.match(version)
-        if not m:
-            raise ClientError("malformed HTTP version", reason="bad_version")
-        if method == b"PRI" and target == b"*" and version == b"HTTP/2.0":
-            raise ClientError("HTTP/2 is not served on this port", status=505, reason="h2_preface")
-        if m.group(1) != b"1" or m.group(2) not in (b"0", b"1"):
-            raise ClientError("HTTP version not supported", status=505, reason="bad_version")
-        if not METHOD.match(method):
-            raise ClientError("malformed method", reason="bad_method")
-        if not target or TARGET_BAD.search(target):
-            raise ClientError("malformed request target", reason="bad_target")
-        if method == b"CONNECT":
-            raise ClientError("CONNECT is not supported", status=405, reason="connect")
-        if target == b"*":
-            if method != b"OPTIONS":
-                raise ClientError("asterisk-form is only valid for OPTIONS", reason="bad_target")
-        elif target[:1] != b"/" and not (target.startswith((b"http://", b"https://"))):
-            raise ClientError("malformed request target", reason="bad_target")
-        return method, target, version
 
     async def _exchange(self) -> bool:
         start = trio.current_time()
@@ -439,15 +258,15 @@ class H1Server:
         conn: h11.Connection | None = None
 
         try:
-            head_len = self._head_length()  # usually complete: no coroutine for it
+            head_len = head_length(self.buf, self.limits)  # usually complete: no coroutine for it
             if head_len < 0:
                 head_len = await self._read_head()
             buf = self.buf
             nl = buf.find(b"\n")
-            method, target, version = self._check_request_line(bytes(buf[:nl]))
+            method, target, version = request_line(bytes(buf[:nl]))
             if buf.count(b"\n", 0, head_len) - 2 > self.limits.max_headers:
                 raise ClientError("too many header fields", status=431, reason="too_many_headers")
-            _check_fields(buf, nl, head_len, version)
+            check_fields(buf, nl, head_len, version)
             conn = h11.Connection(h11.SERVER, max_incomplete_event_size=head_len + 1)
             self._current_conn = conn
             conn.receive_data(buf)  # h11 copies it into its own buffer
@@ -456,7 +275,7 @@ class H1Server:
                 ev = conn.next_event()
             except h11.RemoteProtocolError as e:
                 # Always a 400: the head is complete (h11's 431 is for heads in pieces), and
-                # its 501 (Transfer-Encoding) cannot come past _check_fields.
+                # its 501 (Transfer-Encoding) cannot come past check_fields.
                 raise self.malformed("request head", e, "bad_request") from None
             assert type(ev) is h11.Request, ev
             request = self._make_request(conn, ev, method, target, version, start)
@@ -526,9 +345,9 @@ class H1Server:
             if k == b"host":
                 hosts.append(v)
             elif k == b"content-length":
-                length = int(v)  # h11 checked the digits, _check_fields that it is alone
+                length = int(v)  # h11 checked the digits, check_fields that it is alone
             elif k == b"transfer-encoding":
-                has_te = True  # "chunked", alone (_check_fields)
+                has_te = True  # "chunked", alone (check_fields)
             elif k == rid_header:
                 rid = v
         if len(hosts) > 1:

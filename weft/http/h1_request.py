@@ -1,0 +1,211 @@
+"""The HTTP/1.1 request as the server side reads it: the head checks weft makes before h11, and
+the request body pulled from the client connection.
+
+Split from `weft.http.h1_server`, which owns the connection loop: these are the rules about the
+bytes of one request, pure functions of the buffer and the limits except for the body, which
+reads through its server. Why weft checks the head itself (h11 applies its size limit only to
+heads that arrive in pieces, and repairs the framing evidence: it unfolds obs-fold lines and
+merges repeated Content-Length values) is in `h1_server`'s docstring.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING
+
+import h11
+
+from weft.http.errors import ClientError, ClientGone
+from weft.http.h1 import METHOD, TARGET_BAD, check_chunk_lines, fields
+from weft.http.messages import Body, BodyTooLarge
+from weft.schema import Limits
+
+if TYPE_CHECKING:
+    from weft.http.h1_server import H1Server
+
+_VERSION = re.compile(rb"^HTTP/(\d)\.(\d)$")
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
+# The common request line, accepted in one match: token method, origin-form target of
+# visible ASCII without "#", HTTP/1.0 or 1.1 (what the rules below accept, minus CONNECT).
+_PLAIN_REQUEST_LINE = re.compile(
+    rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) (/[\x21\x22\x24-\x7e]*) (HTTP/1\.[01])\r?"
+)
+# The framing fields, found in the raw head (see check_fields): each match is one field line.
+_FRAMING_FIELD = re.compile(rb"\n(content-length|transfer-encoding)[ \t]*:([^\n]*)", re.I)
+# A line that starts with whitespace: obs-fold (RFC 9112 §5.2), or whitespace before the first
+# field (§2.2).
+_OBS_FOLD = re.compile(rb"\n[ \t]")
+
+
+class ClientTimeout(ClientError):
+    """The client took too long to send its head or body (408)."""
+
+    status = 408
+    reason = "client_timeout"
+
+
+def head_length(buf: bytearray, lim: Limits) -> int:
+    """Length of the complete head at the start of `buf`, -1 while incomplete. Empty lines
+    before the request line are removed from `buf`. Raises ClientError when a limit is passed."""
+    # RFC 9112 §2.2: ignore empty lines before the request line.
+    if buf[:1] in (b"\r", b"\n"):
+        n = 0
+        while n < len(buf) and buf[n] in (13, 10):
+            n += 1
+        del buf[:n]
+    end = buf.find(b"\r\n\r\n")
+    if end >= 0:
+        head_len = end + 4
+    elif b"\n\n" in buf or b"\n\r\n" in buf:
+        m = _HEAD_END.search(buf)
+        head_len = m.end() if m else -1
+    else:
+        head_len = -1
+    nl = buf.find(b"\n")
+    line_len = nl if nl >= 0 else len(buf)
+    if line_len > lim.max_request_line + 1:
+        raise ClientError("request line too long", status=414, reason="uri_too_long")
+    if head_len >= 0:
+        if head_len > lim.max_header_bytes:
+            raise ClientError("request head too large", status=431, reason="head_too_large")
+        return head_len
+    if len(buf) > lim.max_header_bytes:
+        raise ClientError("request head too large", status=431, reason="head_too_large")
+    return -1
+
+
+def request_line(line: bytes) -> tuple[bytes, bytes, bytes]:
+    """(method, target, version) of a request line (without its LF). Raises ClientError with
+    the status and reason of the first rule it breaks."""
+    m = _PLAIN_REQUEST_LINE.fullmatch(line)
+    if m is not None and m.group(1) != b"CONNECT":
+        return m.group(1), m.group(2), m.group(3)
+    # Anything else is checked rule by rule, to give each refusal its status and reason.
+    parts = line.rstrip(b"\r").split(b" ")
+    if len(parts) != 3:
+        if len(parts) == 2 and METHOD.match(parts[0]):
+            raise ClientError("HTTP/0.9 request line is not supported", reason="bad_request_line")
+        raise ClientError("malformed request line", reason="bad_request_line")
+    method, target, version = parts
+    m = _VERSION.match(version)
+    if not m:
+        raise ClientError("malformed HTTP version", reason="bad_version")
+    if method == b"PRI" and target == b"*" and version == b"HTTP/2.0":
+        raise ClientError("HTTP/2 is not served on this port", status=505, reason="h2_preface")
+    if m.group(1) != b"1" or m.group(2) not in (b"0", b"1"):
+        raise ClientError("HTTP version not supported", status=505, reason="bad_version")
+    if not METHOD.match(method):
+        raise ClientError("malformed method", reason="bad_method")
+    if not target or TARGET_BAD.search(target):
+        raise ClientError("malformed request target", reason="bad_target")
+    if method == b"CONNECT":
+        raise ClientError("CONNECT is not supported", status=405, reason="connect")
+    if target == b"*":
+        if method != b"OPTIONS":
+            raise ClientError("asterisk-form is only valid for OPTIONS", reason="bad_target")
+    elif target[:1] != b"/" and not (target.startswith((b"http://", b"https://"))):
+        raise ClientError("malformed request target", reason="bad_target")
+    return method, target, version
+
+
+def check_fields(buf: bytearray, start: int, end: int, version: bytes) -> None:
+    """Refuse a head whose body length is ambiguous, before h11 parses it.
+
+    `buf[start:end]` is the head from the newline that ends the request line. These checks run
+    on the raw bytes because h11 repairs what they look for: it unfolds obs-fold lines and
+    merges repeated or listed Content-Length values that agree, and an intermediary that did
+    not would frame the same bytes differently (request smuggling). Raises ClientError (400:
+    the connection is closed after it, since where this request ends is unknown).
+    """
+    if _OBS_FOLD.search(buf, start, end):
+        # RFC 9112 §5.2 lets a server unfold or refuse: refuse, as nginx does.
+        raise ClientError(
+            "a header line starts with whitespace (obs-fold)", reason="ambiguous_framing"
+        )
+    found = _FRAMING_FIELD.findall(buf, start, end)
+    if not found:
+        return
+    lengths = [v for k, v in found if len(k) == 14]  # "content-length"
+    codings = [v for k, v in found if len(k) != 14]
+    if lengths and codings:
+        # RFC 9112 §6.1: MAY be refused; a proxy that passed both on would enable smuggling.
+        raise ClientError("both Content-Length and Transfer-Encoding", reason="ambiguous_framing")
+    if len(lengths) > 1 or (lengths and b"," in lengths[0]):
+        # RFC 9112 §6.3 item 5 allows merging identical values; refuse them all, as nginx does.
+        raise ClientError("more than one Content-Length", reason="ambiguous_framing")
+    if codings:
+        if version == b"HTTP/1.0":
+            # RFC 9112 §6.1: an HTTP/1.0 recipient cannot tell where such a body ends.
+            raise ClientError(
+                "Transfer-Encoding in an HTTP/1.0 request", reason="ambiguous_framing"
+            )
+        if len(codings) > 1 or codings[0].strip(b" \t\r").lower() != b"chunked":
+            # RFC 9112 §6.3 item 4: chunked must be the final coding, and applied once
+            # (§7); weft frames no other coding (§6.1 allows 400 as well as 501 for them).
+            raise ClientError(
+                "Transfer-Encoding must be chunked, once and alone",
+                reason="ambiguous_framing",
+            )
+
+
+class H1RequestBody(Body):
+    """The body of the request being served, pulled from the client connection on demand."""
+
+    __slots__ = ("_conn", "_done", "_srv", "limit", "received")
+
+    def __init__(self, srv: H1Server, conn: h11.Connection, length: int | None) -> None:
+        super().__init__()
+        self._srv = srv
+        self._conn = conn
+        self.length = length
+        self.limit: int | None = None
+        self.received = 0
+        self._done = length == 0
+        if length is None:
+            check_chunk_lines(conn)  # sizes past 63 bits, malformed chunk-ext: h11 takes them
+            # h11 measures an incomplete line (a chunk-size line, the trailer section) against
+            # the limit it was made with, the head's own length: a chunk line or trailer longer
+            # than a short head, split across reads, would fail. Trailers are bounded like a
+            # head, chunk lines by check_chunk_lines. (h11 is pinned; the attribute is its own.)
+            conn._max_incomplete_event_size = srv.limits.max_header_bytes
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    async def receive(self) -> bytes:
+        if self._done:
+            return b""
+        conn = self._conn
+        if conn.client_is_waiting_for_100_continue:
+            await self._srv.send_bytes(
+                conn.send(h11.InformationalResponse(status_code=100, headers=[]))
+            )
+        while True:
+            try:
+                ev = conn.next_event()
+            except h11.RemoteProtocolError as e:
+                raise self._srv.malformed("request body", e, "bad_body") from None
+            if ev is h11.NEED_DATA:
+                data = await self._srv.receive(self._srv.body_idle, "client_body_timeout")
+                if not data:
+                    raise ClientGone("client closed while sending the body")
+                conn.receive_data(data)
+                continue
+            t = type(ev)
+            if t is h11.Data:
+                self.received += len(ev.data)
+                if self.limit is not None and self.received > self.limit:
+                    raise BodyTooLarge(self.limit)
+                if self.length is not None and self.received >= self.length:
+                    # h11 yields EndOfMessage next without I/O: take it now so the forwarder
+                    # knows the body is complete and can send it in one write.
+                    end = conn.next_event()
+                    if type(end) is h11.EndOfMessage:
+                        self._done = True
+                return bytes(ev.data)
+            if t is h11.EndOfMessage:
+                self.trailers = fields(ev.headers)
+                self._done = True
+                return b""
+            raise self._srv.malformed("request body", f"unexpected {type(ev).__name__}", "bad_body")
