@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 import pytest
+from support.config import MINIMAL_CONFIG
 
 from weft import config, confread
 from weft.schema import ConfigError, Limits, PoolConfig, Timeouts
@@ -19,18 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # The smallest valid file; mistakes below are appended to it, so their paths are
 # listeners[1], routes[1], destinations.api, ...
-BASE = """
-[[listeners]]
-address = "127.0.0.1"
-port = 8080
-
-[destinations.web]
-endpoints = ["127.0.0.1:9001"]
-
-[[routes]]
-name = "web"
-destination = "web"
-"""
+BASE = MINIMAL_CONFIG
 
 
 def write(tmp_path: Path, text: str, name: str = "weft.toml") -> Path:

@@ -20,6 +20,7 @@ from types import SimpleNamespace
 
 import pytest
 import trio
+from support.config import MINIMAL_CONFIG
 from support.prometheus import admin_get, parse, total
 
 from weft import config, metrics
@@ -27,18 +28,7 @@ from weft.admin import AdminServer, readiness, worker_of_slot
 from weft.connection import UpstreamPools
 from weft.shm.worktable import BOOTING, DRAINING, READY
 
-BASE = """
-[[listeners]]
-address = "127.0.0.1"
-port = 8080
-
-[destinations.web]
-endpoints = ["127.0.0.1:9001"]
-
-[[routes]]
-name = "web"
-destination = "web"
-"""
+BASE = MINIMAL_CONFIG
 
 
 def load(tmp_path: Path, extra: str = "") -> config.Config:

@@ -18,22 +18,13 @@ from pathlib import Path
 
 import pytest
 import trio
+from support.config import MINIMAL_CONFIG
 
 from weft import config
 from weft.metrics import ACCEPT_ERRNOS
 from weft.workers.worker import ACCEPT_BACKOFF, ACCEPT_WARN_INTERVAL, Worker
 
-CONFIG = """
-[[listeners]]
-address = "127.0.0.1"
-port = 8080
-
-[destinations.web]
-endpoints = ["127.0.0.1:9001"]
-
-[[routes]]
-destination = "web"
-"""
+CONFIG = MINIMAL_CONFIG
 
 MORE = re.compile(r"\((\d+) more since the last message\)")
 

@@ -25,6 +25,22 @@ from .procs import unique_instance
 # Durations in test configs are short: the suite runs in minutes on two cores.
 TEST_DRAIN = "2s"
 
+# The smallest valid config file, for unit tests that load one but never serve it: one
+# listener, destination "web" (one endpoint), route "web". Text appended to it gets the paths
+# listeners[1], routes[1], destinations.<name>, ...
+MINIMAL_CONFIG = """
+[[listeners]]
+address = "127.0.0.1"
+port = 8080
+
+[destinations.web]
+endpoints = ["127.0.0.1:9001"]
+
+[[routes]]
+name = "web"
+destination = "web"
+"""
+
 
 def toml_value(value: object) -> str:
     """One TOML value: str, bool, int, float, list, or dict (an inline table)."""

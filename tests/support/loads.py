@@ -26,6 +26,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 from support.procs import wait_for
 
@@ -46,30 +47,21 @@ class HttpClientCounts:
     upstreams: Counter[str] = field(default_factory=Counter)
 
 
-class HttpClientLoad:
-    """`clients` threads looping ``GET path`` on one `http.client.HTTPConnection` each.
+class ClientThreads:
+    """`clients` threads running `_run(i)` until `stop`; a context manager (threads start on
+    enter, stop and are joined, with a bound, on exit). Subclasses set `name` and `_run`."""
 
-    The client never probes its idle connection: it sends, and an error is a failed request.
-    After a failure it closes and goes on with a fresh connection (as an application would
-    after reporting the error). `think` is a (low, high) range of seconds slept between
-    requests; (0, 0) means back to back.
-    """
+    name = "client"
 
-    def __init__(self, host: str, port: int, *, clients: int, path: str = "/echo",
-                 think: tuple[float, float] = (0.0, 0.0), timeout: float = 10.0,
-                 name: str = "http.client") -> None:
-        self.host, self.port, self.path = host, port, path
+    def __init__(self, clients: int) -> None:
         self.clients = clients
-        self.think = think
-        self.timeout = timeout
-        self.name = name
-        self.counts = HttpClientCounts()
-        self.failures: list[HttpFailure] = []
-        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
-    def start(self) -> HttpClientLoad:
+    def _run(self, client: int) -> None:
+        raise NotImplementedError
+
+    def start(self) -> Self:
         for i in range(self.clients):
             t = threading.Thread(target=self._run, args=(i,), name=f"{self.name}-{i}",
                                  daemon=True)
@@ -85,11 +77,33 @@ class HttpClientLoad:
         alive = [t.name for t in self._threads if t.is_alive()]
         assert not alive, f"{self.name} clients did not stop within {timeout}s: {alive}"
 
-    def __enter__(self) -> HttpClientLoad:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class HttpClientLoad(ClientThreads):
+    """`clients` threads looping ``GET path`` on one `http.client.HTTPConnection` each.
+
+    The client never probes its idle connection: it sends, and an error is a failed request.
+    After a failure it closes and goes on with a fresh connection (as an application would
+    after reporting the error). `think` is a (low, high) range of seconds slept between
+    requests; (0, 0) means back to back.
+    """
+
+    def __init__(self, host: str, port: int, *, clients: int, path: str = "/echo",
+                 think: tuple[float, float] = (0.0, 0.0), timeout: float = 10.0,
+                 name: str = "http.client") -> None:
+        super().__init__(clients)
+        self.host, self.port, self.path = host, port, path
+        self.think = think
+        self.timeout = timeout
+        self.name = name
+        self.counts = HttpClientCounts()
+        self.failures: list[HttpFailure] = []
+        self._lock = threading.Lock()
 
     def ok(self) -> int:
         with self._lock:

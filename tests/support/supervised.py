@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .loads import ClientThreads
 from .procs import Weft, run_weft_cli, wait_for, weft_env
 from .rawhttp import Incomplete, Malformed, RawConnection, RawResponse, parse_response
 
@@ -261,7 +262,7 @@ class LoadCounts:
     upstreams: Counter[str] = field(default_factory=Counter)
 
 
-class KeepAliveLoad:
+class KeepAliveLoad(ClientThreads):
     """`clients` threads, each keeping one keep-alive connection and looping ``GET path``.
 
     A careful HTTP/1.1 client, like urllib3: before reusing an idle connection it checks
@@ -278,12 +279,14 @@ class KeepAliveLoad:
     `start` / `stop`.
     """
 
+    name = "load"
+
     def __init__(self, host: str, port: int, *, clients: int = 32, path: str = "/echo",
                  pause: float = 0.0, timeout: float = 10.0,
                  identify: Callable[[socket.socket], int | None] | None = None) -> None:
+        super().__init__(clients)
         self.host = host
         self.port = port
-        self.clients = clients
         self.request = f"GET {path} HTTP/1.1\r\nHost: weft-test\r\n\r\n".encode()
         self.pause = pause
         self.timeout = timeout
@@ -291,33 +294,10 @@ class KeepAliveLoad:
         self.counts = LoadCounts()
         self.failures: list[Failure] = []
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
         self._ok_since: dict[int, int] = {}  # client -> requests ok since mark()
         self._marked = False
 
     # -- control --
-
-    def start(self) -> KeepAliveLoad:
-        for i in range(self.clients):
-            t = threading.Thread(target=self._run, args=(i,), name=f"load-{i}", daemon=True)
-            t.start()
-            self._threads.append(t)
-        return self
-
-    def stop(self, timeout: float = 15.0) -> None:
-        self._stop.set()
-        deadline = time.monotonic() + timeout
-        for t in self._threads:
-            t.join(timeout=max(0.0, deadline - time.monotonic()))
-        alive = [t.name for t in self._threads if t.is_alive()]
-        assert not alive, f"load clients did not stop within {timeout}s: {alive}"
-
-    def __enter__(self) -> KeepAliveLoad:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def ok(self) -> int:
         with self._lock:
