@@ -214,7 +214,7 @@ class Forwarder:
             has_body=length is None or length > 0,
             fields_checked=True,
             upgrade=upgrade,
-            client_gone=request.client_gone,
+            client_watch=request.client_watch,
         )
 
     def _releaser(

@@ -263,34 +263,46 @@ def test_an_upstream_reset_during_an_upload_is_a_502_never_a_500(
     assert "middleware_error" not in text and "upstream_reset" in text, text
 
 
+@pytest.mark.parametrize(
+    ("pieces", "body_end"),
+    [
+        pytest.param([b"POST /think HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                      b"5\r\nhello\r\n", b"5\r\nworld\r\n0\r\n\r\n"],
+                     b"0\r\n\r\n", id="streamed-body"),
+        pytest.param([b"GET /think HTTP/1.1\r\nHost: t\r\n\r\n"], b"", id="no-body"),
+        pytest.param([b"POST /think HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello"],
+                     b"hello", id="body-with-the-head"),
+    ],
+)
 def test_a_client_that_leaves_while_its_response_is_awaited_cancels_the_upstream_exchange(
-    raw_upstream, weft, free_port
+    raw_upstream, weft, free_port, tmp_path, pieces, body_end
 ):
-    """The upstream takes the whole (streamed) body and then thinks for a minute. The client
-    gives up and closes: weft closes the upstream connection at once instead of holding it
-    until upstream_header (60 s)."""
+    """The upstream takes the whole request and then thinks for a minute (a long poll). The
+    client gives up and closes: weft closes the upstream connection at once instead of holding
+    it until upstream_header (60 s), and counts the request as abandoned (499)."""
     upstream_socks: list[socket.socket] = []
 
     def handler(sock: socket.socket, n: int) -> None:
         read_head(sock)
         body = b""
-        while not body.endswith(b"0\r\n\r\n"):
+        while not body.endswith(body_end):
             body += sock.recv(65536)
         upstream_socks.append(sock)
         time.sleep(30)
 
     up = raw_upstream(handler)
-    proxy = weft(simple_config(free_port(), [up.address]))
+    admin_port = free_port()
+    proxy = weft(simple_config(free_port(), [up.address]) + table("[admin]", {"port": admin_port}))
     with RawConnection(proxy.port) as conn:
-        conn.send_pieces([
-            b"POST /think HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
-            b"5\r\nworld\r\n0\r\n\r\n",
-        ], pause=0.2)
-        wait_for(lambda: upstream_socks, 5.0, "the upstream to have the whole body")
+        conn.send_pieces(pieces, pause=0.2)
+        wait_for(lambda: upstream_socks, 5.0, "the upstream to have the whole request")
+        time.sleep(0.3)  # the exchange is waiting for the response head
     gone = time.monotonic()  # the client closed its connection here
     up.wait_closed_by_peer(upstream_socks[0], timeout=5.0)
     assert up.peer_closed, "weft kept the upstream exchange of a client that left"
     assert up.peer_closed[0] - gone < 3.0
+    wait_for(lambda: total(scrape(admin_port), "weft_requests_total", code="499") == 1, 5.0,
+             "the abandoned request counted as 499")
 
 
 def test_a_502_body_names_the_failure_in_plain_words(upstream, weft, free_port):

@@ -15,8 +15,10 @@ An exchange, step by step:
    the body is fully sent. Every write that has to wait is bounded by ``upstream_send_idle``
    (504 `upstream_send_timeout`: an upstream that stopped reading never holds a request
    forever).
-2. **Watch the client** while the streamed body is done and the head is awaited: a client that
-   closes cancels the exchange (`ClientGone`), so its upstream socket is released at once.
+2. **Watch the client** once the body is sent and while the head is awaited (`ClientWatch`,
+   for h1 the worker's `PeerWatch`): a client that closes abandons the exchange (`ClientGone`,
+   counted as 499), so its upstream socket is released at once and not when the upstream
+   finally answers. No task or cancel scope per request: the watch wakes the read.
 3. **Read** the head: 1xx are relayed to the client (100 is swallowed: weft answered the
    client's Expect itself); a 101 becomes a byte tunnel only when the client asked for a
    WebSocket upgrade and the upstream switched to WebSocket, anything else is a 502.
@@ -71,6 +73,7 @@ class H1Upstream:
     """An HTTP/1.1 connection to one upstream endpoint; owned by the pool between requests."""
 
     __slots__ = (
+        "client_left",
         "conn",
         "endpoint",
         "idle_since",
@@ -92,6 +95,8 @@ class H1Upstream:
         self.received = 0  # bytes received in the current exchange
         self.sent = False  # written to since the last read (the answer is likely not there yet)
         self.stray = 0  # bytes found past the end of the last response (never reused then)
+        # The client left while this exchange awaited the response head (see _client_left).
+        self.client_left = False
 
     # -- what the pool asks ----------------------------------------------------------------
 
@@ -168,7 +173,7 @@ class H1Upstream:
         )
         if not out.has_body:
             await self._send(data + conn.send(END), send_idle)
-            return await self._read_head(interim, head_timeout, deadline)
+            return await self._read_head_watched(out, interim, head_timeout, deadline)
         body = out.body
         first = await body.receive()
         chunked = body.length is None
@@ -178,7 +183,7 @@ class H1Upstream:
                 data += conn.send(h11.Data(data=first))
             data += conn.send(end_of_message(body.trailers if chunked else []))
             await self._send(data, send_idle)
-            return await self._read_head(interim, head_timeout, deadline)
+            return await self._read_head_watched(out, interim, head_timeout, deadline)
         await self._send(data + conn.send(h11.Data(data=first)), send_idle)
         return await self._stream_body(out, body, chunked, timeouts, deadline, interim)
 
@@ -197,7 +202,7 @@ class H1Upstream:
         send_idle = timeouts.upstream_send_idle
         head_timeout = timeouts.upstream_header
         pump_error: ProxyErrorT | None = None
-        read_error: UpstreamError | None = None
+        read_error: UpstreamError | ClientGone | None = None
         head: list[h11.Response | h11.InformationalResponse] = []
         read_scope = trio.CancelScope(deadline=deadline)
 
@@ -223,23 +228,25 @@ class H1Upstream:
                     read_scope.deadline = min(deadline, trio.current_time() + head_timeout)
                 return
             read_scope.deadline = min(deadline, trio.current_time() + head_timeout)
-            if out.client_gone is not None:
-                await out.client_gone()  # returns only when the client closed its side
-                pump_error = ClientGone("client closed while its response was awaited")
-                cancel.cancel()
+            if out.client_watch is not None:
+                out.client_watch.watch_gone(self._client_left)  # the reader raises ClientGone
 
         async def read(cancel: trio.CancelScope) -> None:
             nonlocal read_error
             try:
                 with read_scope:
                     head.append(await self._read_head(interim, 1e9, deadline))
-            except UpstreamError as e:
+            except (UpstreamError, ClientGone) as e:
                 read_error = e
-            cancel.cancel()  # the head (or the reader's failure) ends the pump/watch
+            cancel.cancel()  # the head (or the reader's failure) ends the pump
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(pump, nursery.cancel_scope)
-            nursery.start_soon(read, nursery.cancel_scope)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pump, nursery.cancel_scope)
+                nursery.start_soon(read, nursery.cancel_scope)
+        finally:
+            if out.client_watch is not None:
+                out.client_watch.unwatch_gone()
         if head:
             if conn.our_state is h11.SEND_BODY:
                 # The upstream answered before taking the whole body: neither connection can
@@ -257,6 +264,26 @@ class H1Upstream:
             status=504,
             reason="upstream_header_timeout",
         )
+
+    async def _read_head_watched(
+        self, out: Outgoing, interim: Interim | None, head_timeout: float, deadline: float
+    ) -> h11.Response | h11.InformationalResponse:
+        """`_read_head` while the client is watched: if it leaves, ClientGone (at most a
+        `Timers.TICK` later) instead of waiting for an answer nobody will read."""
+        watch = out.client_watch
+        if watch is None:
+            return await self._read_head(interim, head_timeout, deadline)
+        watch.watch_gone(self._client_left)
+        try:
+            return await self._read_head(interim, head_timeout, deadline)
+        finally:
+            watch.unwatch_gone()
+
+    def _client_left(self) -> None:
+        """The client watch fired (from the worker's tick): wake the read, which then raises
+        ClientGone; the connection is not reused (the exchange did not finish)."""
+        self.client_left = True
+        self.transport.wake()
 
     def _response(
         self,
@@ -349,6 +376,8 @@ class H1Upstream:
                 ) from None
             if ev is not h11.NEED_DATA:
                 return ev
+            if self.client_left:
+                raise ClientGone("client closed while its response was awaited")
             try:
                 data = await self.transport.recv_until(
                     READ_SIZE, deadline, self.timers, try_first=not self.sent
@@ -359,6 +388,8 @@ class H1Upstream:
                     f"upstream too slow ({what})", status=504, reason=what
                 ) from None
             except (OSError, trio.ClosedResourceError) as e:
+                if self.client_left:
+                    raise ClientGone("client closed while its response was awaited") from None
                 raise UpstreamError(
                     f"upstream connection reset: {e}", reason="upstream_reset"
                 ) from None

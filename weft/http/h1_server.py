@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import h11
@@ -103,6 +104,7 @@ class H1Server:
         # and drain idle times count from here. `_waiting`: blocked in `_wait_first_byte`.
         self._idle_since = trio.current_time()
         self._waiting = False
+        self._watched = -1  # the fd registered by watch_gone
 
     def malformed(self, part: str, detail: object, reason: str) -> ClientError:
         """The 400 for a request h11 refused: the client is told which `part` was malformed,
@@ -134,16 +136,16 @@ class H1Server:
         except OSError as e:
             raise ClientGone(f"client connection broke: {e}") from None
 
-    async def _client_gone(self) -> None:
-        """Return once the client has closed (or reset) its connection.
+    def watch_gone(self, on_gone: Callable[[], None]) -> None:
+        """`ClientWatch`: `on_gone()` once the client closes (or half-closes, or resets) its
+        connection while the upstream works on its request (see `PeerWatch`)."""
+        self._watched = self.transport.fileno()
+        self.state.timers.peers.watch(self._watched, on_gone)
 
-        The forwarder awaits this while the upstream works on a request whose body was fully
-        read, so that a client that gives up cancels its upstream exchange. Readable with data
-        waiting means a pipelined request: the client is there, and this never returns.
-        """
-        await self.transport.wait_readable()
-        if not self.transport.peer_closed():
-            await trio.sleep_forever()
+    def unwatch_gone(self) -> None:
+        if self._watched >= 0:
+            self.state.timers.peers.unwatch(self._watched)
+            self._watched = -1
 
     # -- the connection loop -----------------------------------------------------------------
 
@@ -169,6 +171,7 @@ class H1Server:
             log.exception("connection from %s:%d failed", *self.client)
         finally:
             state.unregister(self)
+            self.unwatch_gone()
             self.transport.close()
 
     def on_drain(self) -> None:
@@ -279,7 +282,7 @@ class H1Server:
                 raise self.malformed("request head", e, "bad_request") from None
             assert type(ev) is h11.Request, ev
             request = self._make_request(conn, ev, method, target, version, start)
-            request.client_gone = self._client_gone
+            request.client_watch = self
             request_id = request.id
             response = await self.state.app(request)
         except ClientGone:

@@ -23,7 +23,9 @@ import heapq
 import ipaddress
 import math
 import os
+import select
 import socket
+from collections.abc import Callable
 
 import trio
 from trio.lowlevel import checkpoint, notify_closing, wait_readable, wait_writable
@@ -144,6 +146,48 @@ def close(sock: socket.socket) -> None:
         sock.close()
 
 
+class PeerWatch:
+    """Sockets whose peer may leave while nothing reads from them, checked every tick.
+
+    A client whose request waits on an upstream is read by nobody, so its close would go
+    unseen until the upstream answers. Instead its socket is registered here: `check` (run by
+    `Timers.expire` every `Timers.TICK`) makes one ``poll(0)`` over the registered sockets for
+    POLLRDHUP (the peer shut its side: closed, or half-closed as nginx also counts it), POLLHUP
+    and POLLERR, and calls the callback of each that fired, once. Pipelined bytes do not fire
+    it. Registering and unregistering are dict operations inside the poll object, no system
+    call, so watching costs a request two of them and the worker one poll() per tick while
+    anything is watched. Detection is up to a tick late.
+    """
+
+    _EVENTS = select.POLLRDHUP
+
+    def __init__(self) -> None:
+        self._poll = select.poll()
+        self._callbacks: dict[int, Callable[[], None]] = {}
+
+    def watch(self, fd: int, on_gone: Callable[[], None]) -> None:
+        """Call `on_gone()` (once, from the tick) if the peer of `fd` leaves before `unwatch`."""
+        self._poll.register(fd, self._EVENTS)
+        self._callbacks[fd] = on_gone
+
+    def unwatch(self, fd: int) -> None:
+        """Stop watching `fd` (idempotent). Call it before the socket is closed."""
+        if self._callbacks.pop(fd, None) is not None:
+            self._poll.unregister(fd)
+
+    def check(self) -> None:
+        if not self._callbacks:
+            return
+        for fd, _events in self._poll.poll(0):
+            on_gone = self._callbacks.pop(fd, None)
+            if on_gone is not None:
+                self._poll.unregister(fd)
+                on_gone()
+
+    def __len__(self) -> int:
+        return len(self._callbacks)
+
+
 class Timers:
     """Deadlines for socket waits, without a cancel scope per wait.
 
@@ -166,6 +210,8 @@ class Timers:
         self._heap: list[list] = []
         self._seq = 0
         self._live = 0
+        # Peers that may leave while nothing reads them: checked on the same tick.
+        self.peers = PeerWatch()
 
     def arm(self, deadline: float, sock: socket.socket) -> list:
         entry = [deadline, self._seq, sock]
@@ -192,6 +238,7 @@ class Timers:
                 entry[2] = None
                 self._live -= 1
                 notify_closing(sock)
+        self.peers.check()
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Expire deadlines every TICK, until cancelled."""

@@ -165,7 +165,7 @@ class Request:
     __slots__ = (
         "body",
         "client",
-        "client_gone",
+        "client_watch",
         "ctx",
         "headers",
         "http_version",
@@ -217,9 +217,9 @@ class Request:
         # the forwarder and the adapter build their h11 events without re-checking each field.
         # Middleware may rewrite any field, so for its routes every field is checked again.
         self.validated = False
-        # Set by the adapter: returns when the client has closed its connection (the upstream
-        # side watches it while a response is awaited); None when the adapter cannot tell.
-        self.client_gone: Callable[[], Any] | None = None
+        # Set by the adapter (a `weft.http.upstream.ClientWatch`): the upstream side watches
+        # the client through it while a response is awaited; None when the adapter cannot tell.
+        self.client_watch: Any = None
 
     @property
     def upstream_target(self) -> str:

@@ -10,6 +10,9 @@ protocol library and the pool (`weft.connection`) can hold connections of any pr
 * `UpstreamConnection` is the interface of a pooled connection: ``exchange`` plus the pool's
   questions. An h2 connection answers `reusable` while it has stream capacity left, so the
   same pool code hands out streams on shared connections.
+* `ClientWatch` is what the client side offers the upstream side: a callback when the client
+  leaves while its response is awaited (h1: the connection closes; h2: the stream is reset),
+  so the upstream exchange is abandoned at once instead of when the upstream answers.
 """
 
 from __future__ import annotations
@@ -22,12 +25,25 @@ if TYPE_CHECKING:
     from weft.schema import Endpoint, Timeouts
 
 
+class ClientWatch(Protocol):
+    """The client of a request, as the upstream side watches it while a response is awaited."""
+
+    def watch_gone(self, on_gone: Callable[[], None]) -> None:
+        """Call `on_gone()` once if the client leaves before `unwatch_gone` (from another task:
+        it must only set state and wake the waiting one)."""
+        ...
+
+    def unwatch_gone(self) -> None:
+        """Stop watching (idempotent)."""
+        ...
+
+
 class Outgoing:
     """One request as it is sent upstream (built by the forwarder for each attempt)."""
 
     __slots__ = (
         "body",
-        "client_gone",
+        "client_watch",
         "close_client",
         "fields_checked",
         "has_body",
@@ -47,7 +63,7 @@ class Outgoing:
         has_body: bool,
         fields_checked: bool,
         upgrade: bool = False,
-        client_gone: Callable[[], Awaitable[None]] | None = None,
+        client_watch: ClientWatch | None = None,
     ) -> None:
         self.method = method
         self.target = target
@@ -59,9 +75,9 @@ class Outgoing:
         self.fields_checked = fields_checked
         # The client asked for a WebSocket upgrade: only then may a 101 become a tunnel.
         self.upgrade = upgrade
-        # Returns when the client closed its connection (the adapter watches it while the
-        # response is awaited after a streamed body); None when the client side cannot tell.
-        self.client_gone = client_gone
+        # The adapter watches the client while the response head is awaited (the body sent):
+        # a client that leaves abandons the exchange. None when the client side cannot tell.
+        self.client_watch = client_watch
         # Set by the adapter: the upstream answered before the whole body was sent, so the
         # client connection must close after the response (its body's rest is unread).
         self.close_client = False
