@@ -119,6 +119,9 @@ class H1Upstream:
     def recycle(self) -> None:
         self.conn.start_next_cycle()
         self.received = 0
+        # A watch that fired after the head had come (the exchange went on) must not fail the
+        # next client's exchange on this connection.
+        self.client_left = False
 
     def closed_while_idle(self) -> bool:
         """True when the upstream closed, reset, or sent bytes nobody asked for on this idle
