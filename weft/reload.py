@@ -128,6 +128,9 @@ def _validate(
         columns = sup.colmap.assign(new)
     except ValueError as e:
         raise _Failed(str(e)) from None
+    if sup.shared is not None:
+        for column in sup.colmap.fresh:  # free until now: no worker reads its record
+            sup.shared.endpoints.reset(column)
     return new, columns, saved
 
 

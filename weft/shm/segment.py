@@ -90,7 +90,7 @@ CONTROL = "control"  # the InstanceLock's segment
 HEADER_SIZE = 64  # eight words; one cache line, so data_offset is cache-line aligned
 # Bump when the header or the layout of any structure in weft.shm changes: attach then refuses
 # a segment made by a weft that lays memory out differently.
-LAYOUT_VERSION = 2  # 2: creator start time instead of the boot id
+LAYOUT_VERSION = 3  # 2: creator start time instead of the boot id; 3: endpoint records
 MAGIC = int.from_bytes(b"WEFTSHM\0", "little", signed=True)
 READY = int.from_bytes(b"READY\0\0\0", "little", signed=True)
 

@@ -14,7 +14,11 @@ One segment, ``/weft-<instance>-state``, laid out as:
   every worker follows the same sequence. A destination uses the word of its first endpoint's
   column: unique to it (columns are per ``destination/endpoint``), stable across reloads that
   keep that endpoint, and needing no map of its own. A word reused for another destination
-  later only hands it an arbitrary starting point.
+  later only hands it an arbitrary starting point;
+* the **endpoint records** (`weft.shm.endpoints`): per in-flight column, the words of the
+  endpoint's health, prober lease, outlier state and circuit breaker. A column handed to a new
+  endpoint has its record zeroed first (`ColumnMap.fresh`), so no endpoint inherits another's
+  ejection or open breaker.
 
 The supervisor creates it (`SharedState.create`) while holding the instance lock; forked workers
 inherit the mapping; `weft status` attaches read-only (`SharedState.attach`).
@@ -26,6 +30,7 @@ from collections.abc import Sequence
 
 from weft.schema import Config, Destination
 from weft.shm.counters import InflightMatrix, PositionTable, SharedPosition
+from weft.shm.endpoints import EndpointTable
 from weft.shm.owners import OwnerRegistry
 from weft.shm.segment import Segment
 from weft.shm.worktable import WorkerRow, WorkerTable
@@ -54,11 +59,14 @@ class SharedState:
         self.inflight = InflightMatrix(atomics, off, rows, columns)
         off = _align(off + InflightMatrix.size_for(rows, columns))
         self.positions = PositionTable(atomics, off, columns)
+        off = _align(off + PositionTable.size_for(columns))
+        self.endpoints = EndpointTable(atomics, off, columns)
         # What the supervisor releases when a worker dies. The in-flight rows are found
         # through the worker table's, so they go first.
         self.owners = OwnerRegistry()
         self.owners.register("inflight", _InflightOfRows(self.table, self.inflight))
         self.owners.register("worker_table", self.table)
+        self.owners.register("endpoints", self.endpoints)
 
     @staticmethod
     def size_for(rows: int, columns: int) -> int:
@@ -67,6 +75,7 @@ class SharedState:
             + _align(WorkerTable.size_for(rows))
             + _align(InflightMatrix.size_for(rows, columns))
             + _align(PositionTable.size_for(columns))
+            + _align(EndpointTable.size_for(columns))
             + 4096  # the segment header
         )
 
@@ -117,6 +126,9 @@ class ColumnMap:
         self.capacity = capacity
         self.columns: dict[str, int] = {}
         self.retired: dict[str, int] = {}
+        # Columns the last `assign` gave to endpoints that had none: their shared records
+        # (`SharedState.endpoints`) must be zeroed before the new workers start.
+        self.fresh: list[int] = []
 
     def assign(self, config: Config) -> dict[str, int]:
         """Columns for every endpoint of `config`. Raises ValueError when there are too many."""
@@ -126,6 +138,7 @@ class ColumnMap:
             for e in d.endpoints
         ]
         used = set(self.columns.values()) | set(self.retired.values())
+        self.fresh = []
         for key in wanted:
             if key in self.columns:
                 continue
@@ -139,6 +152,7 @@ class ColumnMap:
                     "shared in-flight table"
                 )
             self.columns[key] = free
+            self.fresh.append(free)
             used.add(free)
         for key in list(self.columns):
             if key not in wanted:
