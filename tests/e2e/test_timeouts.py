@@ -46,6 +46,7 @@ def test_client_body_idle_gets_408_when_the_body_stalls(upstream, weft, free_por
         resp = conn.read_response(timeout=5.0)
         elapsed = time.monotonic() - start
         assert resp.status == 408
+        assert resp.body == b"408 Request Timeout: the request body stopped arriving\n"
         assert conn.peer_closed(timeout=3.0)
     assert 0.4 <= elapsed < 3.0, f"408 after {elapsed:.2f}s, client_body_idle is 500ms"
 

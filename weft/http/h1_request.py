@@ -38,10 +38,19 @@ _OBS_FOLD = re.compile(rb"\n[ \t]")
 
 
 class ClientTimeout(ClientError):
-    """The client took too long to send its head or body (408)."""
+    """The client took too long to send its head or body (408). `what` names the timeout
+    (``client_header_timeout``, ``client_body_timeout``); the client is told in words."""
 
     status = 408
     reason = "client_timeout"
+
+    _SAID = {
+        "client_header_timeout": "the request head did not arrive in time",
+        "client_body_timeout": "the request body stopped arriving",
+    }
+
+    def __init__(self, what: str) -> None:
+        super().__init__(self._SAID.get(what, "the request did not arrive in time"))
 
 
 def head_length(buf: bytearray, lim: Limits) -> int:
