@@ -40,6 +40,8 @@ import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
+from weft.sentinels import Sentinel
+
 __all__ = [
     "ALLOW",
     "BUCKETS",
@@ -68,27 +70,10 @@ __all__ = [
 ]
 
 
-class BreakerState:
-    """A breaker state: a named singleton with its code in the state word."""
+class BreakerState(Sentinel):
+    """A breaker state; its `code` is what the state word holds."""
 
-    __slots__ = ("code", "name")
-
-    def __init__(self, name: str, code: int) -> None:
-        self.name = name
-        self.code = code
-
-    def __repr__(self) -> str:
-        return self.name
-
-
-class _Named:
-    __slots__ = ("name",)
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __repr__(self) -> str:
-        return self.name
+    __slots__ = ()
 
 
 CLOSED = BreakerState("CLOSED", 0)
@@ -97,19 +82,19 @@ HALF_OPEN = BreakerState("HALF_OPEN", 2)
 STATES = (CLOSED, OPEN, HALF_OPEN)  # indexed by code
 
 # Events
-TRIP = _Named("TRIP")
-ELAPSED = _Named("ELAPSED")
-TRIAL_OK = _Named("TRIAL_OK")
-TRIAL_FAILED = _Named("TRIAL_FAILED")
+TRIP = Sentinel("TRIP")
+ELAPSED = Sentinel("ELAPSED")
+TRIAL_OK = Sentinel("TRIAL_OK")
+TRIAL_FAILED = Sentinel("TRIAL_FAILED")
 
 # Decisions of `admit`
-ALLOW = _Named("ALLOW")  # send it; count its result
-TRIAL = _Named("TRIAL")  # send it only if the trial word can be claimed; else REJECT
-REJECT = _Named("REJECT")  # 503 breaker_open, Retry-After, no upstream contact
+ALLOW = Sentinel("ALLOW")  # send it; count its result
+TRIAL = Sentinel("TRIAL")  # send it only if the trial word can be claimed; else REJECT
+REJECT = Sentinel("REJECT")  # 503 breaker_open, Retry-After, no upstream contact
 
 # (state, event) -> next state. A pair not in the table leaves the state as it is (a late
 # result of a call sent before the breaker opened, say).
-TRANSITIONS: dict[tuple[BreakerState, _Named], BreakerState] = {
+TRANSITIONS: dict[tuple[BreakerState, Sentinel], BreakerState] = {
     (CLOSED, TRIP): OPEN,
     (OPEN, ELAPSED): HALF_OPEN,
     (HALF_OPEN, TRIAL_OK): CLOSED,
@@ -144,7 +129,7 @@ def open_period(trips: int, open_for: float, max_open_for: float) -> float:
 
 
 class Admission(NamedTuple):
-    decision: _Named  # ALLOW, TRIAL or REJECT
+    decision: Sentinel  # ALLOW, TRIAL or REJECT
     word: int | None  # the state word to CAS in first (OPEN -> HALF_OPEN), or None
     retry_after: int  # seconds, for REJECT
 

@@ -40,6 +40,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
+from weft.sentinels import Sentinel
+
 __all__ = [
     "DEGRADED",
     "DEGRADED_PASS",
@@ -64,29 +66,16 @@ __all__ = [
 ]
 
 
-class State:
-    """A health state: a named singleton with the code it has in a shared word."""
+class State(Sentinel):
+    """A health state; its `code` is what a shared word holds."""
 
-    __slots__ = ("code", "name")
-
-    def __init__(self, name: str, code: int) -> None:
-        self.name = name
-        self.code = code
-
-    def __repr__(self) -> str:
-        return self.name
+    __slots__ = ()
 
 
-class Event:
+class Event(Sentinel):
     """Something that happened to an endpoint: a probe's result or a real response's sign."""
 
-    __slots__ = ("name",)
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __repr__(self) -> str:
-        return self.name
+    __slots__ = ()
 
 
 HEALTHY = State("HEALTHY", 0)
