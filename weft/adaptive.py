@@ -28,7 +28,7 @@ Theory of operation:
   8-47 the milliseconds (CLOSED: of the last close, OPEN and HALF_OPEN: of the opening) on
   CLOCK_MONOTONIC, which all processes of a host share.
 * **The window**: ``BUCKETS`` bucket words, each an epoch (which ``window / BUCKETS`` slice of
-  time it counts, mod 2**24) with 20-bit counts of calls and failures. Recording is one CAS on
+  time it counts, mod 2**23) with 20-bit counts of calls and failures. Recording is one CAS on
   the bucket of now; a bucket of an older epoch is restarted by the first call that lands in it.
   Only calls made while CLOSED are counted, and only buckets since the last close are summed,
   so the failures that tripped the breaker cannot trip it again at once after a good trial.
@@ -182,7 +182,8 @@ def on_result(
 # -- the sliding window ---------------------------------------------------------------------
 
 BUCKETS = 10
-_EPOCH_BITS = 24
+# 23, not 24: the words are signed 64-bit (weft.shm.atomics), and bit 63 must stay clear.
+_EPOCH_BITS = 23
 _EPOCH_MASK = (1 << _EPOCH_BITS) - 1
 _COUNT_BITS = 20
 _COUNT_MAX = (1 << _COUNT_BITS) - 1

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from weft import confread as cr
+from weft.config_resilience import read_breaker, read_health, read_outlier, read_retry
 from weft.schema import (
     ROUTE_TIMEOUTS,
     STRATEGIES,
@@ -204,7 +205,17 @@ def _read_pool(r: cr.Reader, raw: Any, path: str) -> PoolConfig:
     return pool
 
 
-_DEST_KEYS = ("strategy", "endpoints", "host_header", "hash_key", "hash_balance_factor", "pool")
+_DEST_KEYS = (
+    "strategy",
+    "endpoints",
+    "host_header",
+    "hash_key",
+    "hash_balance_factor",
+    "pool",
+    "health",
+    "outlier",
+    "breaker",
+)
 
 
 def _hash_key(v: Any) -> str:
@@ -272,6 +283,9 @@ def _read_destinations(r: cr.Reader, raw: Any) -> dict[str, Destination]:
                 f"must be 0 (off) or at least 1, got {factor:g}",
             )
         pool = _read_pool(r, d.pop("pool"), f"{path}.pool") if "pool" in d else PoolConfig()
+        health = read_health(r, d.pop("health"), f"{path}.health") if "health" in d else None
+        outlier = read_outlier(r, d.pop("outlier"), f"{path}.outlier") if "outlier" in d else None
+        breaker = read_breaker(r, d.pop("breaker"), f"{path}.breaker") if "breaker" in d else None
         eps: list[Endpoint] = []
         if "endpoints" not in d:
             r.error(path, 'needs "endpoints"')
@@ -299,7 +313,9 @@ def _read_destinations(r: cr.Reader, raw: Any) -> dict[str, Destination]:
             r.error(
                 f"{path}.hash_key", f'only used with strategy "consistent_hash", not {strategy!r}'
             )
-        out[name] = Destination(name, tuple(eps), strategy, host_header, hash_key, factor, pool)
+        out[name] = Destination(
+            name, tuple(eps), strategy, host_header, hash_key, factor, pool, health, outlier, breaker
+        )
     return out
 
 
@@ -314,6 +330,7 @@ _ROUTE_KEYS = (
     "timeouts",
     "max_body_bytes",
     "middleware",
+    "retry",
 )
 
 
@@ -416,8 +433,11 @@ def _read_routes(
             t, "max_body_bytes", path, lambda v: cr.size(v, lo=0, hi=1 << 50), limits.max_body_bytes
         )
         mws = _middleware(r, t.pop("middleware"), f"{path}.middleware") if "middleware" in t else ()
+        retry = (
+            read_retry(r, t.pop("retry"), f"{path}.retry", rt.request_total) if "retry" in t else None
+        )
         r.unknown(t, path, _ROUTE_KEYS)
-        route = Route(name, dest, host, prefix, methods, strip, rewrite, rt, body, mws)
+        route = Route(name, dest, host, prefix, methods, strip, rewrite, rt, body, mws, retry)
         out.append((i, route, len(r.errors) == errors_before))
     return out
 

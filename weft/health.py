@@ -25,7 +25,7 @@ Theory of operation:
   consecutive failures; leaving Unhealthy takes ``healthy_threshold`` consecutive passes. A
   result of the other kind resets the run. Moving between Healthy and Degraded is immediate.
 * **The word**: state code in bits 0-1, the run of passes in 8-15, of failures in 16-23
-  (saturating at 255; config caps thresholds below that), and in bits 32-63 a count of state
+  (saturating at 255; config caps thresholds below that), and in bits 32-62 a count of state
   changes, so a worker that remembers the last word it saw can tell that a transition happened
   (to close an endpoint's idle pooled connections when it turns Unhealthy) with one load.
 * **Lease**: the owner's pid and an expiry (milliseconds of CLOCK_MONOTONIC, which all
@@ -125,7 +125,7 @@ class Health(NamedTuple):
     state: State
     passes: int
     fails: int
-    changes: int  # state changes so far (mod 2**32)
+    changes: int  # state changes so far (mod 2**31)
 
 
 def pack(state: State, passes: int = 0, fails: int = 0, changes: int = 0) -> int:
@@ -133,7 +133,7 @@ def pack(state: State, passes: int = 0, fails: int = 0, changes: int = 0) -> int
         state.code
         | min(passes, _RUN_MAX) << 8
         | min(fails, _RUN_MAX) << 16
-        | (changes & 0xFFFFFFFF) << 32
+        | (changes & 0x7FFFFFFF) << 32  # 31 bits: the words are signed 64-bit
     )
 
 

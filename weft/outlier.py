@@ -22,7 +22,7 @@ Theory of operation:
 * **Duration**: the n-th ejection lasts ``n * base_ejection``, capped by ``max_ejection``. n
   goes back to 0 once the endpoint has served for ``max_ejection`` without being ejected
   again, so an old incident does not lengthen a new one for ever.
-* **The word**: the 5xx run in bits 0-7, the gateway run in 8-15, n in 16-23, and in 24-63
+* **The word**: the 5xx run in bits 0-7, the gateway run in 8-15, n in 16-23, and in 24-62
   the millisecond (CLOCK_MONOTONIC) the current or last ejection ends, 0 if there was none.
   An endpoint is ejected while now is before that time; from then on it is back, and slow
   start counts from that same time.
@@ -49,7 +49,7 @@ __all__ = [
 ]
 
 _RUN_MAX = 255
-_MS_MASK = (1 << 40) - 1
+_MS_MASK = (1 << 39) - 1  # bit 63 stays clear: the words are signed 64-bit
 _GATEWAY_STATUSES = (502, 503, 504)
 _LOCAL_FAILURES = (CONNECT_ERROR, RESET, TIMEOUT, PROTOCOL_ERROR)
 # A returning endpoint's weight starts at this share of its weight (Envoy's

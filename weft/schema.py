@@ -106,6 +106,61 @@ class Endpoint:
 
 
 @dataclass(frozen=True, slots=True)
+class HealthCheck:
+    """``[destinations.<name>.health]``: active probes (`weft.health`, `weft.prober`)."""
+
+    path: str = "/healthz"
+    interval: float = 5.0  # with +-10 % jitter
+    timeout: float = 1.0
+    healthy_threshold: int = 2  # Envoy's and HAProxy's "rise" is 2
+    unhealthy_threshold: int = 3  # HAProxy's "fall" is 3
+    expected_statuses: tuple[tuple[int, int], ...] = ((200, 399),)
+    degraded_latency: float = 0.0  # 0: off
+    degraded_header: str = "x-weft-degraded"  # Envoy's x-envoy-degraded
+
+
+@dataclass(frozen=True, slots=True)
+class OutlierConfig:
+    """``[destinations.<name>.outlier]``: passive ejection (`weft.outlier`). Defaults are
+    Envoy's outlier_detection defaults except consecutive_gateway_errors (Envoy: 5, off)."""
+
+    consecutive_5xx: int = 5
+    consecutive_gateway_errors: int = 3
+    base_ejection: float = 30.0
+    max_ejection: float = 300.0
+    max_ejection_percent: float = 50.0
+    panic_threshold: float = 50.0  # Envoy's healthy_panic_threshold
+    slow_start: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerConfig:
+    """``[destinations.<name>.breaker]``: the per-endpoint circuit breaker (`weft.adaptive`).
+    Defaults are resilience4j's (failureRateThreshold 50, minimumNumberOfCalls 20 is ours:
+    its 100 is too many for a 10 s window of a small service)."""
+
+    failure_rate: float = 50.0
+    minimum_calls: int = 20
+    window: float = 10.0
+    open_for: float = 5.0
+    max_open_for: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """``[routes.retry]`` (`weft.retry`, `weft.retry_middleware`)."""
+
+    attempts: int = 3  # tries in all, the first included
+    on: tuple[str, ...] = ("connect_error", "reset", "timeout", "503")
+    backoff_base: float = 0.025  # Envoy's base_interval
+    backoff_max: float = 0.25  # Envoy's default max_interval: 10 x base
+    per_try_timeout: float = 0.0  # 0: only the route's deadline
+    budget_percent: float = 20.0  # Envoy's retry budget default
+    budget_min_per_second: float = 3.0
+    buffer_body: int = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
 class Destination:
     name: str
     endpoints: tuple[Endpoint, ...]
@@ -114,6 +169,14 @@ class Destination:
     hash_key: str | None = None
     hash_balance_factor: float = 1.25
     pool: PoolConfig = field(default_factory=PoolConfig)
+    health: HealthCheck | None = None  # None: no active probes
+    outlier: OutlierConfig | None = None  # None: no passive ejection
+    breaker: BreakerConfig | None = None  # None: no circuit breaker
+
+    @property
+    def observed(self) -> bool:
+        """Whether anything learns from this destination's traffic (`weft.observer`)."""
+        return self.health is not None or self.outlier is not None or self.breaker is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +197,7 @@ class Route:
     timeouts: Timeouts = field(default_factory=Timeouts)
     max_body_bytes: int = 100 * 1024 * 1024
     middleware: tuple[MiddlewareSpec, ...] = ()
+    retry: RetryPolicy | None = None  # None: only the stale-connection retry of the forwarder
 
 
 @dataclass(frozen=True, slots=True)
