@@ -25,16 +25,32 @@ from weft.workers.worker import Hooks
 class RecordingObserver:
     """An Observer that keeps every report and excludes what a test says."""
 
+    degraded_header = None
+
     def __init__(self) -> None:
         self.reports: list[tuple[int, str, int]] = []
         self.skip: set[int] = set()
 
-    def report(self, index: int, result: str, status: int, latency: float) -> None:
+    def report(
+        self, index: int, result: str, status: int, latency: float, degraded: bool = False
+    ) -> None:
         assert latency >= 0
         self.reports.append((index, result, status))
 
     def excluded(self) -> set[int]:
         return self.skip
+
+    def admit(self, index: int) -> int:
+        return 0
+
+    def keep_pick(self, index: int) -> bool:
+        return True
+
+    def abandon(self, index: int) -> None:
+        pass
+
+    def breaker_retry_after(self) -> int:
+        return 0
 
 
 class ObservingHooks(Hooks):

@@ -314,7 +314,16 @@ def _read_destinations(r: cr.Reader, raw: Any) -> dict[str, Destination]:
                 f"{path}.hash_key", f'only used with strategy "consistent_hash", not {strategy!r}'
             )
         out[name] = Destination(
-            name, tuple(eps), strategy, host_header, hash_key, factor, pool, health, outlier, breaker
+            name,
+            tuple(eps),
+            strategy,
+            host_header,
+            hash_key,
+            factor,
+            pool,
+            health,
+            outlier,
+            breaker,
         )
     return out
 
@@ -434,7 +443,9 @@ def _read_routes(
         )
         mws = _middleware(r, t.pop("middleware"), f"{path}.middleware") if "middleware" in t else ()
         retry = (
-            read_retry(r, t.pop("retry"), f"{path}.retry", rt.request_total) if "retry" in t else None
+            read_retry(r, t.pop("retry"), f"{path}.retry", rt.request_total)
+            if "retry" in t
+            else None
         )
         r.unknown(t, path, _ROUTE_KEYS)
         route = Route(name, dest, host, prefix, methods, strip, rewrite, rt, body, mws, retry)

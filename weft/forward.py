@@ -30,7 +30,7 @@ response) whose body names the failure in plain words; the detail goes to the lo
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from typing import Protocol
 
 import trio
@@ -69,6 +69,7 @@ PUBLIC_REASON = {
     "request_timeout": "request_total exceeded",
     "pool_full": "too many requests wait for an upstream connection",
     "no_endpoint": "no upstream endpoint available",
+    "breaker_open": "the upstream is failing; its circuit breaker is open",
     "draining": "the server is shutting down",
 }
 
@@ -159,9 +160,34 @@ class Forwarder:
                 request.headers.raw, request.client[0], request.path.encode("latin-1")
             )
         counts = self.counts.view() if self.needs_counts else ()
-        if self.observer is None:
+        obs = self.observer
+        tried = request.ctx.get("tried")
+        if obs is None and not tried:
             return self.balancer.pick(key=key, inflight=counts)
-        return self.balancer.pick(key=key, inflight=counts, excluded=self.observer.excluded())
+        excluded: Container[int] = obs.excluded() if obs is not None else ()
+        if tried:
+            # Envoy's previous_hosts: a retry goes to an endpoint not tried yet, when one is
+            # left; otherwise to any usable one.
+            widened = set(excluded) | tried
+            if len(widened) < len(self.pools):
+                excluded = widened
+        pick = self.balancer.pick
+        for _ in range(len(self.pools) + 1):
+            idx = pick(key=key, inflight=counts, excluded=excluded)
+            if idx is None or obs is None:
+                return idx
+            if not obs.keep_pick(idx):
+                # Slow start: the endpoint lost this pick; pick among the others if any.
+                other = pick(key=key, inflight=counts, excluded=set(excluded) | {idx})
+                if other is not None:
+                    idx = other
+            verdict = obs.admit(idx)
+            if verdict <= 0:
+                if verdict < 0:
+                    request.ctx["trial"] = idx
+                return idx
+            excluded = set(excluded) | {idx}  # its breaker opened since excluded() was read
+        return None
 
     def _outgoing(self, request: Request, endpoint_authority: str) -> Outgoing:
         """The request as it goes upstream: the header policy applied."""
@@ -244,16 +270,55 @@ class Forwarder:
 
         return interim
 
-    def _report(self, idx: int, result: str | None, status: int, started: float) -> None:
-        if result is not None and self.observer is not None:
-            self.observer.report(idx, result, status, trio.current_time() - started)
+    def _report(
+        self,
+        request: Request,
+        idx: int,
+        result: str | None,
+        status: int,
+        started: float,
+        response: Response | None = None,
+    ) -> None:
+        # What the retry middleware decides on (weft.retry_middleware): the attempt's result
+        # word (None: not the endpoint's doing, never retried) and status.
+        request.ctx["result"] = (result, status)
+        obs = self.observer
+        if result is not None and obs is not None:
+            degraded = (
+                response is not None
+                and obs.degraded_header is not None
+                and has_field(response.headers.raw, obs.degraded_header)
+            )
+            obs.report(idx, result, status, trio.current_time() - started, degraded)
 
     async def _forward(self, request: Request) -> Response:
         idx = self._pick(request)
         if idx is None:
+            wait = self.observer.breaker_retry_after() if self.observer is not None else 0
+            if wait:
+                raise UpstreamError(
+                    "every usable endpoint's circuit breaker is open",
+                    status=503,
+                    reason="breaker_open",
+                    retry_after=wait,
+                )
             raise UpstreamError(
                 "no endpoint available", status=503, reason="no_endpoint", retry_after=1
             )
+        tried = request.ctx.get("tried")
+        if tried is not None:
+            tried.add(idx)
+        if self.observer is not None and request.ctx.get("trial") == idx:
+            try:
+                return await self._attempt(request, idx)
+            finally:
+                # Reported (the trial decided) or not (the client left, the pool was full):
+                # either way this process no longer holds the trial.
+                del request.ctx["trial"]
+                self.observer.abandon(idx)
+        return await self._attempt(request, idx)
+
+    async def _attempt(self, request: Request, idx: int) -> Response:
         pool = self.pools[idx]
         ep = pool.endpoint
         request.ctx["endpoint"] = ep.authority
@@ -273,7 +338,7 @@ class Forwarder:
                 up, reused = await pool.acquire(fresh=attempt > 0)
             except UpstreamError as e:
                 self.counts.add(idx, -1)
-                self._report(idx, outcome.result_of(e.reason), 0, started)
+                self._report(request, idx, outcome.result_of(e.reason), 0, started)
                 raise
             except BaseException:
                 self.counts.add(idx, -1)
@@ -294,12 +359,19 @@ class Forwarder:
                     attempt += 1
                     log.debug("retrying %s on a fresh connection: %s", request.id, e.detail)
                     continue
-                self._report(idx, outcome.result_of(e.reason), 0, started)
+                self._report(request, idx, outcome.result_of(e.reason), 0, started)
                 raise
             break
         now = trio.current_time()
         request.ctx["upstream_time"] = now - started
-        self._report(idx, outcome.result_of_status(response.status), response.status, started)
+        self._report(
+            request,
+            idx,
+            outcome.result_of_status(response.status),
+            response.status,
+            started,
+            response,
+        )
         if out.close_client:
             request.ctx["close"] = True
         if response.tunnel is not None:

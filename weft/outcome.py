@@ -56,12 +56,35 @@ def result_of_status(status: int) -> str:
 
 
 class Observer(Protocol):
-    """Learns from every attempt of one destination; tells the balancer what to skip."""
+    """Learns from every attempt of one destination; tells the balancer what to skip.
+    `weft.observer.DestinationObserver` is the one implementation, over shared memory."""
 
-    def report(self, index: int, result: str, status: int, latency: float) -> None:
+    #: the response field that marks an endpoint Degraded (lower case), or None
+    degraded_header: bytes | None
+
+    def report(
+        self, index: int, result: str, status: int, latency: float, degraded: bool = False
+    ) -> None:
         """One attempt at endpoint `index` ended its head phase: `result` (see the table),
-        the response status (0 without one), and the seconds from send to head/failure."""
+        the response status (0 without one), the seconds from send to head/failure, and
+        whether the response carried the degraded header."""
 
     def excluded(self) -> Container[int]:
         """Endpoints the balancer must not pick now (Unhealthy, ejected, breaker open)."""
+        ...
+
+    def admit(self, index: int) -> int:
+        """After a pick: 0 go, -1 go as the breaker's half-open trial, n > 0 refused (Retry-After
+        n seconds)."""
+        ...
+
+    def keep_pick(self, index: int) -> bool:
+        """Whether a pick of `index` stands (False: slow start gave it away)."""
+        ...
+
+    def abandon(self, index: int) -> None:
+        """A trial call ended without a report: free the trial."""
+
+    def breaker_retry_after(self) -> int:
+        """Seconds until an open breaker admits calls again; 0 when none is open."""
         ...

@@ -63,6 +63,10 @@ class EndpointTable:
         self.offset = offset
         self.columns = columns
 
+    @property
+    def atomics(self) -> Atomics:
+        return self._a
+
     @staticmethod
     def size_for(columns: int) -> int:
         return columns * EndpointTable.RECORD

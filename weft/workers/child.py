@@ -29,10 +29,12 @@ import traceback
 from weft.dst import Position
 from weft.forward import Inflight
 from weft.handler import Middleware, load_all_middleware
+from weft.observer import DestinationObserver
+from weft.outcome import Observer
 from weft.schema import Config, Destination
 from weft.shm.worktable import BOOTING, DRAINING, READY
 from weft.workers.postfork import Preamble
-from weft.workers.shared import SharedState, inflight_for, wrr_position_for
+from weft.workers.shared import SharedState, endpoint_key, inflight_for, wrr_position_for
 from weft.workers.worker import Hooks, serve
 
 log = logging.getLogger("weft.worker")
@@ -62,6 +64,12 @@ class ChildHooks(Hooks):
         if dest.strategy == "least_conn":
             return inflight_for(self.state, self.row, self.columns, dest)
         return None
+
+    def observer_for(self, dest: Destination) -> Observer | None:
+        if not dest.observed:
+            return None
+        cols = [self.columns[endpoint_key(dest.name, e.authority)] for e in dest.endpoints]
+        return DestinationObserver(dest, self.state.endpoints, cols, pid=os.getpid())
 
     def wrr_position_for(self, dest: Destination) -> Position | None:
         if dest.strategy in ("round_robin", "weighted"):

@@ -49,7 +49,9 @@ from weft.http.dispatch import serve_connection
 from weft.http.io import accept
 from weft.http.messages import Request, Response
 from weft.http.transport import TCPTransport
+from weft.observer import DestinationObserver, LocalRecords
 from weft.outcome import Observer
+from weft.prober import Prober
 from weft.schema import Config, Destination
 from weft.workers.state import ServerState
 
@@ -81,6 +83,8 @@ class Hooks:
     heartbeat_interval = 1.0
     #: read end of the parent-liveness pipe: EOF means the supervisor died (drain, then exit)
     parent_fd: int | None = None
+    #: endpoint records of this process alone, made on first use (see `observer_for`)
+    local_records: LocalRecords | None = None
 
     def inflight_for(self, dest: Destination) -> Inflight | None:
         """Shared in-flight counts for a destination, or None for this process's own."""
@@ -89,8 +93,16 @@ class Hooks:
     def observer_for(self, dest: Destination) -> Observer | None:
         """What learns from every attempt of `dest` and tells its balancer what to skip
         (`weft.outcome`): health, outlier ejection and the breaker, with their state in shared
-        memory. None: nothing observes (no such feature configured)."""
-        return None
+        memory. None: nothing observes (no such feature configured).
+
+        Here, without a supervisor, the records are this process's own (an anonymous mapping):
+        one worker is all there is to share them with."""
+        if not dest.observed:
+            return None
+        if self.local_records is None:
+            self.local_records = LocalRecords()
+        columns = self.local_records.columns(len(dest.endpoints))
+        return DestinationObserver(dest, self.local_records.table, columns, pid=os.getpid())
 
     def wrr_position_for(self, dest: Destination) -> Position | None:
         """Shared schedule position for a round_robin/weighted destination, or None."""
@@ -145,6 +157,13 @@ class Worker:
             config.timeouts.upstream_connect,
         )
         self.app = App(config, self.pools, middleware, hooks=self.hooks)
+        observers = {
+            name: fw.observer
+            for name, fw in self.app.forwarders.items()
+            if isinstance(fw.observer, DestinationObserver)
+        }
+        #: active probes and pool eviction (None: no destination is observed)
+        self.prober = Prober(observers, self.pools) if observers else None
         self.state = ServerState(config, self.app, self.pools.timers)
         self.access_log = AccessLog(config.access_log.path) if config.access_log.enabled else None
         if self.access_log is not None:
@@ -297,6 +316,11 @@ async def _heartbeat(hooks: Hooks, state: ServerState) -> None:
         await trio.sleep(hooks.heartbeat_interval)
 
 
+async def _run_prober(prober: Prober, scope: trio.CancelScope) -> None:
+    with scope:
+        await prober.run()
+
+
 async def _watch_parent(worker: Worker, fd: int) -> None:
     """Drain when the supervisor's end of the liveness pipe closes (it died)."""
     while True:
@@ -334,6 +358,9 @@ async def _serve(
             if worker.metrics is not None:
                 await service.start(worker.metrics.run)
             service.start_soon(_heartbeat, hooks, worker.state)
+            probing = trio.CancelScope()
+            if worker.prober is not None:
+                service.start_soon(_run_prober, worker.prober, probing)
             if hooks.parent_fd is not None:
                 service.start_soon(_watch_parent, worker, hooks.parent_fd)
             async with trio.open_nursery() as conns:
@@ -348,6 +375,7 @@ async def _serve(
                     await worker.stop.wait()
                     acceptors.cancel_scope.cancel()
                 hooks.draining()
+                probing.cancel()  # its leases go to the next generation now
                 worker.state.drain()
                 conns.cancel_scope.deadline = trio.current_time() + config.timeouts.drain
             await worker.pools.aclose()
