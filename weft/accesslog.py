@@ -7,7 +7,8 @@ line-buffered stdout); a fifth of a second is as fresh as a tail needs. The last
 flushed when the worker stops.
 
 Fields: time (RFC 3339, UTC, milliseconds), request_id, client, method, target, version, status,
-bytes_in, bytes_out, duration_ms, route, endpoint, upstream_ms, error (reason word or null).
+bytes_in, bytes_out, duration_ms, route, endpoint, upstream_ms, attempts (tries sent, 1 without
+[routes.retry]), error (reason word or null).
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ class AccessLog:
                 "route": route,
                 "endpoint": ctx.get("endpoint"),
                 "upstream_ms": round(up * 1000, 3) if up is not None else None,
+                # tries sent by [routes.retry] (1 without it, None before routing)
+                "attempts": ctx.get("attempts", 1) if route is not None else None,
                 "error": error,
             },
             separators=(",", ":"),

@@ -60,7 +60,9 @@ __all__ = [
     "Breaker",
     "BreakerState",
     "admit",
+    "bucket_counts",
     "bucket_epoch",
+    "bucket_word",
     "on_result",
     "open_period",
     "pack",
@@ -194,17 +196,26 @@ def bucket_epoch(now_ms: int, window_ms: int) -> int:
     return now_ms // max(1, window_ms // BUCKETS)
 
 
+def bucket_counts(bucket: int, epoch: int) -> tuple[int, int]:
+    """A bucket word's two counts (calls, failures) if it counts `epoch`, else (0, 0)."""
+    if bucket >> (2 * _COUNT_BITS) != epoch & _EPOCH_MASK:
+        return 0, 0
+    return bucket >> _COUNT_BITS & _COUNT_MAX, bucket & _COUNT_MAX
+
+
+def bucket_word(epoch: int, first: int, second: int) -> int:
+    """A bucket word of `epoch` with two counts (each saturating at 2**20 - 1)."""
+    return (
+        (epoch & _EPOCH_MASK) << (2 * _COUNT_BITS)
+        | min(first, _COUNT_MAX) << _COUNT_BITS
+        | min(second, _COUNT_MAX)
+    )
+
+
 def record(bucket: int, epoch: int, failed: bool) -> int:
     """The bucket word after one call in `epoch` (a bucket of another epoch starts over)."""
-    e = epoch & _EPOCH_MASK
-    if bucket >> (2 * _COUNT_BITS) != e:
-        calls = failures = 0
-    else:
-        calls = bucket >> _COUNT_BITS & _COUNT_MAX
-        failures = bucket & _COUNT_MAX
-    calls = min(calls + 1, _COUNT_MAX)
-    failures = min(failures + failed, _COUNT_MAX)
-    return e << (2 * _COUNT_BITS) | calls << _COUNT_BITS | failures
+    calls, failures = bucket_counts(bucket, epoch)
+    return bucket_word(epoch, calls + 1, failures + failed)
 
 
 def window_totals(

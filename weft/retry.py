@@ -26,7 +26,9 @@ Theory of operation:
 * **Budget**: retries may be at most ``budget_percent`` of the route's requests in the window,
   but ``budget_min_per_second`` per second of the window are always allowed, so a quiet route
   still gets its retries (Envoy's retry budget with ``min_retry_concurrency``, and Finagle's
-  RetryBudget, in shape).
+  RetryBudget, in shape). The window is `BUDGET_WINDOW` (Finagle's RetryBudget default ttl),
+  in `weft.adaptive.BUCKETS` bucket words laid out as the breaker's: epoch, then 20-bit counts
+  of requests and retries (`budget_record`).
 """
 
 from __future__ import annotations
@@ -35,9 +37,22 @@ import random
 from collections.abc import Iterable
 from typing import NamedTuple
 
+from weft.adaptive import bucket_counts, bucket_word
 from weft.outcome import CONNECT_ERROR, PROTOCOL_ERROR, RESET, STATUS, TIMEOUT
 
-__all__ = ["CONDITIONS", "RetryOn", "backoff", "budget_allows", "replayable", "retry_after"]
+__all__ = [
+    "BUDGET_WINDOW",
+    "CONDITIONS",
+    "RetryOn",
+    "backoff",
+    "budget_allows",
+    "budget_record",
+    "reason",
+    "replayable",
+    "retry_after",
+]
+
+BUDGET_WINDOW = 10.0  # seconds the retry budget looks back (Finagle's RetryBudget ttl)
 
 # The named conditions of the `on` list (a status number is the other kind).
 CONDITIONS = ("connect_error", "reset", "timeout", "protocol_error", "5xx", "gateway_error")
@@ -86,6 +101,11 @@ class RetryOn(NamedTuple):
         return result in self.results
 
 
+def reason(result: str, status: int) -> str:
+    """The label a retry is counted under: the status for answers, else the result word."""
+    return str(status) if status else result
+
+
 def replayable(has_body: bool, buffered: int | None, buffer_body: int) -> bool:
     """Whether weft can send the request again: it has no body, or its whole body
     (`buffered` bytes, None while not read whole) is held in memory within `buffer_body`."""
@@ -122,3 +142,13 @@ def budget_allows(
     the last `window` seconds (all workers together)."""
     allowed = max(requests * percent / 100.0, min_per_second * window)
     return retries + 1 <= allowed
+
+
+def budget_record(bucket: int, epoch: int, retry: bool) -> int:
+    """The budget bucket word after one request (`retry` False) or one retry (True) in
+    `epoch`; the word's counts are (requests, retries), read with
+    `weft.adaptive.window_totals`."""
+    requests, retries = bucket_counts(bucket, epoch)
+    if retry:
+        return bucket_word(epoch, requests, retries + 1)
+    return bucket_word(epoch, requests + 1, retries)

@@ -140,7 +140,9 @@ class Supervisor:
             self.lock = InstanceLock.acquire(self.instance)
         except InstanceRunning as e:
             raise StartupError(str(e)) from None
+        # Columns: one per endpoint and one per route with retries (its budget's record).
         endpoints = sum(len(d.endpoints) for d in self.config.destinations.values())
+        endpoints += len(self.config.routes)
         rows = 4 * max(self.nworkers, 4) + 8  # old + new generation per slot, room for TTIN
         self.colmap = ColumnMap(max(256, 4 * endpoints))
         self.columns = self.colmap.assign(self.config)

@@ -31,10 +31,17 @@ from weft.forward import Inflight
 from weft.handler import Middleware, load_all_middleware
 from weft.observer import DestinationObserver
 from weft.outcome import Observer
-from weft.schema import Config, Destination
+from weft.retry_middleware import RetryBudget
+from weft.schema import Config, Destination, Route
 from weft.shm.worktable import BOOTING, DRAINING, READY
 from weft.workers.postfork import Preamble
-from weft.workers.shared import SharedState, endpoint_key, inflight_for, wrr_position_for
+from weft.workers.shared import (
+    SharedState,
+    endpoint_key,
+    inflight_for,
+    route_key,
+    wrr_position_for,
+)
 from weft.workers.worker import Hooks, serve
 
 log = logging.getLogger("weft.worker")
@@ -70,6 +77,11 @@ class ChildHooks(Hooks):
             return None
         cols = [self.columns[endpoint_key(dest.name, e.authority)] for e in dest.endpoints]
         return DestinationObserver(dest, self.state.endpoints, cols, pid=os.getpid())
+
+    def retry_budget_for(self, route: Route) -> RetryBudget:
+        assert route.retry is not None
+        column = self.columns[route_key(route.name)]
+        return RetryBudget(self.state.endpoints, column, route.retry)
 
     def wrr_position_for(self, dest: Destination) -> Position | None:
         if dest.strategy in ("round_robin", "weighted"):

@@ -47,6 +47,11 @@ def endpoint_key(dest: str, authority: str) -> str:
     return f"{dest}/{authority}"
 
 
+def route_key(name: str) -> str:
+    """The column key of a route's own record ('@' is in no destination name)."""
+    return f"@route/{name}"
+
+
 class SharedState:
     def __init__(self, segment: Segment, rows: int, columns: int) -> None:
         self.segment = segment
@@ -137,6 +142,8 @@ class ColumnMap:
             for d in config.destinations.values()
             for e in d.endpoints
         ]
+        # A route with retries keeps its budget in a record of its own (`weft.retry_middleware`).
+        wanted += [route_key(r.name) for r in config.routes if r.retry is not None]
         used = set(self.columns.values()) | set(self.retired.values())
         self.fresh = []
         for key in wanted:

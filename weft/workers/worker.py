@@ -52,7 +52,8 @@ from weft.http.transport import TCPTransport
 from weft.observer import DestinationObserver, LocalRecords
 from weft.outcome import Observer
 from weft.prober import Prober
-from weft.schema import Config, Destination
+from weft.retry_middleware import RetryBudget
+from weft.schema import Config, Destination, Route
 from weft.workers.state import ServerState
 
 log = logging.getLogger("weft.worker")
@@ -103,6 +104,13 @@ class Hooks:
             self.local_records = LocalRecords()
         columns = self.local_records.columns(len(dest.endpoints))
         return DestinationObserver(dest, self.local_records.table, columns, pid=os.getpid())
+
+    def retry_budget_for(self, route: Route) -> RetryBudget:
+        """The shared retry budget of a route with ``[routes.retry]``; here, this process's."""
+        assert route.retry is not None
+        if self.local_records is None:
+            self.local_records = LocalRecords()
+        return RetryBudget.local(route.retry, self.local_records)
 
     def wrr_position_for(self, dest: Destination) -> Position | None:
         """Shared schedule position for a round_robin/weighted destination, or None."""

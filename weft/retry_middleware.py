@@ -1,0 +1,275 @@
+"""``[routes.retry]`` as built-in middleware: tries, backoff, replay bodies and the shared budget.
+
+`weft.retry` decides (which failures, how long to wait, whether the budget allows); this module
+is the middleware around the rest of the route's chain that acts on it, registered in
+`weft.builtins.BUILTINS`. A request, step by step:
+
+1. It is counted in the route's budget window (one CAS on a shared bucket word).
+2. Its body is kept for replay if it fits ``buffer_body``: read whole before the first try (a
+   client that sends ``Expect: 100-continue`` is told to go on by that read, as for any
+   request whose body weft reads). A larger body is streamed as usual, after the part read to
+   find out, and the request is never retried: weft no longer has what it sent.
+3. Each try calls the rest of the chain; the forwarder (`weft.forward`) skips the endpoints
+   tried so far when another is usable (``request.ctx["tried"]``, Envoy's previous_hosts) and
+   reports the try's result word and status in ``request.ctx["result"]``.
+4. A try is retried only when its result matches ``on``, tries are left, the request can be
+   replayed, the wait fits in the route's deadline, and the shared budget has room. The wait
+   is full-jitter backoff, or a 503's Retry-After when it is no longer than ``backoff_max``
+   (a longer one ends the retries: the upstream said when to come back). The failed try's
+   response is read to its end when small, so its connection is reused, else closed.
+5. ``per_try_timeout`` bounds each try by moving the deadline the forwarder honours; the
+   route's ``request_total`` still bounds them all.
+
+The answer of the last try is returned. A retried request carries ``x-weft-attempts: n`` and
+leaves ``attempts``, ``retries`` (the reason of each retry) and ``retry_budget_exhausted`` in
+``request.ctx`` for the access log and the metrics. Results that are not the endpoint's doing
+(no endpoint, open breakers, a full pool queue: ``result`` None) are never retried: another
+try would meet the same answer and add load where there is none to spare.
+
+**The budget** is per route and shared by every worker through one record of the instance's
+endpoint table (`weft.shm.endpoints`, its window words; the record is keyed ``@route/<name>``
+in the column map, so it survives a reload of a route that still exists). A check-then-spend
+race between workers can let through one retry per worker above the budget at most; the
+budget is a bound on load, not an exact count.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+import trio
+
+from weft import adaptive, retry
+from weft.builtins import BUILTINS, BuiltinContext, Middleware, Next
+from weft.http.messages import Body, BytesBody, Request, Response
+from weft.observer import CAS_TRIES, LocalRecords, monotonic_ms
+from weft.schema import RetryPolicy, Route
+from weft.shm.atomics import WORD
+from weft.shm.endpoints import WINDOW, EndpointTable
+
+__all__ = ["RetryBudget", "make_retry"]
+
+# A failed try's body is read to its end (keeping its connection) when at most this long.
+DRAIN_MAX = 64 * 1024
+ATTEMPTS_HEADER = b"x-weft-attempts"
+
+
+class RetryBudget:
+    """One route's retry budget in shared window words (see the module docstring)."""
+
+    __slots__ = (
+        "_base",
+        "_cas",
+        "_load",
+        "clock_ms",
+        "min_per_second",
+        "owner",
+        "percent",
+        "window_ms",
+    )
+
+    def __init__(
+        self,
+        table: EndpointTable,
+        column: int,
+        policy: RetryPolicy,
+        clock_ms: Callable[[], int] = monotonic_ms,
+    ) -> None:
+        self._base = table.address(column, WINDOW)
+        self._load = table.atomics.load
+        self._cas = table.atomics.cas
+        self.percent = policy.budget_percent
+        self.min_per_second = policy.budget_min_per_second
+        self.window_ms = round(retry.BUDGET_WINDOW * 1000)
+        self.clock_ms = clock_ms
+        self.owner: object = None  # what keeps a private mapping alive (`local`)
+
+    @classmethod
+    def local(cls, policy: RetryPolicy, records: LocalRecords | None = None) -> RetryBudget:
+        """A budget of this process alone (no supervisor: one in-process worker, tests)."""
+        records = records if records is not None else LocalRecords(1)
+        budget = cls(records.table, records.columns(1)[0], policy)
+        budget.owner = records
+        return budget
+
+    def _count(self, now: int, is_retry: bool) -> None:
+        epoch = adaptive.bucket_epoch(now, self.window_ms)
+        addr = self._base + (epoch % adaptive.BUCKETS) * WORD
+        for _ in range(CAS_TRIES):
+            old = self._load(addr)
+            if self._cas(addr, old, retry.budget_record(old, epoch, is_retry)):
+                return
+
+    def request(self) -> None:
+        """Count one request of the route."""
+        self._count(self.clock_ms(), False)
+
+    def totals(self) -> tuple[int, int]:
+        """(requests, retries) in the window, all workers together."""
+        now = self.clock_ms()
+        buckets = [self._load(self._base + k * WORD) for k in range(adaptive.BUCKETS)]
+        return adaptive.window_totals(buckets, now, self.window_ms, 0)
+
+    def spend(self) -> bool:
+        """Take one retry from the budget; False when it has none left."""
+        requests, retries = self.totals()
+        if not retry.budget_allows(
+            requests,
+            retries,
+            percent=self.percent,
+            min_per_second=self.min_per_second,
+            window=retry.BUDGET_WINDOW,
+        ):
+            return False
+        self._count(self.clock_ms(), True)
+        return True
+
+
+class _PrefixBody(Body):
+    """A body whose first chunks were read already (to see whether it fits the replay
+    buffer), followed by the rest of the original."""
+
+    def __init__(self, head: list[bytes], rest: Body) -> None:
+        super().__init__()
+        self._head = head
+        self._rest = rest
+        self.length = rest.length
+        self.limit = rest.limit
+        self.trailers = rest.trailers
+
+    async def receive(self) -> bytes:
+        if self._head:
+            return self._head.pop(0)
+        data = await self._rest.receive()
+        self.trailers = self._rest.trailers
+        return data
+
+    def prefetched(self) -> tuple[list[bytes], bool]:
+        head, self._head = self._head, []
+        return head, False
+
+    async def aclose(self) -> None:
+        await self._rest.aclose()
+
+
+async def _keep_body(body: Body, limit: int) -> tuple[bytes | None, Body]:
+    """(the whole body, if it is at most `limit` bytes; the body to send on the first try)."""
+    if body.length is not None and body.length > limit:
+        return None, body
+    parts: list[bytes] = []
+    total = 0
+    while chunk := await body.receive():
+        parts.append(chunk)
+        total += len(chunk)
+        if total > limit:
+            return None, _PrefixBody(parts, body)
+    return b"".join(parts), body
+
+
+async def _discard(response: Response, deadline: float) -> None:
+    """Let a failed try's response go: read a short body to its end (its connection stays
+    reusable), close anything else."""
+    body = response.body
+    if body.length is not None and body.length <= DRAIN_MAX:
+        with trio.move_on_at(deadline):
+            try:
+                while await body.receive():
+                    pass
+                return
+            except Exception:
+                pass
+    await body.aclose()
+
+
+def make_retry(
+    policy: RetryPolicy,
+    budget: RetryBudget,
+    clock: Callable[[], float] = trio.current_time,
+    rng: random.Random | None = None,
+) -> Middleware:
+    """The retry middleware of one route."""
+    on = retry.RetryOn.parse(policy.on)
+    attempts = policy.attempts
+    per_try = policy.per_try_timeout
+
+    async def retrying(request: Request, nxt: Next) -> Response:
+        budget.request()
+        ctx = request.ctx
+        original = request.body
+        has_body = original.length is None or original.length > 0
+        replay: bytes | None = None
+        if has_body:
+            replay, first = await _keep_body(original, policy.buffer_body)
+            if replay is not None:
+                first = BytesBody(replay)
+                first.trailers = original.trailers
+            request.body = first
+        can_replay = not has_body or replay is not None
+        total_deadline = ctx.get("deadline", float("inf"))
+        tried: set[int] = set()
+        ctx["tried"] = tried
+        reasons: list[str] = []
+        attempt = 0
+        try:
+            while True:
+                attempt += 1
+                if attempt > 1 and replay is not None:
+                    request.body = BytesBody(replay)
+                    request.body.trailers = original.trailers
+                ctx.pop("result", None)
+                ctx.pop("error", None)
+                if per_try:
+                    ctx["deadline"] = min(total_deadline, clock() + per_try)
+                response = await nxt(request)
+                result, status = ctx.get("result", (None, 0))
+                if (
+                    attempt >= attempts
+                    or result is None
+                    or not can_replay
+                    or not on.matches(result, status)
+                ):
+                    break
+                wait = retry.backoff(attempt, policy.backoff_base, policy.backoff_max, rng)
+                if status == 503:
+                    ra = response.headers.get("retry-after")
+                    try:
+                        asked = retry.retry_after(
+                            ra.encode("latin-1") if ra is not None else None, policy.backoff_max
+                        )
+                    except LookupError:
+                        break
+                    if asked is not None:
+                        wait = asked
+                if clock() + wait >= total_deadline:
+                    break
+                if not budget.spend():
+                    ctx["retry_budget_exhausted"] = True
+                    break
+                reasons.append(retry.reason(result, status))
+                await _discard(response, min(total_deadline, clock() + 1.0))
+                if wait > 0:
+                    await trio.sleep(wait)
+        finally:
+            ctx["deadline"] = total_deadline
+            ctx["attempts"] = attempt
+            request.body = original  # the access log reads what came in from it
+        if reasons:
+            ctx["retries"] = reasons
+        if attempt > 1:
+            response.headers.set(ATTEMPTS_HEADER, str(attempt).encode())
+        return response
+
+    return retrying
+
+
+def _factory(route: Route, context: BuiltinContext) -> Middleware | None:
+    policy = route.retry
+    if policy is None:
+        return None
+    hooks = context.hooks
+    budget = hooks.retry_budget_for(route) if hooks is not None else RetryBudget.local(policy)
+    return make_retry(policy, budget, context.clock)
+
+
+BUILTINS.append(("retry", _factory))
