@@ -29,10 +29,11 @@ import subprocess
 import sys
 import time
 import tomllib
+import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 UPSTREAM_SCRIPT = Path(__file__).resolve().parent / "upstream.py"
@@ -162,14 +163,38 @@ class Upstream:
     def url(self) -> str:
         return f"http://{self.address}"
 
-    def stats(self) -> dict[str, object]:
-        """The server's counters, read on a control connection that does not count in them."""
+    def _control_get(self, target: str) -> dict[str, Any]:
+        """GET a control path on a fresh connection (a control connection: not counted) and
+        return its JSON; AssertionError with the server's words if it refuses."""
         conn = http.client.HTTPConnection(self.host, self.port, timeout=5.0)
         try:
-            conn.request("GET", "/stats", headers={"connection": "close"})
-            return json.loads(conn.getresponse().read())
+            conn.request("GET", target, headers={"connection": "close"})
+            response = conn.getresponse()
+            body = response.read()
         finally:
             conn.close()
+        if response.status != 200:
+            raise AssertionError(f"upstream {self.name}: GET {target} answered "
+                                 f"{response.status}: {body.decode(errors='replace')}")
+        return json.loads(body)
+
+    def stats(self) -> dict[str, Any]:
+        """The server's counters, read on a control connection that does not count in them."""
+        return self._control_get("/stats")
+
+    def reset_stats(self) -> dict[str, Any]:
+        """Clear the server's counters and lists; returns them as they were just before."""
+        return self._control_get("/stats?reset=1")
+
+    def control(self, **params: object) -> dict[str, Any]:
+        """Set the server's fault setting (upstream.py docstring): ``control(mode="status",
+        code=503)``, ``control(mode="hang")``, ``control()`` for normal behaviour. Each call
+        replaces the whole setting. Returns the new setting; AssertionError if refused.
+
+        True/False are sent as 1/0 (``degraded=True``)."""
+        query = urllib.parse.urlencode(
+            {k: (int(v) if isinstance(v, bool) else v) for k, v in params.items()})
+        return self._control_get(f"/control?{query}" if query else "/control")
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -13,9 +13,11 @@ accepted TCP connection. Blocking code is the point: a handler can ``time.sleep`
 write raw bytes to break framing, or close the socket mid-body, with nothing in between that
 could "fix" the misbehaviour. Threads are cheap at test scale (tens of connections).
 
-Counters (``/stats``) are kept under one lock. A connection whose first request is ``/stats``
-is a *control* connection: it does not count in ``connections_accepted`` and its requests do
-not count in ``requests``, so a test can read the counters without disturbing them.
+Counters (``/stats``) are kept under one lock. ``/stats`` and ``/control`` are *control*
+requests: they never count in ``requests``, ``by_path``, ``requests_times``, ``status_counts`` or
+``bodies``, are never subject to a fault, and a connection whose first request is a control one
+does not count in ``connections_accepted`` (nor ``open_connections``), so a test can read the
+counters and steer the server without disturbing them.
 
 Behaviour by path (query parameters in brackets; every response carries ``x-upstream: NAME``
 and ``x-connection-id``, the number of the TCP connection it was sent on):
@@ -37,7 +39,9 @@ and ``x-connection-id``, the number of the TCP connection it was sent on):
 ``/status`` [code=N]                status N (no body for 1xx-less 204/304; HEAD as usual)
 ``/ws``                             WebSocket echo after a 101 handshake (wsproto)
 ``/expect`` [reject=1]              100 Continue then JSON, or 417 without reading the body
-``/stats``                          JSON counters (see module docstring)
+``/healthz``                        200 ``ok`` with Content-Length; its time and peer are recorded
+``/stats`` [reset=1]                JSON counters (below); reset=1 answers them, then clears them
+``/control`` [mode, ...]            sets the fault settings (below); 200 JSON of the new settings
 ``*`` (OPTIONS)                     200 with an Allow header
 anything else                       404 with the JSON of /echo
 ==================================  ==============================================================
@@ -50,6 +54,59 @@ arrives within S seconds (a keep-alive timeout, not announced in the response).
 A request that carries ``Expect: 100-continue`` gets ``100 Continue`` before its body is read,
 on every path. ``Connection: close`` from the client (or ``?close=1``) closes after the
 response; otherwise the connection is kept alive.
+
+Faults (``/control``): one process-wide setting, changed at run time, so that a test can make the
+upstream misbehave and recover while weft runs (health checks, outlier ejection, circuit
+breaker, retries). Every ``/control`` request replaces the *whole* setting: a parameter it does
+not give takes its default, so ``/control`` alone (or ``?mode=ok``) restores normal behaviour.
+Unknown parameters, and parameters that do not belong to the mode, are refused with 400.
+
+==================================  ==============================================================
+``mode=ok``                         normal behaviour (the default)
+``mode=status&code=N``              status N (200..599) to every request, the request body read
+                                    first so the connection stays reusable; [retry_after=S] adds
+                                    ``Retry-After: S``
+``mode=hang``                       reads the request, answers nothing; closes the connection once
+                                    the mode is no longer hang (or after 120 s, or when the peer
+                                    closes)
+``mode=slow&delay=S``               sleeps S seconds, then answers normally
+``mode=reset``                      reads the request, then closes with SO_LINGER 0: the peer
+                                    gets a RST and no answer
+``mode=flap&period=S``              normal for S seconds, then 503 for S seconds, and so on,
+                                    counted from when the mode was set (``since``); the 503s
+                                    read the body and take [retry_after=S] like mode=status
+``degraded=1``                      every normal response carries ``x-weft-degraded: 1``
+``scope=all|traffic|health``        which requests mode *and* degraded apply to: all (default),
+                                    only ``/healthz`` (health), or all but ``/healthz`` (traffic)
+==================================  ==============================================================
+
+A request whose body the client waits to be invited for (``Expect: 100-continue``) is not read in
+hang and reset modes: inviting it would be an answer. The answer JSON has every field: ``mode``,
+``code``, ``retry_after``, ``delay``, ``period`` (null where the mode has none), ``degraded``
+(bool), ``scope`` and ``since`` (the ``time.monotonic()`` of the change).
+
+``/stats`` fields (times are ``time.monotonic()``: CLOCK_MONOTONIC, which on Linux is one clock
+for every process, so a test can compare them with its own):
+
+==================================  ==============================================================
+``connections_accepted``            TCP connections, control connections excluded
+``requests``, ``by_path``           counted requests, in total and by path (query excluded)
+``in_flight``, ``max_in_flight``    requests being handled now, and the most at once
+``open_connections``                connections open now (control connections excluded)
+``status_counts``                   {"status": count} of final responses sent: 101, the raw heads
+                                    of /close-mid and /bad-framing and idle 408s included
+``requests_times``                  arrival time of each counted request (the last 20000)
+``healthz_times``                   arrival time of each ``/healthz`` request, faulted ones
+                                    included (the last 20000; ``by_path`` has the total)
+``healthz_peers``                   the client [host, port] of each, index for index
+``bodies``                          the last 50 request bodies that were not empty:
+                                    {"path", "len", "sha256"}, oldest first
+``faults``                          the current fault setting (as ``/control`` answers it)
+==================================  ==============================================================
+
+``/stats?reset=1`` answers the counters, then (atomically) clears every count and list;
+``in_flight`` and ``open_connections`` describe the present and are kept, ``max_in_flight``
+restarts at ``in_flight``. The fault setting is not touched.
 """
 
 from __future__ import annotations
@@ -61,12 +118,16 @@ import ctypes
 import hashlib
 import json
 import os
+import select
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from http import HTTPStatus
 from urllib.parse import parse_qs, urlsplit
 
@@ -82,6 +143,19 @@ MAX_HEAD = 1024 * 1024
 
 # RFC 6455 section 1.3.
 _WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+# Requests that read or steer the server: never counted, never faulted (module docstring).
+CONTROL_PATHS = frozenset({"/stats", "/control"})
+HEALTHZ = "/healthz"
+
+# Caps of the /stats lists: enough for any window a test looks at, bounded for soak runs.
+TIMES_KEPT = 20000
+BODIES_KEPT = 50
+
+# mode=hang holds a connection at most this long: a forgotten hang must not pin threads forever.
+HANG_MAX = 120.0
+# ... and looks this often whether the peer gave up (so open_connections stays truthful).
+HANG_POLL = 0.1
 
 
 def pattern(size: int, offset: int = 0) -> bytes:
@@ -117,6 +191,107 @@ def _reason(status: int) -> bytes:
         return b"Unknown"
 
 
+@dataclass(frozen=True)
+class FaultSettings:
+    """One fault setting, as ``/control`` sets it. Frozen: a request reads one consistent
+    setting even while a control request replaces it."""
+
+    mode: str = "ok"
+    code: int | None = None
+    retry_after: str | None = None
+    delay: float | None = None
+    period: float | None = None
+    degraded: bool = False
+    scope: str = "all"
+    since: float = 0.0  # time.monotonic() when set: flap phases count from here
+
+    MODES = ("ok", "status", "hang", "slow", "reset", "flap")
+    SCOPES = ("all", "traffic", "health")
+    # Which mode each mode-specific parameter belongs to; one given to another mode is a typo.
+    PARAM_MODES = {"code": ("status",), "retry_after": ("status", "flap"),
+                   "delay": ("slow",), "period": ("flap",)}
+    # Parameters every request may carry (handled by the connection loop, not by /control).
+    GENERIC = ("close", "idle_close", "idle_408")
+
+    @classmethod
+    def from_query(cls, query: dict[str, str], now: float) -> FaultSettings:
+        """The setting a /control query asks for; ValueError (its text for the 400) if the
+        query is malformed."""
+        known = {"mode", "degraded", "scope", *cls.PARAM_MODES, *cls.GENERIC}
+        unknown = sorted(set(query) - known)
+        if unknown:
+            raise ValueError(f"unknown parameters {unknown}")
+        mode = query.get("mode", "ok")
+        if mode not in cls.MODES:
+            raise ValueError(f"mode must be one of {list(cls.MODES)}, not {mode!r}")
+        for key, modes in cls.PARAM_MODES.items():
+            if key in query and mode not in modes:
+                raise ValueError(f"{key} belongs to mode {'/'.join(modes)}, not {mode}")
+        scope = query.get("scope", "all")
+        if scope not in cls.SCOPES:
+            raise ValueError(f"scope must be one of {list(cls.SCOPES)}, not {scope!r}")
+        degraded = query.get("degraded", "0")
+        if degraded not in ("0", "1"):
+            raise ValueError(f"degraded must be 0 or 1, not {degraded!r}")
+        code = delay = period = None
+        if mode == "status":
+            if "code" not in query:
+                raise ValueError("mode=status needs code")
+            code = int(query["code"])
+            if not 200 <= code <= 599:  # 1xx is not a final answer: h11 could not send it
+                raise ValueError(f"code must be 200..599, not {code}")
+        if mode == "slow":
+            if "delay" not in query:
+                raise ValueError("mode=slow needs delay")
+            delay = float(query["delay"])
+            if not delay >= 0:
+                raise ValueError(f"delay must be >= 0, not {delay}")
+        if mode == "flap":
+            if "period" not in query:
+                raise ValueError("mode=flap needs period")
+            period = float(query["period"])
+            if not period > 0:
+                raise ValueError(f"period must be > 0, not {period}")
+        retry_after = query.get("retry_after")
+        if retry_after is not None and not (
+                retry_after.isascii() and retry_after.isprintable() and retry_after.strip()):
+            raise ValueError(f"retry_after is no header value: {retry_after!r}")
+        return cls(mode, code, retry_after, delay, period, degraded == "1", scope, now)
+
+    def applies_to(self, path: str) -> bool:
+        if self.scope == "health":
+            return path == HEALTHZ
+        if self.scope == "traffic":
+            return path != HEALTHZ
+        return True
+
+    def flap_failing(self, now: float) -> bool:
+        """In mode=flap: True during the 503 half of the cycle at ``now``."""
+        assert self.period is not None
+        return int((now - self.since) / self.period) % 2 == 1
+
+    def as_json(self) -> dict[str, object]:
+        return asdict(self)
+
+
+class Faults:
+    """The process-wide fault setting. A Condition, not just a lock: requests held by mode=hang
+    wait on it and are woken the moment the setting changes."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.settings = FaultSettings(since=time.monotonic())
+
+    def current(self) -> FaultSettings:
+        with self.cond:
+            return self.settings
+
+    def set(self, settings: FaultSettings) -> None:
+        with self.cond:
+            self.settings = settings
+            self.cond.notify_all()
+
+
 class Stats:
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -127,17 +302,55 @@ class Stats:
         self.max_in_flight = 0
         self.open_connections = 0
         self.by_path: dict[str, int] = {}
+        self.status_counts: dict[int, int] = {}
+        self.requests_times: deque[float] = deque(maxlen=TIMES_KEPT)
+        self.healthz_times: deque[float] = deque(maxlen=TIMES_KEPT)
+        self.healthz_peers: deque[tuple[str, int]] = deque(maxlen=TIMES_KEPT)
+        self.bodies: deque[dict[str, object]] = deque(maxlen=BODIES_KEPT)
 
-    def snapshot(self) -> dict[str, object]:
+    def _snapshot_locked(self) -> dict[str, object]:
+        return {
+            "connections_accepted": self.raw_accepted - self.control_connections,
+            "requests": self.requests,
+            "in_flight": self.in_flight,
+            "max_in_flight": self.max_in_flight,
+            "open_connections": self.open_connections,
+            "by_path": dict(self.by_path),
+            # JSON object keys are strings: "503", not 503.
+            "status_counts": {str(k): v for k, v in sorted(self.status_counts.items())},
+            "requests_times": list(self.requests_times),
+            "healthz_times": list(self.healthz_times),
+            "healthz_peers": [list(p) for p in self.healthz_peers],
+            "bodies": [dict(b) for b in self.bodies],
+        }
+
+    def snapshot(self, reset: bool = False) -> dict[str, object]:
+        """The counters; with ``reset``, cleared in the same critical section, so that no
+        request is counted in neither the answer nor what follows."""
         with self.lock:
-            return {
-                "connections_accepted": self.raw_accepted - self.control_connections,
-                "requests": self.requests,
-                "in_flight": self.in_flight,
-                "max_in_flight": self.max_in_flight,
-                "open_connections": self.open_connections,
-                "by_path": dict(self.by_path),
-            }
+            snap = self._snapshot_locked()
+            if reset:
+                # Connections: both raw and control to 0, so that connections_accepted restarts
+                # at 0 (the control connection asking was counted in both). In-flight requests
+                # and open connections are the present, not history: kept.
+                self.raw_accepted = self.control_connections = 0
+                self.requests = 0
+                self.max_in_flight = self.in_flight
+                self.by_path.clear()
+                self.status_counts.clear()
+                self.requests_times.clear()
+                self.healthz_times.clear()
+                self.healthz_peers.clear()
+                self.bodies.clear()
+            return snap
+
+    def count_status(self, status: int) -> None:
+        with self.lock:
+            self.status_counts[status] = self.status_counts.get(status, 0) + 1
+
+    def record_body(self, path: str, length: int, sha256: str) -> None:
+        with self.lock:
+            self.bodies.append({"path": path, "len": length, "sha256": sha256})
 
 
 class Closed(Exception):
@@ -147,14 +360,25 @@ class Closed(Exception):
 class Conn:
     """One accepted TCP connection: its socket, its h11 state machine, and helpers."""
 
-    def __init__(self, server: Server, sock: socket.socket, connection_id: int) -> None:
+    def __init__(self, server: Server, sock: socket.socket, connection_id: int,
+                 peer: tuple[str, int]) -> None:
         self.server = server
         self.sock = sock
         self.connection_id = connection_id
+        self.peer = peer  # (host, port) of the client, as /stats healthz_peers reports it
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         self.request_index = 0
         self.request: h11.Request | None = None
-        self.control = False  # first request was /stats: not counted as a connection
+        self.control = False  # first request was a control one: not counted as a connection
+        # Per request (set by handle): its path, whether it is a control request (never counted,
+        # never faulted), whether its normal answer carries x-weft-degraded, and its body's
+        # running length and hash (kept here, not in body_chunks, so a body half read by a
+        # handler and drained by serve is still hashed whole).
+        self.path = ""
+        self.control_request = False
+        self.degraded = False
+        self.body_len = 0
+        self.body_hash = hashlib.sha256()
         # ?idle_close=S on a request: after its response, close if no next request within S s
         # (a server-side keep-alive timeout, without announcing it in Connection: close).
         self.idle_close: float | None = None
@@ -178,6 +402,7 @@ class Conn:
                                 b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\n"
                                 b"content-length: 0\r\n\r\n"
                             )
+                            self.count_status(408)
                     raise Closed("idle_close: no next request in time") from None
                 except OSError:
                     data = b""
@@ -192,9 +417,17 @@ class Conn:
         data = self.h11.send(event)
         if data:
             self.sock.sendall(data)
+        # Final answers only (and 101, the answer to an upgrade): 100 Continue is an invitation.
+        if isinstance(event, h11.Response) or (
+                isinstance(event, h11.InformationalResponse) and event.status_code == 101):
+            self.count_status(event.status_code)
 
     def send_raw(self, data: bytes) -> None:
         self.sock.sendall(data)
+
+    def count_status(self, status: int) -> None:
+        if not self.control_request:
+            self.server.stats.count_status(status)
 
     @property
     def is_head(self) -> bool:
@@ -202,14 +435,24 @@ class Conn:
         return self.request.method == b"HEAD"
 
     def body_chunks(self) -> Iterator[bytes]:
-        """Yield the request body as it arrives (100 Continue first if the client waits)."""
+        """Yield the request body as it arrives (100 Continue first if the client waits).
+
+        Hashes it on the way (``body_len``, ``body_hash``); a complete non-empty body of a
+        counted request goes to /stats ``bodies``.
+        """
         if self.h11.they_are_waiting_for_100_continue:
             self.send(h11.InformationalResponse(status_code=100, headers=[]))
         while True:
             event = self.next_event()
             if isinstance(event, h11.Data):
-                yield bytes(event.data)
+                data = bytes(event.data)
+                self.body_len += len(data)
+                self.body_hash.update(data)
+                yield data
             elif isinstance(event, h11.EndOfMessage):
+                if self.body_len and not self.control_request:
+                    self.server.stats.record_body(self.path, self.body_len,
+                                                  self.body_hash.hexdigest())
                 return
             elif isinstance(event, h11.ConnectionClosed):
                 raise Closed("client closed inside the request body")
@@ -244,6 +487,8 @@ class Conn:
     def base_headers(self, extra: list[tuple[str, str]] | None = None) -> list[tuple[str, str]]:
         hdrs = [("x-upstream", self.server.name), ("server", "weft-test-upstream"),
                 ("x-connection-id", str(self.connection_id))]
+        if self.degraded:
+            hdrs.append(("x-weft-degraded", "1"))
         if self.want_close:
             hdrs.append(("connection", "close"))
         if extra:
@@ -316,9 +561,15 @@ class Conn:
     def handle(self, request: h11.Request) -> bool:
         """Dispatch one request. Returns False when the connection must not be reused."""
         path = urlsplit(request.target.decode("latin-1")).path
+        now = time.monotonic()
+        control = path in CONTROL_PATHS
+        self.path = path
+        self.control_request = control
+        self.degraded = False
+        self.body_len = 0
+        self.body_hash = hashlib.sha256()
         stats = self.server.stats
         with stats.lock:
-            control = path == "/stats"
             if control and self.request_index == 0:
                 stats.control_connections += 1
                 stats.open_connections -= 1
@@ -328,14 +579,96 @@ class Conn:
                 stats.by_path[path] = stats.by_path.get(path, 0) + 1
                 stats.in_flight += 1
                 stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
-        handler = ROUTES.get(path, Conn.h_not_found)
+                stats.requests_times.append(now)
+                if path == HEALTHZ:
+                    # On arrival, before any fault: a probe that hangs or is reset still counts.
+                    stats.healthz_times.append(now)
+                    stats.healthz_peers.append(self.peer)
         try:
-            result = handler(self)
+            if control:
+                result = ROUTES[path](self)
+            else:
+                result = self.dispatch(path, now)
         finally:
             if not control:
                 with stats.lock:
                     stats.in_flight -= 1
         return result is not False
+
+    def dispatch(self, path: str, now: float) -> bool | None:
+        """A counted request: the fault setting first, then (if it lets the request through)
+        the path's handler."""
+        faults = self.server.faults.current()
+        if faults.applies_to(path):
+            mode = faults.mode
+            if mode == "status":
+                assert faults.code is not None
+                return self.fault_status(faults.code, faults.retry_after)
+            if mode == "flap" and faults.flap_failing(now):
+                return self.fault_status(503, faults.retry_after)
+            if mode == "hang":
+                return self.fault_hang(path)
+            if mode == "reset":
+                return self.fault_reset()
+            if mode == "slow":
+                assert faults.delay is not None
+                time.sleep(faults.delay)
+            self.degraded = faults.degraded
+        return ROUTES.get(path, Conn.h_not_found)(self)
+
+    # -- faults (module docstring): each returns like a handler -----------------------------
+
+    def fault_status(self, code: int, retry_after: str | None) -> None:
+        # The whole body first: an unread body would make the connection unusable, and a test
+        # of retries or breakers wants the pooled connection to survive an error answer.
+        self.read_body()
+        headers = [("retry-after", retry_after)] if retry_after is not None else None
+        self.respond(code, f"fault: status {code}\n".encode(), headers=headers)
+
+    def _read_request_silently(self) -> None:
+        """The rest of the request, without answering anything: a client that waits for
+        100 Continue is not invited (that would be an answer), so its body stays unread."""
+        if not self.h11.they_are_waiting_for_100_continue:
+            self.read_body()
+
+    def _peer_gone(self) -> bool:
+        """True once the peer closed (EOF or RST); pipelined data does not count."""
+        try:
+            readable, _, _ = select.select([self.sock], [], [], 0)
+            if not readable:
+                return False
+            return self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+
+    def fault_hang(self, path: str) -> bool:
+        """Answer nothing until the setting stops hanging this path (or HANG_MAX, or the peer
+        leaves), then close: the request stays unanswered, as a stuck server leaves it."""
+        self._read_request_silently()
+        faults = self.server.faults
+        deadline = time.monotonic() + HANG_MAX
+        while True:
+            with faults.cond:
+                settings = faults.settings
+                if not (settings.mode == "hang" and settings.applies_to(path)):
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                faults.cond.wait(min(remaining, HANG_POLL))
+            if self._peer_gone():
+                break
+        return False
+
+    def fault_reset(self) -> bool:
+        """Close with SO_LINGER 0 after the request: the kernel sends RST instead of FIN, so
+        the peer sees ECONNRESET, not a clean end."""
+        self._read_request_silently()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.sock.close()
+        return False
 
     # -- handlers: each returns None to keep the connection, False to end it ----------------
 
@@ -355,12 +688,9 @@ class Conn:
         }
 
     def _hash_body(self) -> tuple[int, str]:
-        h = hashlib.sha256()
-        n = 0
-        for chunk in self.body_chunks():
-            h.update(chunk)
-            n += len(chunk)
-        return n, h.hexdigest()
+        for _ in self.body_chunks():  # body_chunks hashes as it reads
+            pass
+        return self.body_len, self.body_hash.hexdigest()
 
     def h_echo(self) -> None:
         n, sha = self._hash_body()
@@ -435,6 +765,7 @@ class Conn:
         self.read_body()
         self.send_raw(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\nx-upstream: "
                       + self.server.name.encode() + b"\r\n\r\n" + pattern(100))
+        self.count_status(200)
         return False
 
     def h_close_before(self) -> bool:
@@ -446,6 +777,7 @@ class Conn:
         self.send_raw(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n"
                       b"x-upstream: " + self.server.name.encode() + b"\r\n\r\n"
                       b"5\r\nhello\r\n0\r\n\r\n")
+        self.count_status(200)
         self.close_gracefully()
         return False
 
@@ -477,9 +809,25 @@ class Conn:
                            "body_len": n, "body_sha256": sha})
         return None
 
+    def h_healthz(self) -> None:
+        self.read_body()
+        self.respond(200, b"ok")
+
     def h_stats(self) -> None:
         self.read_body()
-        self.respond_json(self.server.stats.snapshot())
+        snap = self.server.stats.snapshot(reset=self.query.get("reset") == "1")
+        snap["faults"] = self.server.faults.current().as_json()
+        self.respond_json(snap)
+
+    def h_control(self) -> None:
+        self.read_body()
+        try:
+            settings = FaultSettings.from_query(self.query, time.monotonic())
+        except ValueError as e:
+            self.respond_json({"error": str(e)}, status=400)
+            return
+        self.server.faults.set(settings)
+        self.respond_json(settings.as_json())
 
     def h_asterisk(self) -> None:
         """``OPTIONS *``: the server-wide options request (RFC 9110 section 9.3.7)."""
@@ -563,7 +911,9 @@ ROUTES: dict[str, Callable[[Conn], bool | None]] = {
     "/bad-response": Conn.h_bad_response,
     "/status": Conn.h_status,
     "/expect": Conn.h_expect,
+    "/healthz": Conn.h_healthz,
     "/stats": Conn.h_stats,
+    "/control": Conn.h_control,
     "/ws": Conn.h_ws,
     "*": Conn.h_asterisk,
 }
@@ -573,6 +923,7 @@ class Server:
     def __init__(self, name: str, host: str, port: int) -> None:
         self.name = name
         self.stats = Stats()
+        self.faults = Faults()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.listener = socket.socket(family, socket.SOCK_STREAM)
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -583,13 +934,13 @@ class Server:
     def serve_forever(self) -> None:
         next_id = 0
         while True:
-            sock, _ = self.listener.accept()
+            sock, addr = self.listener.accept()
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             next_id += 1
             with self.stats.lock:
                 self.stats.raw_accepted += 1
                 self.stats.open_connections += 1
-            conn = Conn(self, sock, next_id)
+            conn = Conn(self, sock, next_id, (addr[0], addr[1]))
             threading.Thread(target=conn.serve, name=f"conn-{next_id}", daemon=True).start()
 
 
