@@ -105,6 +105,22 @@ path_prefix = "/"
 destination = "bench"
 """
 
+# Appended with --resilience: every issue-9 feature configured on the benchmarked route, so that
+# what the shared-memory decisions cost per request shows beside the plain route. The probe
+# path is a file of the upstream's; one probe a second is noise next to the load.
+RESILIENCE_CONFIG = """
+[destinations.bench.health]
+path = "/1k"
+interval = "1s"
+timeout = "500ms"
+
+[destinations.bench.outlier]
+
+[destinations.bench.breaker]
+
+[routes.retry]
+"""
+
 
 class BenchError(Exception):
     """A failure the user should read (the message says what and where to look)."""
@@ -249,10 +265,17 @@ class Lab:
         return self.spawn(name, [*argv, "-g", "daemon off;"], (error_log,))
 
     def start_weft(
-        self, name: str, workers: int, upstream_port: int, port: int, metrics: bool = True
+        self,
+        name: str,
+        workers: int,
+        upstream_port: int,
+        port: int,
+        metrics: bool = True,
+        resilience: bool = False,
     ) -> Proc:
         config = self.workdir / f"{name}.toml"
-        instance = f"bench-{os.getpid()}-w{workers}{'' if metrics else '-nm'}"
+        suffix = ("" if metrics else "-nm") + ("-rs" if resilience else "")
+        instance = f"bench-{os.getpid()}-w{workers}{suffix}"
         config.write_text(
             WEFT_CONFIG.format(
                 instance=instance,
@@ -260,6 +283,7 @@ class Lab:
                 upstream_port=upstream_port,
                 metrics="true" if metrics else "false",
             )
+            + (RESILIENCE_CONFIG if resilience else "")
         )
         # Always explicit: without --workers, `weft run` starts one worker per CPU.
         argv = [sys.executable, "-m", "weft", "run", "-c", str(config), "--workers", str(workers)]
@@ -422,16 +446,23 @@ def start_all(lab: Lab, args: argparse.Namespace) -> tuple[Proc, list[Target], l
         add("nginx-twin", twin, port, "nginx, 2 workers")
         return upstream, targets, skipped
 
-    variants = [True, False] if args.compare_metrics else [True]
-    for workers, metrics in [(w, m) for w in args.workers for m in variants]:
+    variants = [(True, False)]
+    if args.compare_metrics:
+        variants.append((False, False))
+    if args.resilience:
+        variants.append((True, True))
+    for workers, (metrics, resilience) in [(w, v) for w in args.workers for v in variants]:
         name = "weft" if args.workers == [1] else f"weft-w{workers}"
         if not metrics:
             name += "-nometrics"
+        if resilience:
+            name += "-resilient"
         port = free_port()
-        weft = lab.start_weft(name, workers, upstream_port, port, metrics)
+        weft = lab.start_weft(name, workers, upstream_port, port, metrics, resilience)
         try:
             what = f"weft, {workers} worker{'s' if workers > 1 else ''}"
-            add(name, weft, port, what + ("" if metrics else ", no metrics"))
+            what += "" if metrics else ", no metrics"
+            add(name, weft, port, what + (", resilient" if resilience else ""))
         except BenchError:
             lab.stop(weft)
             raise
@@ -681,6 +712,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="also run each weft with [metrics] enabled = false (named *-nometrics), to "
         "measure what recording metrics costs",
+    )
+    parser.add_argument(
+        "--resilience",
+        action="store_true",
+        help="also run each weft with health, outlier detection, breaker and retry configured "
+        "on the benchmarked route (named *-resilient), to measure what they cost",
     )
     # Harness check: a second nginx proxy stands in for weft.
     parser.add_argument("--self-test", action="store_true", help=argparse.SUPPRESS)
