@@ -26,6 +26,7 @@ class RecordingObserver:
     """An Observer that keeps every report and excludes what a test says."""
 
     degraded_header = None
+    slow_start = 0.0
 
     def __init__(self) -> None:
         self.reports: list[tuple[int, str, int]] = []

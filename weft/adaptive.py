@@ -214,8 +214,17 @@ def bucket_word(epoch: int, first: int, second: int) -> int:
 
 def record(bucket: int, epoch: int, failed: bool) -> int:
     """The bucket word after one call in `epoch` (a bucket of another epoch starts over)."""
-    calls, failures = bucket_counts(bucket, epoch)
-    return bucket_word(epoch, calls + 1, failures + failed)
+    # Written out rather than through bucket_counts/bucket_word: it runs on every request.
+    e = epoch & _EPOCH_MASK
+    if bucket >> (2 * _COUNT_BITS) != e:
+        return e << (2 * _COUNT_BITS) | 1 << _COUNT_BITS | failed
+    calls = bucket >> _COUNT_BITS & _COUNT_MAX
+    failures = bucket & _COUNT_MAX
+    if calls < _COUNT_MAX:
+        calls += 1
+    if failed and failures < _COUNT_MAX:
+        failures += 1
+    return e << (2 * _COUNT_BITS) | calls << _COUNT_BITS | failures
 
 
 def window_totals(

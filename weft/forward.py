@@ -176,7 +176,7 @@ class Forwarder:
             idx = pick(key=key, inflight=counts, excluded=excluded)
             if idx is None or obs is None:
                 return idx
-            if not obs.keep_pick(idx):
+            if obs.slow_start and not obs.keep_pick(idx):
                 # Slow start: the endpoint lost this pick; pick among the others if any.
                 other = pick(key=key, inflight=counts, excluded=set(excluded) | {idx})
                 if other is not None:

@@ -110,6 +110,7 @@ class DestinationObserver:
         self.slow_start = dest.outlier.slow_start if dest.outlier else 0.0
         b = dest.breaker
         self._window_ms = round(b.window * 1000) if b else 0
+        self._slice_ms = max(1, self._window_ms // adaptive.BUCKETS)
         # Endpoints whose half-open trial this process holds (claimed in `admit`).
         self.trials: set[int] = set()
 
@@ -119,15 +120,19 @@ class DestinationObserver:
         """Indices balancing must skip now (see the module docstring)."""
         load = self._load
         now = 0
-        out: frozenset[int] | set[int] = frozenset()
+        out: Container[int] = ()
         if self.health_or_outlier:
-            states = [health.STATES[load(h) & 3] for h in self._health]
-            if self.outlier_cfg is not None:
-                now = self.clock_ms()
-                ejected = [outlier.is_ejected(load(o), now) for o in self._outlier]
-            else:
-                ejected = [False] * self.n
-            out = health.excluded(states, ejected, self.panic)
+            # The common case first: every endpoint Healthy and none ever ejected (outlier
+            # words below 2**24 hold no ejection end): nothing to skip, no clock read.
+            words = [load(h) & 3 for h in self._health]
+            outliers = [load(o) for o in self._outlier] if self.outlier_cfg is not None else ()
+            if any(words) or any(w >> 24 for w in outliers):
+                if outliers:
+                    now = self.clock_ms()
+                    ejected = [outlier.is_ejected(w, now) for w in outliers]
+                else:
+                    ejected = [False] * self.n
+                out = health.excluded([health.STATES[w] for w in words], ejected, self.panic)
         b = self.breaker_cfg
         if b is not None:
             extra = None
@@ -226,7 +231,8 @@ class DestinationObserver:
                 self._end_trial(i, failed, now)
             else:
                 self._count_call(i, failed, now)
-        if self.outlier_cfg is not None:
+        if self.outlier_cfg is not None and (failed or self._load(self._outlier[i]) & 0xFFFF):
+            # (a success with no run going changes nothing: one load)
             self._observe_outlier(i, result, status, now or self.clock_ms())
         if degraded and self.health_cfg is not None:
             self._health_event(i, health.TRAFFIC_DEGRADED)
@@ -242,7 +248,7 @@ class DestinationObserver:
         b = self.breaker_cfg
         assert b is not None
         window_ms = self._window_ms
-        epoch = adaptive.bucket_epoch(now, window_ms)
+        epoch = now // self._slice_ms  # adaptive.bucket_epoch, without the call
         bucket = self._window[i] + (epoch % adaptive.BUCKETS) * WORD
         load, cas = self._load, self._cas
         for _ in range(CAS_TRIES):

@@ -61,6 +61,8 @@ class Observer(Protocol):
 
     #: the response field that marks an endpoint Degraded (lower case), or None
     degraded_header: bytes | None
+    #: seconds of slow start (0: off; the forwarder then skips `keep_pick`)
+    slow_start: float
 
     def report(
         self, index: int, result: str, status: int, latency: float, degraded: bool = False

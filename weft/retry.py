@@ -144,11 +144,8 @@ def budget_allows(
     return retries + 1 <= allowed
 
 
-def budget_record(bucket: int, epoch: int, retry: bool) -> int:
-    """The budget bucket word after one request (`retry` False) or one retry (True) in
-    `epoch`; the word's counts are (requests, retries), read with
-    `weft.adaptive.window_totals`."""
-    requests, retries = bucket_counts(bucket, epoch)
-    if retry:
-        return bucket_word(epoch, requests, retries + 1)
-    return bucket_word(epoch, requests + 1, retries)
+def budget_record(bucket: int, epoch: int, requests: int, retries: int) -> int:
+    """The budget bucket word after adding `requests` and `retries` in `epoch` (a bucket of
+    another epoch starts over); its counts are read with `weft.adaptive.window_totals`."""
+    old_requests, old_retries = bucket_counts(bucket, epoch)
+    return bucket_word(epoch, old_requests + requests, old_retries + retries)
