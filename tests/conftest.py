@@ -35,11 +35,12 @@ def free_port() -> Callable[..., int]:
 
 @pytest.fixture
 def upstream(tmp_path: Path) -> Iterator[Callable[..., Upstream]]:
-    """Factory ``upstream(name="up", *, host="127.0.0.1") -> Upstream``; all stopped at the end."""
+    """Factory ``upstream(name="up", *, host="127.0.0.1", port=0) -> Upstream``; all stopped
+    at the end."""
     started: list[Upstream] = []
 
-    def start(name: str = "up", *, host: str = "127.0.0.1") -> Upstream:
-        u = procs.start_upstream(name, tmp_path, host=host)
+    def start(name: str = "up", *, host: str = "127.0.0.1", port: int = 0) -> Upstream:
+        u = procs.start_upstream(name, tmp_path, host=host, port=port)
         started.append(u)
         return u
 

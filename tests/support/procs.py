@@ -211,17 +211,19 @@ class Upstream:
         return self.stderr_path.read_text(errors="replace")
 
 
-def start_upstream(name: str, log_dir: Path, *, host: str = "127.0.0.1",
+def start_upstream(name: str, log_dir: Path, *, host: str = "127.0.0.1", port: int = 0,
                    timeout: float = READY_TIMEOUT) -> Upstream:
-    """Start an upstream server named ``name``; return once it listens.
+    """Start an upstream server named ``name``; return once it listens (on `port`, or on a
+    free one; a test restarts a stopped upstream on its old port with it).
 
     Its stderr goes to ``log_dir/upstream-<name>.stderr``. Raises AssertionError (with that
     stderr) if it does not report ``LISTENING <port>`` within ``timeout`` seconds.
     """
     stderr_path = log_dir / f"upstream-{name}.stderr"
-    with open(stderr_path, "wb") as stderr:
+    with open(stderr_path, "ab") as stderr:
         proc = subprocess.Popen(
-            [sys.executable, str(UPSTREAM_SCRIPT), "--port", "0", "--name", name, "--host", host],
+            [sys.executable, str(UPSTREAM_SCRIPT), "--port", str(port), "--name", name,
+             "--host", host],
             stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL,
         )
     assert proc.stdout is not None
