@@ -6,7 +6,7 @@ The story of one destination with three endpoints (health, outlier and breaker c
 endpoint 0 trips its breaker, endpoint 1 is ejected for 5xx answers, endpoint 2 fails its
 probes. Judges: the gauges the admin process computes from the records
 (`weft.metrics.endpoint_families`), the counters a worker writes (prometheus_client's
-multiprocess files, read back with the admin's merge).
+multiprocess files, read back with the admin's merge), and the status document and text.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 from support.config import MINIMAL_CONFIG
 from support.prometheus import total
 
-from weft import config, health, metrics
+from weft import config, health, metrics, status
 from weft.connection import UpstreamPools
 from weft.observer import DestinationObserver, LocalRecords, observed_states
 from weft.workers.shared import ColumnMap, observed_columns
@@ -314,3 +314,91 @@ def test_the_worker_hooks_its_metrics_into_the_observers(tmp_path, metrics_dir):
     # without metrics, no hook
     off = Worker(load(tmp_path, OBSERVED + "\n[metrics]\nenabled = false\n"), {})
     assert off.app.forwarders["web"].observer.on_event is None
+
+
+# -- /status and `weft status` -------------------------------------------------------------------
+
+
+def test_the_status_document_and_text_show_each_observed_endpoint(setup, tmp_path):
+    act(setup)
+    setup.web.take_lease(2, 60_000)
+    setup.clock.ms += 1_500
+    assert setup.web.admit(0) == -1  # endpoint 0's trial, held by this process
+    pid = os.getpid()
+    # pool figures from a metrics directory that has none: observed endpoints still appear
+    dests = status.destinations("unit-none", states(setup))
+    assert set(dests) == {"web", "probed"}
+    web = {e["endpoint"]: e for e in dests["web"]}
+    assert web[A] == {
+        "endpoint": A,
+        "open": None,
+        "idle": None,
+        "waiting": None,
+        "health": "healthy",
+        "ejected": False,
+        "ejected_for_s": 0.0,
+        "ejections": 0,
+        "breaker": "half_open",
+        "breaker_trips": 1,
+        "trial_pid": pid,
+        "prober_pid": 0,
+    }
+    assert web[B]["ejected"] is True and web[B]["ejections"] == 1
+    assert 28 < web[B]["ejected_for_s"] <= 30  # Envoy's base_ejection, 1.5 s ago
+    assert web[C]["health"] == "unhealthy" and web[C]["prober_pid"] == pid
+    probed = dests["probed"][0]  # no outlier or breaker section: null, not "no"
+    assert probed["ejected"] is None and probed["breaker"] is None
+    assert probed["trial_pid"] is None and probed["prober_pid"] == 0
+
+    info = {
+        "instance": "unit",
+        "pid": 1,
+        "generation": 1,
+        "config": "weft.toml",
+        "config_hash": "h",
+        "workers": [],
+        "destinations": dests,
+    }
+    lines = status.render(info).splitlines()
+    header = next(line for line in lines if line.startswith("destination"))
+    assert header.split() == [
+        "destination",
+        "endpoint",
+        "open",
+        "idle",
+        "waiting",
+        "health",
+        "ejected",
+        "ejections",
+        "breaker",
+        "trips",
+        "trial",
+        "prober",
+    ]
+    rows = {line.split()[1]: line.split() for line in lines if line.startswith(("web", "prob"))}
+    assert rows[A][2:] == ["-", "-", "-", "healthy", "no", "0", "half_open", "1", str(pid), "-"]
+    assert rows[B][5:8] == ["healthy", "28.5s", "1"]
+    assert rows[C][5] == "unhealthy" and rows[C][-1] == str(pid)
+    assert rows["127.0.0.1:9004"][5:] == ["healthy", "-", "-", "-", "-", "-", "-"]
+
+
+def test_status_without_observed_destinations_keeps_its_pool_table():
+    info = {
+        "instance": "unit",
+        "pid": 1,
+        "generation": 1,
+        "config": "weft.toml",
+        "config_hash": "h",
+        "workers": [],
+        "destinations": {"app": [{"endpoint": A, "open": 1, "idle": 1, "waiting": 0}]},
+    }
+    lines = status.render(info).splitlines()
+    header = next(line for line in lines if line.startswith("destination"))
+    assert header.split() == ["destination", "endpoint", "open", "idle", "waiting"]
+    assert next(line for line in lines if line.startswith("app")).split() == [
+        "app",
+        A,
+        "1",
+        "1",
+        "0",
+    ]
