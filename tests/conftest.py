@@ -3,8 +3,9 @@
 End-to-end fixtures start real processes (``tests/support/procs.py``): ``upstream`` and ``weft``
 are factories, so a test starts as many as its story needs, and their teardown stops every
 process the test started, even when the test failed. ``free_port`` gives a port for weft's
-listener. A session check at the end fails the run if any weft process or shared-memory
-segment of ours outlived its test.
+listener; ``metrics_dir`` a metrics directory for unit tests that record metrics. A session
+check at the end fails the run if any weft process or shared-memory segment of ours outlived
+its test.
 """
 
 from __future__ import annotations
@@ -72,6 +73,18 @@ def weft(tmp_path: Path) -> Iterator[Callable[..., Weft]]:
     errors = procs.finish(started)
     if errors:
         pytest.fail("weft did not run or stop cleanly:\n" + "\n\n".join(errors), pytrace=False)
+
+
+@pytest.fixture
+def metrics_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """An empty, private metrics directory that prometheus_client writes to for the test
+    (``$PROMETHEUS_MULTIPROC_DIR``, restored after it), as the supervisor makes one."""
+    from weft import metrics
+
+    directory = metrics.prepare_directory("unit", tmp_path)
+    monkeypatch.setenv(metrics.ENV, str(directory))  # restored after the test
+    assert oct(directory.stat().st_mode & 0o777) == "0o700"
+    yield directory
 
 
 def _live_children() -> set[int]:

@@ -1,8 +1,9 @@
 """Unit tests for weft.metrics and weft.admin: label values, what a worker records, the
 admin's readiness rule and its HTTP layer, and the [admin]/[metrics] config.
 
-Recording tests write real prometheus_client multiprocess files in a temporary directory and
-read them back with the same merge the admin listener uses.
+Recording tests write real prometheus_client multiprocess files in a temporary directory (the
+``metrics_dir`` fixture of conftest.py) and read them back with the same merge the admin
+listener uses.
 """
 
 from __future__ import annotations
@@ -101,14 +102,6 @@ def test_quick_mode_admin_flag():
 
 
 # -- what a worker records -----------------------------------------------------------------------
-
-
-@pytest.fixture
-def metrics_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    directory = metrics.prepare_directory("unit", tmp_path)
-    monkeypatch.setenv(metrics.ENV, str(directory))  # restored after the test
-    assert oct(directory.stat().st_mode & 0o777) == "0o700"
-    yield directory
 
 
 def request(cfg: config.Config, method: str = "GET", *, routed: bool = True,

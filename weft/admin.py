@@ -25,7 +25,10 @@ Theory of operation:
 * **What it reads.** Metrics from the instance's metrics directory (`weft.metrics`), the
   worker table from shared memory (inherited), the generation and the "stopping" flag from the
   state file the supervisor rewrites (`weft.control`). A worker's own view is the files written
-  by that worker's pid: the admin asks no worker anything.
+  by that worker's pid: the admin asks no worker anything. The endpoints' health, ejection and
+  breaker gauges are read at each scrape from their records in the inherited shared memory,
+  found through the columns the state file publishes (``observed``): the column map lives in
+  the supervisor and changes with reloads, which the admin process outlives.
 * **Serving**: `http.server` with a thread per connection, at most `MAX_CLIENTS` at once, each
   socket bounded by `CLIENT_TIMEOUT`. The process exits on SIGTERM, or when its parent is gone
   (PR_SET_PDEATHSIG, and a check of its parent pid every `POLL`). What it first undoes of
@@ -373,7 +376,8 @@ class AdminServer(ThreadingHTTPServer):
 
 
 class _SharedCollector:
-    """Families read from shared memory at scrape time: worker-table use and worker states."""
+    """Families read from shared memory at scrape time: worker-table use, worker states, and
+    the health, ejection and breaker state of every observed endpoint."""
 
     def __init__(self, server: AdminServer) -> None:
         self.server = server
@@ -401,6 +405,13 @@ class _SharedCollector:
         for code, name in STATE_NAMES.items():
             workers.add_metric([name.lower()], sum(1 for w in rows if w.state == code))
         yield workers
+        observed = (self.server.state() or {}).get("observed")
+        if observed:
+            from weft.metrics import endpoint_families
+            from weft.observer import monotonic_ms, observed_states
+
+            states = observed_states(table.endpoints, observed, monotonic_ms())
+            yield from endpoint_families(states)
 
 
 class _Handler(BaseHTTPRequestHandler):

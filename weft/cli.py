@@ -226,7 +226,8 @@ def status(
     pidfile: str | None, config_path: str | None, instance: str | None, as_json: bool
 ) -> None:
     """Show a running weft: its config, generation, workers (from shared memory) and
-    upstream endpoints with their pool figures (from its metrics files)."""
+    upstream endpoints with their pool figures (from its metrics files) and, where health,
+    outlier or breaker sections are set, their health, ejection and breaker (shared memory)."""
     from weft.status import collect, render
 
     path = _pidfile(pidfile, config_path, instance)

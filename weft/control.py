@@ -8,8 +8,9 @@ Two files per instance, both in the runtime directory:
   the supervisor's pid, written at start, removed at exit;
 * the **state file** next to it (``<pidfile>.state.json``): a JSON document the supervisor
   rewrites atomically (write + rename) whenever something an operator asks about changes:
-  instance, config file and hash, generation, and the outcome of the last reload with a
-  sequence number.
+  instance, config file and hash, generation, the outcome of the last reload with a
+  sequence number, and which shared records hold the observed endpoints' health and breakers
+  (``observed``, `weft.workers.shared.observed_columns`).
 
 `weft reload` reads the reload sequence number, sends SIGHUP, and waits until the number moves
 on; the outcome (ok, or the validation errors / the reason the new workers failed) is then in

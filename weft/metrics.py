@@ -24,8 +24,16 @@ Theory of operation:
 * **A worker's own view** (``/metrics/workers/<slot>``) merges only the files of that pid
   (`collect`), read by the admin process from the same directory. The worker does no work for
   a scrape, and a worker that is stuck or busy is still visible.
+* **Instance-wide facts are read, not counted.** An endpoint's health, ejection and breaker
+  state are one record in shared memory for all workers (`weft.shm.endpoints`); a gauge per
+  worker would only repeat it once per process. The admin process reads the records at scrape
+  time (`endpoint_families`, over `weft.observer.observed_states`) and adds them to the
+  aggregate alone. What *happens* to them (a breaker transition, an ejection) is counted by the
+  worker that made it happen, through the observers' ``on_event`` (`WorkerMetrics.endpoint_event`),
+  so those counters add up across workers like the others.
 * **Label values** come from config names, status codes and fixed word lists, never from the
-  request (`method_label`, `reason_label`), so the number of series is bounded by the config.
+  request (`method_label`, `reason_label`, `retry_reason_label`), so the number of series is
+  bounded by the config.
   A request that never matched a route (404, or refused before routing) has ``route=""``: no
   route name can be empty, and an empty label is Prometheus's "not applicable".
 * **Cost on the request path**: one counter, one or two histograms and up to two byte
@@ -44,12 +52,13 @@ import contextlib
 import glob
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
 
+from weft.retry import RetryOn
 from weft.schema import HTTP_METHODS, Config
 
 if TYPE_CHECKING:
@@ -118,6 +127,13 @@ POOL_STATES = ("open", "idle", "waiting")
 # The errno label values of weft_accept_errors_total: the accept() errors a worker survives
 # (weft.workers.worker: out of a resource, or a client that gave up while queued).
 ACCEPT_ERRNOS = ("ECONNABORTED", "EMFILE", "ENFILE", "ENOBUFS", "ENOMEM", "EPROTO")
+# The state label values of the endpoint gauges and of weft_breaker_transitions_total: the names
+# of weft.health's and weft.adaptive's states, lower case.
+HEALTH_STATES = ("healthy", "degraded", "unhealthy")
+BREAKER_STATES = ("closed", "open", "half_open")
+# Reason words the retry middleware puts in request.ctx["retries"] (weft.outcome's failure
+# results); the other kind of reason is a status code ("503"). Anything else is "other".
+RETRY_REASONS = frozenset({"connect_error", "reset", "timeout", "protocol_error"})
 
 
 def method_label(method: str) -> str:
@@ -126,6 +142,16 @@ def method_label(method: str) -> str:
 
 def reason_label(reason: str) -> str:
     return reason if reason in REASONS else "other"
+
+
+def retry_reason_label(reason: object) -> str:
+    """A retry's reason as a label: a word of RETRY_REASONS or a status code, else "other"."""
+    text = str(reason)
+    if text in RETRY_REASONS:
+        return text
+    if len(text) == 3 and text.isascii() and text.isdigit() and "100" <= text <= "599":
+        return text
+    return "other"
 
 
 # -- the directory ----------------------------------------------------------------------------
@@ -192,8 +218,10 @@ class WorkerMetrics:
     """The request families of one worker process.
 
     The data path calls `route_started` when a request is matched to a route (App.on_route),
-    `exchange` once per finished exchange (ServerState.on_exchange), and `abandoned` for a
-    request whose client went away before it got a response (ServerState.on_abandon). `run`
+    `exchange` once per finished exchange (ServerState.on_exchange), `abandoned` for a
+    request whose client went away before it got a response (ServerState.on_abandon), and
+    `endpoint_event` when a destination's observer moved a breaker or ejected an endpoint
+    (`weft.observer.DestinationObserver.on_event`). `run`
     is a service task of the worker: every `SAMPLE_INTERVAL` it copies the in-flight counts
     and the pool figures to their gauges, and adds what `pools` (stray responses) and
     `accept_errors` (the worker's accept loop, by errno name) counted since to their counters.
@@ -282,6 +310,56 @@ class WorkerMetrics:
         # the moment a worker has none to spare).
         self._accept_children = {name: self.accept.labels(name) for name in ACCEPT_ERRNOS}
         self._accept_counted = dict.fromkeys(ACCEPT_ERRNOS, 0)
+        self.retries = Counter(
+            "weft_retries",
+            "Retries sent, by route and the reason of the try they replaced: a failure "
+            "(connect_error, reset, timeout, protocol_error) or the status code answered.",
+            ["route", "reason"],
+            registry=None,
+        )
+        self.retry_budget = Counter(
+            "weft_retry_budget_exhausted",
+            "Retries wanted but refused by the route's retry budget (shared by all workers).",
+            ["route"],
+            registry=None,
+        )
+        self.breaker_transitions = Counter(
+            "weft_breaker_transitions",
+            "Circuit breaker transitions, by the state entered, counted by the worker that "
+            "made them.",
+            ["destination", "endpoint", "state"],
+            registry=None,
+        )
+        self.ejections = Counter(
+            "weft_outlier_ejections",
+            "Endpoints ejected by passive outlier detection.",
+            ["destination", "endpoint"],
+            registry=None,
+        )
+        # Present from the start (at zero), as the accept errors: keyed as the data path and
+        # the observers name them, so that counting is one dict lookup.
+        self._retries: dict[tuple[str, str], Any] = {}
+        self._retry_budget: dict[str, Any] = {}
+        for r in config.routes:
+            if r.retry is not None:
+                on = RetryOn.parse(r.retry.on)
+                for reason in [*sorted(on.results), *map(str, sorted(on.statuses))]:
+                    self._retries[(r.name, reason)] = self.retries.labels(r.name, reason)
+                self._retry_budget[r.name] = self.retry_budget.labels(r.name)
+        self._endpoints = {
+            d.name: [e.authority for e in d.endpoints] for d in config.destinations.values()
+        }
+        self._transitions: dict[tuple[str, int, str], Any] = {}
+        self._ejections: dict[tuple[str, int], Any] = {}
+        for d in config.destinations.values():
+            for i, e in enumerate(d.endpoints):
+                if d.breaker is not None:
+                    for state in BREAKER_STATES:
+                        self._transitions[(d.name, i, state.upper())] = (
+                            self.breaker_transitions.labels(d.name, e.authority, state)
+                        )
+                if d.outlier is not None:
+                    self._ejections[(d.name, i)] = self.ejections.labels(d.name, e.authority)
         # Children by label values, so that the request path does one dict lookup instead of
         # prometheus_client's label validation.
         self._requests: dict[tuple[str, str, int], Any] = {}
@@ -341,6 +419,41 @@ class WorkerMetrics:
             if child is None:
                 child = self._upstream[key] = self.upstream.labels(*key)
             child.observe(upstream_time)
+        # Filled by the retry middleware: a reason per retry sent, and whether the budget
+        # refused one.
+        retries = ctx.get("retries")
+        if retries:
+            for reason in retries:
+                rkey = (route, retry_reason_label(reason))
+                rchild = self._retries.get(rkey)
+                if rchild is None:
+                    rchild = self._retries[rkey] = self.retries.labels(*rkey)
+                rchild.inc()
+        if ctx.get("retry_budget_exhausted"):
+            self._child(self._retry_budget, self.retry_budget, route).inc()
+
+    def endpoint_event(self, destination: str, index: int, what: str, state: str) -> None:
+        """An observer's event (`weft.observer.Event`): a breaker entered `state` ("OPEN",
+        "HALF_OPEN", "CLOSED"), or endpoint `index` was ejected. Health transitions are
+        not counted: the admin's weft_endpoint_health gauge shows the state itself."""
+        if what == "breaker":
+            key = (destination, index, state)
+            child = self._transitions.get(key)
+            if child is None:  # not a destination of this config's with a breaker
+                label = state.lower()
+                assert label in BREAKER_STATES, state
+                ep = self._endpoints[destination][index]
+                child = self._transitions[key] = self.breaker_transitions.labels(
+                    destination, ep, label
+                )
+            child.inc()
+        elif what == "ejection":
+            ekey = (destination, index)
+            echild = self._ejections.get(ekey)
+            if echild is None:
+                ep = self._endpoints[destination][index]
+                echild = self._ejections[ekey] = self.ejections.labels(destination, ep)
+            echild.inc()
 
     def abandoned(self, request: Request) -> None:
         """The client went away before its response (counted as nginx's 499)."""
@@ -428,6 +541,49 @@ def for_worker(
     if not config.metrics.enabled or not os.environ.get(ENV):
         return None
     return WorkerMetrics(config, pools, accept_errors)
+
+
+# -- the admin process: instance-wide gauges from shared memory -------------------------------
+
+
+def endpoint_families(states: Mapping[str, Mapping[str, Any]]) -> list[Metric]:
+    """The health, ejection and breaker gauges of every observed endpoint, from `states` as
+    `weft.observer.observed_states` reads them from the shared records (the admin process
+    calls this at scrape time: these are instance-wide facts, not counted by any worker).
+
+    ``weft_endpoint_health`` for every observed destination, ``weft_endpoint_ejected`` for
+    those with an ``outlier`` section, ``weft_breaker_state`` for those with a ``breaker``. A
+    state gauge is 1 for the endpoint's current state and 0 for the others, so that
+    ``weft_endpoint_health{state="unhealthy"} == 1`` selects the unhealthy endpoints and a
+    series never vanishes when the state changes. Families without a sample are left out.
+    """
+    from prometheus_client.core import GaugeMetricFamily
+
+    health = GaugeMetricFamily(
+        "weft_endpoint_health",
+        "Health of an observed endpoint: 1 for its current state, 0 for the others.",
+        labels=["destination", "endpoint", "state"],
+    )
+    ejected = GaugeMetricFamily(
+        "weft_endpoint_ejected",
+        "Whether passive outlier detection has the endpoint ejected now (1) or not (0).",
+        labels=["destination", "endpoint"],
+    )
+    breaker = GaugeMetricFamily(
+        "weft_breaker_state",
+        "Circuit breaker of an endpoint: 1 for its current state, 0 for the others.",
+        labels=["destination", "endpoint", "state"],
+    )
+    for dest, info in sorted(states.items()):
+        for ep, snap in info["endpoints"].items():
+            for state in HEALTH_STATES:
+                health.add_metric([dest, ep, state], 1.0 if snap["health"] == state else 0.0)
+            if info.get("outlier"):
+                ejected.add_metric([dest, ep], 1.0 if snap["ejected"] else 0.0)
+            if info.get("breaker"):
+                for state in BREAKER_STATES:
+                    breaker.add_metric([dest, ep, state], 1.0 if snap["breaker"] == state else 0.0)
+    return [f for f in (health, ejected, breaker) if f.samples]
 
 
 # -- the supervisor ---------------------------------------------------------------------------

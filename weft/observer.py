@@ -19,9 +19,11 @@ one breaker per endpoint, and the forwarder (`weft.forward`) asks it three thing
   Degraded when its answer carried the degraded header.
 
 The prober (`weft.prober`) uses `take_lease` and `apply_probe`; admin, status and metrics read
-`snapshot`. What a call costs: `excluded` loads two or three words per endpoint, `admit` one
-word in the closed state, `report` one CAS on the window bucket of now (and more only when a
-call failed). No lock, no syscall: the clock is CLOCK_MONOTONIC through the vDSO.
+`snapshot` (`observed_states`: every endpoint the supervisor publishes). Metrics count what
+happens through `on_event`: breaker transitions and ejections, in the worker that made them.
+What a call costs: `excluded` loads two or three words per endpoint, `admit` one word in the
+closed state, `report` one CAS on the window bucket of now (and more only when a call failed).
+No lock, no syscall: the clock is CLOCK_MONOTONIC through the vDSO.
 
 A call that counts as *failed* for the breaker is any result but ``ok`` (`weft.outcome`): a 5xx
 answer or a failure of the exchange. 4xx answers are the client's business and count as
@@ -39,7 +41,7 @@ from __future__ import annotations
 import mmap
 import random
 import time
-from collections.abc import Callable, Container, Sequence
+from collections.abc import Callable, Container, Mapping, Sequence
 from typing import Any
 
 from weft import adaptive, health, outlier
@@ -48,7 +50,7 @@ from weft.schema import Destination, OutlierConfig
 from weft.shm.atomics import WORD, Atomics
 from weft.shm.endpoints import BREAKER, HEALTH, LEASE, OUTLIER, TRIAL, WINDOW, EndpointTable
 
-__all__ = ["DestinationObserver", "LocalRecords", "monotonic_ms", "snapshot"]
+__all__ = ["DestinationObserver", "LocalRecords", "monotonic_ms", "observed_states", "snapshot"]
 
 # A CAS loop gives up after this many lost races: the words are contended by at most a few
 # workers, so this is never reached in practice, and losing one count beats spinning.
@@ -422,3 +424,21 @@ def snapshot(table: EndpointTable, column: int, now_ms: int) -> dict[str, Any]:
         "trial_pid": table.load(column, TRIAL),
         "prober_pid": lease_pid if lease_pid and lease_left > 0 else 0,
     }
+
+
+def observed_states(
+    table: EndpointTable, observed: Mapping[str, Mapping[str, Any]], now_ms: int
+) -> dict[str, dict[str, Any]]:
+    """`snapshot` of every endpoint in `observed` (the state file's ``observed``, written by
+    `weft.workers.shared.observed_columns`): the same mapping, with each endpoint's column
+    replaced by its snapshot. A column outside `table` (a state file that does not belong to
+    this segment) is left out rather than read."""
+    out: dict[str, dict[str, Any]] = {}
+    for dest, info in observed.items():
+        eps = {
+            ep: snapshot(table, column, now_ms)
+            for ep, column in info.get("endpoints", {}).items()
+            if isinstance(column, int) and 0 <= column < table.columns
+        }
+        out[dest] = {**info, "endpoints": eps}
+    return out

@@ -3,9 +3,26 @@
 The state file (`weft.control`) says which config and generation serve; the worker table in
 shared memory says, live, which processes serve it, in which state, with how many requests in
 flight and how fresh their heartbeat is; the instance's metrics files (`weft.metrics`) give the
-upstream pool figures each worker samples every second. Reading them needs no cooperation from
-the supervisor, so status works even while it is busy with a reload. The admin listener's
-``/status`` serves the same document.
+upstream pool figures each worker samples every second; and the endpoint records in shared
+memory (`weft.shm.endpoints`, found through the state file's ``observed`` columns) give, for
+destinations with a ``health``, ``outlier`` or ``breaker`` section, each endpoint's health,
+ejection, breaker, and which workers hold its half-open trial and its prober lease. Reading
+them needs no cooperation from the supervisor, so status works even while it is busy with a
+reload. The admin listener's ``/status`` serves the same document.
+
+An endpoint's entry in ``destinations`` (JSON):
+
+=================  =========================================================================
+``open`` ...       pool figures: ``open``, ``idle``, ``waiting`` (null until a worker sampled)
+``health``         ``healthy``, ``degraded`` or ``unhealthy`` (observed destinations only)
+``ejected``        whether it is ejected now; ``ejected_for_s`` how much longer; ``ejections``
+                   how many times so far (null without an ``outlier`` section)
+``breaker``        ``closed``, ``open`` or ``half_open``; ``breaker_trips`` the times it opened
+                   (null without a ``breaker`` section); ``trial_pid``: the worker holding the
+                   half-open trial, 0 for none
+``prober_pid``     the worker whose lease runs its probes now, 0 for none (null without a
+                   ``health`` section)
+=================  =========================================================================
 """
 
 from __future__ import annotations
@@ -15,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from weft import control, metrics
+from weft.observer import monotonic_ms, observed_states
 from weft.shm.segment import SegmentError
 from weft.shm.worktable import STATE_NAMES
 from weft.workers.shared import SharedState
@@ -43,6 +61,7 @@ def collect(pidfile: Path) -> dict[str, Any]:
                     "requests": info.requests,
                 }
             )
+        observed = observed_states(shared.endpoints, state.get("observed") or {}, monotonic_ms())
     finally:
         shared.close()
     workers.sort(key=lambda w: (w["slot"], w["generation"]))
@@ -56,17 +75,42 @@ def collect(pidfile: Path) -> dict[str, Any]:
         "last_reload": state.get("reload"),
         "stopping": state.get("stopping"),
         "admin": state.get("admin"),
-        "destinations": destinations(state["instance"]),
+        "destinations": destinations(state["instance"], observed),
     }
 
 
-def destinations(instance: str) -> dict[str, list[dict[str, Any]]]:
+def destinations(
+    instance: str, observed: dict[str, dict[str, Any]] | None = None
+) -> dict[str, list[dict[str, Any]]]:
     """Pool figures per destination and endpoint, summed over the live workers, as they last
-    sampled them into the instance's metrics files (at most a second old)."""
+    sampled them into the instance's metrics files (at most a second old), with the shared
+    state of observed endpoints (`observed`: `weft.observer.observed_states`) added."""
     figures = metrics.pool_figures(metrics.directory_for(instance))
+    out = {
+        dest: {ep: {"endpoint": ep, **values} for ep, values in eps.items()}
+        for dest, eps in figures.items()
+    }
+    for dest, info in (observed or {}).items():
+        eps = out.setdefault(dest, {})
+        for ep, snap in info["endpoints"].items():
+            entry = eps.setdefault(ep, {"endpoint": ep, **dict.fromkeys(metrics.POOL_STATES)})
+            entry.update(endpoint_state(info, snap))
+    return {dest: [eps[ep] for ep in sorted(eps)] for dest, eps in sorted(out.items())}
+
+
+def endpoint_state(info: dict[str, Any], snap: dict[str, Any]) -> dict[str, Any]:
+    """An observed endpoint's part of its entry (see the module docstring): the `snapshot`,
+    with null for what a section the destination lacks would say."""
+    outlier, breaker, probed = info.get("outlier"), info.get("breaker"), info.get("health")
     return {
-        dest: [{"endpoint": ep, **values} for ep, values in sorted(eps.items())]
-        for dest, eps in sorted(figures.items())
+        "health": snap["health"],
+        "ejected": snap["ejected"] if outlier else None,
+        "ejected_for_s": round(snap["ejected_for_s"], 1) if outlier else None,
+        "ejections": snap["ejections"] if outlier else None,
+        "breaker": snap["breaker"] if breaker else None,
+        "breaker_trips": snap["breaker_trips"] if breaker else None,
+        "trial_pid": snap["trial_pid"] if breaker else None,
+        "prober_pid": snap["prober_pid"] if probed else None,
     }
 
 
@@ -93,22 +137,52 @@ def render(info: dict[str, Any]) -> str:
         lines.append("(no workers)")
     dests = info.get("destinations") or {}
     if dests:
-        width = max(len(e["endpoint"]) for eps in dests.values() for e in eps)
+        width = max(len("endpoint"), *(len(e["endpoint"]) for eps in dests.values() for e in eps))
         dwidth = max(len("destination"), *(len(d) for d in dests))
+        observed = any("health" in e for eps in dests.values() for e in eps)
         lines.append("")
-        lines.append(
+        header = (
             f"{'destination':<{dwidth}} {'endpoint':<{width}} {'open':>6} {'idle':>6} "
             f"{'waiting':>8}"
         )
+        lines.append(header + (_OBSERVED_HEADER if observed else ""))
         for dest, eps in dests.items():
             for e in eps:
-                lines.append(
-                    f"{dest:<{dwidth}} {e['endpoint']:<{width}} {e['open']:>6} {e['idle']:>6} "
-                    f"{e['waiting']:>8}"
+                line = (
+                    f"{dest:<{dwidth}} {e['endpoint']:<{width}} {_cell(e['open']):>6} "
+                    f"{_cell(e['idle']):>6} {_cell(e['waiting']):>8}"
                 )
+                lines.append(line + (_observed_cells(e) if observed else ""))
     if info.get("admin"):
         lines.append("")
         lines.append(f"admin    http://{info['admin']}/ (/metrics, /healthz, /readyz, /status)")
     if info.get("stopping"):
         lines.insert(1, f"STOPPING ({info['stopping']})")
     return "\n".join(lines)
+
+
+# The columns of an observed endpoint, after the pool figures: health; time left of an ejection
+# ("no" when not ejected) and ejections so far; breaker state and trips; the pids holding the
+# half-open trial and the prober lease. "-": the destination has no such section, or nobody.
+_OBSERVED_HEADER = (
+    f" {'health':<9} {'ejected':>7} {'ejections':>9} {'breaker':<9} {'trips':>5} "
+    f"{'trial':>8} {'prober':>8}"
+)
+
+
+def _cell(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+def _observed_cells(e: dict[str, Any]) -> str:
+    if "health" not in e:
+        return f" {'-':<9} {'-':>7} {'-':>9} {'-':<9} {'-':>5} {'-':>8} {'-':>8}"
+    if e["ejected"] is None:
+        ejected = "-"
+    else:
+        ejected = f"{e['ejected_for_s']:.1f}s" if e["ejected"] else "no"
+    return (
+        f" {e['health']:<9} {ejected:>7} {_cell(e['ejections']):>9} "
+        f"{_cell(e['breaker']):<9} {_cell(e['breaker_trips']):>5} "
+        f"{_cell(e['trial_pid'] or None):>8} {_cell(e['prober_pid'] or None):>8}"
+    )

@@ -53,7 +53,7 @@ from weft.sock import SlotSockets
 from weft.systemd import Notifier
 from weft.workers import child as child_mod
 from weft.workers.postfork import Preamble
-from weft.workers.shared import ColumnMap, SharedState
+from weft.workers.shared import ColumnMap, SharedState, observed_columns
 
 log = logging.getLogger("weft.supervisor")
 
@@ -468,6 +468,8 @@ class Supervisor:
                 "stopping": self.stopping,  # the admin's /readyz is 503 from here on
                 "admin": self.admin.address if self.admin is not None else None,
                 "reload": dataclasses.asdict(r),  # seq, ok, message, generation
+                # the shared records of health, ejection and breakers, for admin and status
+                "observed": observed_columns(self.config, self.columns),
             },
         )
 

@@ -46,6 +46,40 @@ def test_promtool_accepts_the_aggregate_and_a_worker_view(upstream, weft, free_p
             f"promtool check metrics on {path}:\n{checked.stdout}{checked.stderr}")
 
 
+def test_promtool_accepts_the_health_breaker_and_retry_families(upstream, weft, free_port,
+                                                                 tmp_path):
+    live = upstream("A").address
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens there
+    port, admin_port = free_port(), free_port()
+    breaker = {"minimum_calls": 2, "open_for": "30s"}
+    text = (
+        base_config(port, server={"workers": 2})
+        + table("[admin]", {"port": admin_port})
+        + destination("app", [live, dead], outlier={}, breaker=breaker,
+                      health={"path": "/echo", "interval": "200ms", "timeout": "100ms"})
+        + destination("fragile", [dead], breaker=breaker)
+        + route("fragile", name="fragile", path_prefix="/fragile/", strip_prefix=True)
+        + route("app", name="api", retry={"on": ["connect_error", "503"]})
+    )
+    start_supervised(weft, tmp_path, text, workers=2)
+    # every new family gets samples: health states, ejection, breaker states, a transition
+    # (counted before the answer that opened the breaker), and the retry counters at zero
+    assert [send(port, "GET", "/fragile/echo") for _ in range(3)][-1] == 503
+    wait_for(lambda: 'weft_endpoint_health{destination="app",endpoint="' + dead
+             + '",state="unhealthy"} 1.0' in admin_get(admin_port, "/metrics").text,
+             10.0, "the closed port to be unhealthy")
+    text = admin_get(admin_port, "/metrics").text
+    assert 'weft_breaker_transitions_total{destination="fragile",endpoint="' + dead + \
+        '",state="open"} 1.0' in text
+    for family in ("weft_endpoint_health", "weft_endpoint_ejected", "weft_breaker_state",
+                   "weft_outlier_ejections_total", "weft_retries_total",
+                   "weft_retry_budget_exhausted_total"):
+        assert f"\n{family}{{" in text, family
+    checked = promtool_check(text)
+    assert checked.returncode == 0 and not checked.stdout.strip(), (
+        f"promtool check metrics:\n{checked.stdout}{checked.stderr}")
+
+
 def test_a_prometheus_server_scrapes_the_admin_listener(upstream, weft, free_port, tmp_path):
     port, admin_port = start(weft, tmp_path, upstream, free_port, token=TOKEN)
     for _ in range(25):

@@ -106,14 +106,21 @@ def destination(
     *,
     strategy: str = "round_robin",
     pool: Mapping[str, object] | None = None,
+    health: Mapping[str, object] | None = None,
+    outlier: Mapping[str, object] | None = None,
+    breaker: Mapping[str, object] | None = None,
     **keys: object,
 ) -> str:
-    """``[destinations.NAME]`` with its endpoints, strategy, other keys, and optional pool."""
+    """``[destinations.NAME]`` with its endpoints, strategy, other keys, and the optional
+    pool, health, outlier and breaker sections (``{}``: the section with its defaults)."""
     values: dict[str, object] = {"strategy": strategy, "endpoints": list(endpoints)}
     values.update(keys)
     text = table(f"[destinations.{name}]", values)
     if pool:
         text += table(f"[destinations.{name}.pool]", pool)
+    for section, given in (("health", health), ("outlier", outlier), ("breaker", breaker)):
+        if given is not None:
+            text += table(f"[destinations.{name}.{section}]", given)
     return text
 
 

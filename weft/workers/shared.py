@@ -21,12 +21,15 @@ One segment, ``/weft-<instance>-state``, laid out as:
   ejection or open breaker.
 
 The supervisor creates it (`SharedState.create`) while holding the instance lock; forked workers
-inherit the mapping; `weft status` attaches read-only (`SharedState.attach`).
+inherit the mapping; `weft status` attaches read-only (`SharedState.attach`). The column map
+lives in the supervisor alone: what the readers need of it (where the observed endpoints'
+records are) is published in the state file (`observed_columns`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from weft.schema import Config, Destination
 from weft.shm.counters import InflightMatrix, PositionTable, SharedPosition
@@ -50,6 +53,34 @@ def endpoint_key(dest: str, authority: str) -> str:
 def route_key(name: str) -> str:
     """The column key of a route's own record ('@' is in no destination name)."""
     return f"@route/{name}"
+
+
+def observed_columns(config: Config, columns: Mapping[str, int]) -> dict[str, dict[str, Any]]:
+    """Where the records of the observed destinations' endpoints are, for processes that have
+    no column map: the supervisor writes this into its state file (``observed``), and the admin
+    process and `weft status` read the records through it (`weft.observer.observed_states`).
+
+    ``{destination: {"health": bool, "outlier": bool, "breaker": bool,
+    "endpoints": {authority: column}}}``, the flags saying which sections the destination has.
+    An endpoint without a column is left out: a state file written in the middle of a reload
+    (a TTIN then) may pair the serving config with the next one's columns.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for d in config.destinations.values():
+        if not d.observed:
+            continue
+        eps = {
+            e.authority: columns[key]
+            for e in d.endpoints
+            if (key := endpoint_key(d.name, e.authority)) in columns
+        }
+        out[d.name] = {
+            "health": d.health is not None,
+            "outlier": d.outlier is not None,
+            "breaker": d.breaker is not None,
+            "endpoints": eps,
+        }
+    return out
 
 
 class SharedState:

@@ -190,9 +190,13 @@ class Worker:
             self._install_metrics(self.metrics)
 
     def _install_metrics(self, metrics: metrics_mod.WorkerMetrics) -> None:
-        """Hook the metrics into the data path, next to the access log."""
+        """Hook the metrics into the data path, next to the access log, and into the
+        destinations' observers (breaker transitions and ejections this worker makes)."""
         self.app.on_route = metrics.route_started
         self.state.on_abandon = metrics.abandoned
+        for fw in self.app.forwarders.values():
+            if isinstance(fw.observer, DestinationObserver):
+                fw.observer.on_event = metrics.endpoint_event
         record = self.state.on_exchange
         if record is None:
             self.state.on_exchange = metrics.exchange
