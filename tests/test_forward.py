@@ -26,7 +26,6 @@ class RecordingObserver:
     """An Observer that keeps every report and excludes what a test says."""
 
     degraded_header = None
-    slow_start = 0.0
 
     def __init__(self) -> None:
         self.reports: list[tuple[int, str, int]] = []
@@ -43,9 +42,6 @@ class RecordingObserver:
 
     def admit(self, index: int) -> int:
         return 0
-
-    def keep_pick(self, index: int) -> bool:
-        return True
 
     def abandon(self, index: int) -> None:
         pass

@@ -220,3 +220,28 @@ def test_the_prober_lease_is_held_by_one_worker_until_it_expires():
     assert snapshot(a.table, a.columns[0], clock.ms)["prober_pid"] == b.pid
     b.drop_lease(0)
     assert a.take_lease(0, 1500)
+
+
+def test_slow_start_leaves_a_returning_endpoint_out_of_that_share_of_picks_and_keeps_rr_even():
+    import random
+    from collections import Counter
+
+    from weft.dst import make_balancer
+
+    clock = Clock()
+    hc = HealthCheck(healthy_threshold=1, unhealthy_threshold=1)
+    oc = OutlierConfig(slow_start=10.0, consecutive_5xx=0, consecutive_gateway_errors=0)
+    (a,) = workers(dest(3, health=hc, outlier=oc), clock, k=1, rng=random.Random(7).random)
+    a.apply_probe(1, health.FAIL)
+    a.apply_probe(1, health.PASS)
+    clock.ms += 2500  # a quarter of the way: factor 0.25
+    rr = make_balancer("round_robin", [1, 1, 1])
+    picks = Counter(rr.pick(excluded=a.excluded()) for _ in range(6000))
+    # Endpoint 1 keeps about a quarter of its third; the other two split the rest evenly.
+    assert 0.25 * 2000 * 0.8 < picks[1] < 0.25 * 2000 * 1.2, picks
+    assert abs(picks[0] - picks[2]) < 0.1 * picks[0], picks
+    # Never every endpoint out: a lone returning endpoint still gets every pick.
+    (b,) = workers(dest(1, health=hc, outlier=oc), clock, k=1)
+    b.apply_probe(0, health.FAIL)
+    b.apply_probe(0, health.PASS)
+    assert all(0 not in b.excluded() for _ in range(50))

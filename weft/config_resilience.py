@@ -128,12 +128,8 @@ def read_outlier(r: cr.Reader, raw: Any, path: str) -> OutlierConfig | None:
             cr.join(path, "base_ejection"),
             f"{o.base_ejection:g}s is longer than max_ejection ({o.max_ejection:g}s)",
         )
-    if o.consecutive_5xx == 0 and o.consecutive_gateway_errors == 0:
-        r.error(
-            path,
-            "consecutive_5xx and consecutive_gateway_errors are both 0: nothing could eject "
-            "an endpoint (remove the section to turn outlier detection off)",
-        )
+    # Both runs at 0 is allowed: the section then carries only panic_threshold and slow_start
+    # for a destination whose endpoints only active probes take out.
     return o
 
 

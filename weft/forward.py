@@ -176,11 +176,6 @@ class Forwarder:
             idx = pick(key=key, inflight=counts, excluded=excluded)
             if idx is None or obs is None:
                 return idx
-            if obs.slow_start and not obs.keep_pick(idx):
-                # Slow start: the endpoint lost this pick; pick among the others if any.
-                other = pick(key=key, inflight=counts, excluded=set(excluded) | {idx})
-                if other is not None:
-                    idx = other
             verdict = obs.admit(idx)
             if verdict <= 0:
                 if verdict < 0:

@@ -30,10 +30,12 @@ answer or a failure of the exchange. 4xx answers are the client's business and c
 successes, as Envoy and resilience4j count them.
 
 Slow start (``outlier.slow_start``): a returning endpoint (its ejection ended, or it came back
-from Unhealthy: the prober stamps that moment in the outlier word) is kept with probability
-`slow_start_factor`, ramping linearly from 10 % to 1 over the window; a pick it loses is made
-again without it. This is Envoy's slow-start weight applied at the pick, so it works the same
-under every balancing strategy instead of needing a weight table per strategy.
+from Unhealthy: the prober stamps that moment in the outlier word) is left out of a pick's
+candidates with probability 1 - `slow_start_factor`, the factor ramping linearly from 10 % to
+1 over the window. This is Envoy's slow-start weight applied to the candidate set, so it works
+the same under every balancing strategy (round robin keeps its even split of the rest: the
+schedule without the endpoint is used at the same shared position) instead of needing a weight
+table per strategy.
 """
 
 from __future__ import annotations
@@ -135,6 +137,8 @@ class DestinationObserver:
                 else:
                     ejected = [False] * self.n
                 out = health.excluded([health.STATES[w] for w in words], ejected, self.panic)
+                if self.slow_start:
+                    out = self._slow_start(out, outliers, now)
         b = self.breaker_cfg
         if b is not None:
             extra = None
@@ -212,12 +216,19 @@ class DestinationObserver:
             1.0, self._load(self._outlier[i]), self.clock_ms(), self.slow_start
         )
 
-    def keep_pick(self, i: int) -> bool:
-        """Whether a pick of `i` stands under slow start (random, by its factor)."""
-        if not self.slow_start:
-            return True
-        f = self.slow_start_factor(i)
-        return f >= 1.0 or self.rng() < f
+    def _slow_start(self, out: Container[int], outliers: Sequence[int], now: int) -> Container[int]:
+        """`out` plus each endpoint in slow start with probability 1 - its factor, so that it
+        gets that share of the picks it would get; never the last endpoint left."""
+        extra: set[int] | None = None
+        for i, word in enumerate(outliers):
+            f = outlier.slow_start(1.0, word, now, self.slow_start)
+            if f >= 1.0 or i in out or self.rng() < f:
+                continue
+            if extra is None:
+                extra = set(out)
+            if len(extra) + 1 < self.n:
+                extra.add(i)
+        return out if extra is None else extra
 
     # -- what traffic says ----------------------------------------------------------------------
 

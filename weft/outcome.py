@@ -61,8 +61,6 @@ class Observer(Protocol):
 
     #: the response field that marks an endpoint Degraded (lower case), or None
     degraded_header: bytes | None
-    #: seconds of slow start (0: off; the forwarder then skips `keep_pick`)
-    slow_start: float
 
     def report(
         self, index: int, result: str, status: int, latency: float, degraded: bool = False
@@ -78,10 +76,6 @@ class Observer(Protocol):
     def admit(self, index: int) -> int:
         """After a pick: 0 go, -1 go as the breaker's half-open trial, n > 0 refused (Retry-After
         n seconds)."""
-        ...
-
-    def keep_pick(self, index: int) -> bool:
-        """Whether a pick of `index` stands (False: slow start gave it away)."""
         ...
 
     def abandon(self, index: int) -> None:
