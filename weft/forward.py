@@ -30,6 +30,7 @@ response) whose body names the failure in plain words; the detail goes to the lo
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Callable, Container, Sequence
 from typing import Protocol
 
@@ -122,6 +123,7 @@ class Forwarder:
             position=position,  # shared by the workers (round_robin, weighted)
         )
         self.hash_source = HashKeySource.parse(dest.hash_key) if dest.hash_key else None
+        self.endpoint_weights = [e.weight for e in dest.endpoints]
         self.counts: Inflight = inflight if inflight is not None else LocalInflight(len(self.pools))
         # Learns from every attempt and tells the balancer what to skip (weft.outcome).
         self.observer = observer
@@ -166,11 +168,23 @@ class Forwarder:
             return self.balancer.pick(key=key, inflight=counts)
         excluded: Container[int] = obs.excluded() if obs is not None else ()
         if tried:
-            # Envoy's previous_hosts: a retry goes to an endpoint not tried yet, when one is
-            # left; otherwise to any usable one.
-            widened = set(excluded) | tried
-            if len(widened) < len(self.pools):
-                excluded = widened
+            # A retry (Envoy's previous_hosts): an endpoint not tried yet, chosen at random by
+            # weight, so that retries do not move the shared round-robin position (a retry that
+            # took the next slot would make every first try after it meet the same failing
+            # endpoint); when none is left, any usable one, by the balancer.
+            fresh = [i for i in range(len(self.pools)) if i not in excluded and i not in tried]
+            while fresh:
+                idx = (
+                    random.choices(fresh, [self.endpoint_weights[i] for i in fresh])[0]
+                    if len(fresh) > 1
+                    else fresh[0]
+                )
+                verdict = obs.admit(idx) if obs is not None else 0
+                if verdict <= 0:
+                    if verdict < 0:
+                        request.ctx["trial"] = idx
+                    return idx
+                fresh.remove(idx)
         pick = self.balancer.pick
         for _ in range(len(self.pools) + 1):
             idx = pick(key=key, inflight=counts, excluded=excluded)
