@@ -68,6 +68,7 @@ PUBLIC_REASON = {
     "upstream_body_timeout": "the upstream stalled",
     "upstream_send_timeout": "the upstream stopped reading the request",
     "request_timeout": "request_total exceeded",
+    "per_try_timeout": "the upstream did not answer within the time allowed for one try",
     "pool_full": "too many requests wait for an upstream connection",
     "no_endpoint": "no upstream endpoint available",
     "breaker_open": "the upstream is failing; its circuit breaker is open",
@@ -145,6 +146,9 @@ class Forwarder:
         try:
             return await self._forward(request)
         except UpstreamError as e:
+            if e.reason == "request_timeout" and request.ctx.get("per_try_deadline"):
+                # The deadline that ran out was the retry middleware's per-try one.
+                e.reason = "per_try_timeout"
             request.ctx["error"] = e.reason
             log.info("request %s to %s: %s", request.id, request.ctx.get("endpoint", "-"), e.detail)
             return error_response(

@@ -42,6 +42,7 @@ _BY_REASON = {
     "upstream_body_timeout": TIMEOUT,
     "upstream_send_timeout": TIMEOUT,
     "request_timeout": TIMEOUT,
+    "per_try_timeout": TIMEOUT,
     "bad_response": PROTOCOL_ERROR,
 }
 

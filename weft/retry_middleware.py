@@ -239,7 +239,9 @@ def make_retry(
                     ctx.pop("result", None)
                     ctx.pop("error", None)
                 if per_try:
-                    ctx["deadline"] = min(total_deadline, clock() + per_try)
+                    try_deadline = clock() + per_try
+                    ctx["per_try_deadline"] = try_deadline < total_deadline
+                    ctx["deadline"] = min(total_deadline, try_deadline)
                 response = await nxt(request)
                 result, status = ctx.get("result", (None, 0))
                 if (
@@ -271,6 +273,7 @@ def make_retry(
                     await trio.sleep(wait)
         finally:
             ctx["deadline"] = total_deadline
+            ctx.pop("per_try_deadline", None)
             ctx["attempts"] = attempt
             request.body = original  # the access log reads what came in from it
         if reasons:

@@ -156,3 +156,36 @@ def test_a_connect_error_is_retried_on_a_live_endpoint_and_says_so_in_the_access
     time.sleep(0.5)  # the access log is written every 0.2 s
     logged = [r["attempts"] for r in proxy.access_log_records() if r.get("route")]
     assert sorted(logged) == [1, 1, 1, 2, 2, 2], logged
+
+
+def test_per_try_timeout_moves_a_hung_try_on_to_another_endpoint(
+    upstream, weft, free_port, tmp_path
+):
+    """One endpoint hangs, the other answers; per_try_timeout 300 ms, retries on timeout:
+    every GET is answered 200 within about one per-try timeout, never after the route's
+    request_total. With both hanging, all 3 tries time out and the answer is a 504 that says
+    a try timed out."""
+    hung, fine = upstream("hung"), upstream("fine")
+    text = _retry_config(free_port(), [hung.address, fine.address], tmp_path / "access.log",
+                         workers=1, on=["timeout"], per_try_timeout="300ms")
+    proxy = weft(text)
+    hung.control(mode="hang")
+    conn = http.client.HTTPConnection(proxy.host, proxy.port, timeout=10)
+    try:
+        for _ in range(4):
+            started = time.monotonic()
+            conn.request("GET", "/echo")
+            resp = conn.getresponse()
+            resp.read()
+            assert resp.status == 200 and resp.getheader("x-upstream") == "fine"
+            assert time.monotonic() - started < 1.5
+        fine.control(mode="hang")
+        conn.request("GET", "/echo")
+        resp = conn.getresponse()
+        body = resp.read()
+        assert resp.status == 504 and resp.getheader("x-weft-attempts") == "3"
+        assert b"one try" in body
+    finally:
+        conn.close()
+        hung.control()
+        fine.control()
