@@ -98,14 +98,21 @@ def _wall(record: dict[str, object]) -> float:
     return datetime.datetime.fromisoformat(text).timestamp()
 
 
-def _health_config(port: int, endpoints: list[str], workers: int, access_log: object,
-                   **outlier: object) -> str:
+def _health_config(
+    port: int, endpoints: list[str], workers: int, access_log: object, **outlier: object
+) -> str:
     text = base_config(port, server={"workers": workers}, access_log=access_log)
     text += destination("app", endpoints)
-    text += table("[destinations.app.health]", {
-        "path": "/healthz", "interval": f"{INTERVAL}s", "timeout": "250ms",
-        "healthy_threshold": 2, "unhealthy_threshold": 2,
-    })
+    text += table(
+        "[destinations.app.health]",
+        {
+            "path": "/healthz",
+            "interval": f"{INTERVAL}s",
+            "timeout": "250ms",
+            "healthy_threshold": 2,
+            "unhealthy_threshold": 2,
+        },
+    )
     if outlier:
         text += table("[destinations.app.outlier]", outlier)
     return text + route("app")
@@ -126,8 +133,17 @@ def test_a_killed_endpoint_stops_getting_requests_and_returns_with_slow_start(
     log = tmp_path / "access.log"
     # The outlier section is here for slow start; its runs are off (0), so that what takes
     # the dead endpoint out is the probes alone.
-    proxy = weft(_health_config(free_port(), [u.address for u in ups], workers, log,
-                                slow_start="3s", consecutive_5xx=0, consecutive_gateway_errors=0))
+    proxy = weft(
+        _health_config(
+            free_port(),
+            [u.address for u in ups],
+            workers,
+            log,
+            slow_start="3s",
+            consecutive_5xx=0,
+            consecutive_gateway_errors=0,
+        )
+    )
     with Timeline(proxy.host, proxy.port) as load:
         wait_for(lambda: len(load.answers) > 200, 10, "the first answers")
         port = ups[1].port
@@ -136,15 +152,21 @@ def test_a_killed_endpoint_stops_getting_requests_and_returns_with_slow_start(
         time.sleep(3 * INTERVAL * JITTER + 0.5)
         # 2. No try at the dead endpoint after the detection bound.
         bound = 2 * INTERVAL * JITTER + INTERVAL * JITTER + 0.25  # + one probe timeout
-        tries = [r for r in proxy.access_log_records()
-                 if r.get("endpoint") == ups[1].address and _wall(r) > killed_wall]
+        tries = [
+            r
+            for r in proxy.access_log_records()
+            if r.get("endpoint") == ups[1].address and _wall(r) > killed_wall
+        ]
         last = max((_wall(r) - killed_wall for r in tries), default=0.0)
         assert last <= bound, f"the dead endpoint was tried {last:.2f}s after the kill"
         # 3. Back on the same port.
         revived = upstream("u1", port=port)
         back_at = time.monotonic()
-        wait_for(lambda: any(a.upstream == "u1" for a in load.between(back_at, 1e12)),
-                 10, "traffic to the revived endpoint")
+        wait_for(
+            lambda: any(a.upstream == "u1" for a in load.between(back_at, 1e12)),
+            10,
+            "traffic to the revived endpoint",
+        )
         first_seen = min(a.at for a in load.between(back_at, 1e12) if a.upstream == "u1")
         assert first_seen - back_at <= 2 * INTERVAL * JITTER + INTERVAL * JITTER + 0.5
         time.sleep(3.5)
@@ -184,8 +206,11 @@ def test_one_prober_per_endpoint_across_four_workers_and_a_killed_holder_is_repl
         gaps = [b - a for a, b in itertools.pairwise(times)]
         assert times and times[-1] > killed_at, "no probe after the kill"
         assert max(gaps) <= 2 * INTERVAL * JITTER + 0.1, gaps
-        wait_for(lambda: (shared.endpoints.load(0, LEASE) >> 40) not in (0, holder), 5,
-                 "a new lease holder")
+        wait_for(
+            lambda: (shared.endpoints.load(0, LEASE) >> 40) not in (0, holder),
+            5,
+            "a new lease holder",
+        )
     finally:
         shared.close()
 
@@ -200,8 +225,12 @@ def test_outlier_ejection_honours_max_ejection_percent_and_the_panic_threshold(
        ejected a third of the destination is usable, below the threshold, so every endpoint
        gets traffic again."""
     a, b = upstream("a"), upstream("b")
-    outlier = {"consecutive_5xx": 0, "consecutive_gateway_errors": 2, "base_ejection": "30s",
-               "max_ejection_percent": 50}
+    outlier = {
+        "consecutive_5xx": 0,
+        "consecutive_gateway_errors": 2,
+        "base_ejection": "30s",
+        "max_ejection_percent": 50,
+    }
     text = base_config(free_port(), server={"workers": 2})
     text += destination("app", [a.address, b.address])
     text += table("[destinations.app.outlier]", outlier) + route("app")

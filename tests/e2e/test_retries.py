@@ -22,13 +22,18 @@ pytestmark = pytest.mark.e2e
 WINDOW = 10.0  # weft.retry.BUDGET_WINDOW
 
 
-def _retry_config(port: int, endpoints: list[str], access_log: object, workers: int = 2,
-                  **retry: object) -> str:
+def _retry_config(
+    port: int, endpoints: list[str], access_log: object, workers: int = 2, **retry: object
+) -> str:
     text = base_config(port, server={"workers": workers}, access_log=access_log)
     text += destination("app", endpoints)
     text += route("app")
-    values: dict[str, object] = {"attempts": 3, "on": ["connect_error", "reset", "503"],
-                                 "backoff_base": "1ms", "backoff_max": "5ms"}
+    values: dict[str, object] = {
+        "attempts": 3,
+        "on": ["connect_error", "reset", "503"],
+        "backoff_base": "1ms",
+        "backoff_max": "5ms",
+    }
     values.update(retry)
     return text + table("[routes.retry]", values)
 
@@ -54,8 +59,16 @@ def test_a_retry_storm_is_bounded_by_the_budget_shared_by_all_workers(
        some retries were sent: the budget, not the attempts, bounded them. Without the budget
        it would have been up to 3 x."""
     a, b = upstream("a"), upstream("b")
-    proxy = weft(_retry_config(free_port(), [a.address, b.address], tmp_path / "access.log",
-                               workers=4, budget_percent=20, budget_min_per_second=3))
+    proxy = weft(
+        _retry_config(
+            free_port(),
+            [a.address, b.address],
+            tmp_path / "access.log",
+            workers=4,
+            budget_percent=20,
+            budget_min_per_second=3,
+        )
+    )
     for u in (a, b):
         u.control(mode="status", code=503)
         u.reset_stats()
@@ -104,8 +117,9 @@ def test_a_post_within_buffer_body_is_replayed_on_another_endpoint_and_a_larger_
     3. A POST of 1 MiB is never retried: when it meets the failing endpoint, the client gets
        that 503 and the working endpoint never sees the body."""
     bad, good = upstream("bad"), upstream("good")
-    proxy = weft(_retry_config(free_port(), [bad.address, good.address], tmp_path / "access.log",
-                               workers=1))
+    proxy = weft(
+        _retry_config(free_port(), [bad.address, good.address], tmp_path / "access.log", workers=1)
+    )
     bad.control(mode="status", code=503)
     small = bytes(range(256)) * 40
     digest = hashlib.sha256(small).hexdigest()
@@ -139,8 +153,9 @@ def test_a_connect_error_is_retried_on_a_live_endpoint_and_says_so_in_the_access
     try met the dead one carry x-weft-attempts: 2 and the access log records attempts 2."""
     live = upstream("live")
     dead = f"127.0.0.1:{free_port()}"
-    proxy = weft(_retry_config(free_port(), [dead, live.address], tmp_path / "access.log",
-                               workers=1))
+    proxy = weft(
+        _retry_config(free_port(), [dead, live.address], tmp_path / "access.log", workers=1)
+    )
     attempts = []
     conn = http.client.HTTPConnection(proxy.host, proxy.port, timeout=10)
     try:
@@ -166,8 +181,14 @@ def test_per_try_timeout_moves_a_hung_try_on_to_another_endpoint(
     request_total. With both hanging, all 3 tries time out and the answer is a 504 that says
     a try timed out."""
     hung, fine = upstream("hung"), upstream("fine")
-    text = _retry_config(free_port(), [hung.address, fine.address], tmp_path / "access.log",
-                         workers=1, on=["timeout"], per_try_timeout="300ms")
+    text = _retry_config(
+        free_port(),
+        [hung.address, fine.address],
+        tmp_path / "access.log",
+        workers=1,
+        on=["timeout"],
+        per_try_timeout="300ms",
+    )
     proxy = weft(text)
     hung.control(mode="hang")
     conn = http.client.HTTPConnection(proxy.host, proxy.port, timeout=10)

@@ -348,7 +348,12 @@ class H1Upstream:
             now = trio.current_time()
             if now >= deadline:
                 raise UpstreamError("request_total exceeded", status=504, reason="request_timeout")
-            ev = await self.next_event(min(now + timeout, deadline), "upstream_header_timeout")
+            # Name the limit that ends the wait: the head timeout, or the request's deadline
+            # (request_total, or the retry middleware's per-try deadline).
+            if deadline < now + timeout:
+                ev = await self.next_event(deadline, "request_timeout")
+            else:
+                ev = await self.next_event(now + timeout, "upstream_header_timeout")
             t = type(ev)
             if t is h11.Response:
                 return ev
@@ -482,9 +487,10 @@ class H1ResponseBody(Body):
         try:
             if now >= self._deadline:
                 raise UpstreamError("request_total exceeded", status=504, reason="request_timeout")
-            ev = await self._up.next_event(
-                min(now + self._idle, self._deadline), "upstream_body_timeout"
-            )
+            if self._deadline < now + self._idle:
+                ev = await self._up.next_event(self._deadline, "request_timeout")
+            else:
+                ev = await self._up.next_event(now + self._idle, "upstream_body_timeout")
         except BaseException:
             self._finish(False)
             raise
