@@ -18,10 +18,10 @@ The theory of operation:
   ``Connection: close``, the destination's Host rule and ``User-Agent: weft-health``. The
   whole probe, connect to last body byte, is bounded by ``timeout``. Its result is classified
   (`weft.health.classify_probe`) and written with one CAS (`DestinationObserver.apply_probe`).
-* **Pool eviction**: every worker (not just the holder) watches the health words of its
-  endpoints every `EVICT_TICK`. An endpoint whose word shows a new change into Unhealthy gets
-  its idle pooled connections closed in this worker; requests in flight on busy ones finish,
-  and those connections are not reused afterwards because the endpoint gets no picks.
+* **Pool eviction**: every worker (not just the holder) looks at the health words of its
+  endpoints every `EVICT_TICK`, and closes its idle pooled connections to every endpoint that
+  is Unhealthy: those it had when the endpoint turned, and those that requests in flight then
+  give back after they finished.
 """
 
 from __future__ import annotations
@@ -169,22 +169,25 @@ class Prober:
 
     async def _evict_loop(self) -> None:
         by_dest = self.pools.by_destination
-        watched = [(obs, by_dest[name]) for name, obs in self.observers.items() if obs.dest.health]
-        seen = {id(obs): [obs.health_word(i) >> 32 for i in range(obs.n)] for obs, _ in watched}
+        watched = [
+            (obs, by_dest[name]) for name, obs in self.observers.items() if obs.dest.health
+        ]
         while True:
             await trio.sleep(EVICT_TICK)
             for obs, pools in watched:
-                last = seen[id(obs)]
+                skipped = None
                 for i in range(obs.n):
-                    word = obs.health_word(i)
-                    changes = word >> 32
-                    if changes != last[i]:
-                        last[i] = changes
-                        if health.unpack(word).state is health.UNHEALTHY:
-                            closed = pools[i].close_idle()
-                            if closed:
-                                log.info(
-                                    "closed %d idle connections to unhealthy %s",
-                                    closed,
-                                    obs.dest.endpoints[i].authority,
-                                )
+                    # Every tick, not only at the transition: a request that was in flight when
+                    # the endpoint turned Unhealthy gives its connection back afterwards. Not
+                    # in panic, though: then the endpoint still gets traffic.
+                    if not pools[i].idle or obs.health_word(i) & 3 != health.UNHEALTHY.code:
+                        continue
+                    if skipped is None:
+                        skipped = obs.excluded()
+                    if i in skipped:
+                        closed = pools[i].close_idle()
+                        log.info(
+                            "closed %d idle connections to unhealthy %s",
+                            closed,
+                            obs.dest.endpoints[i].authority,
+                        )

@@ -260,3 +260,45 @@ def test_outlier_ejection_honours_max_ejection_percent_and_the_panic_threshold(
         after = Counter(x.upstream for x in load.between(mark, 1e12))
     assert set(after) == {"c", "d", "e"}, f"in panic every endpoint gets traffic: {after}"
     assert c.stats()["requests"] > 10 and d.stats()["requests"] > 10
+
+
+def test_an_endpoint_turning_unhealthy_loses_its_idle_connections_in_every_worker(
+    upstream, weft, free_port, tmp_path
+):
+    """1. Two workers, two endpoints, probes every 0.5 s; load opens pooled keep-alive
+       connections from both workers to endpoint `sick`.
+    2. A slow request (1.5 s) is in flight on `sick` when its probes start failing (the fault
+       applies to /healthz only, so real traffic would still be answered).
+    3. Once it is Unhealthy, `sick` has no idle connection left from weft: every worker closed
+       its own. The request in flight still finishes with 200."""
+    sick, well = upstream("sick"), upstream("well")
+    text = _health_config(free_port(), [sick.address, well.address], 2, tmp_path / "access.log")
+    proxy = weft(text)
+    with Timeline(proxy.host, proxy.port, clients=8) as load:
+        wait_for(lambda: len(load.answers) > 400, 10, "answers")
+    assert sick.stats()["open_connections"] >= 2
+    slow: dict[str, object] = {}
+
+    def slow_request() -> None:
+        conn = http.client.HTTPConnection(proxy.host, proxy.port, timeout=10)
+        try:
+            # Until one reaches `sick` (round robin): each answer says which endpoint it came from.
+            for _ in range(4):
+                conn.request("GET", "/slow?delay=1.5")
+                resp = conn.getresponse()
+                resp.read()
+                if resp.getheader("x-upstream") == "sick":
+                    slow["status"] = resp.status
+                    return
+        finally:
+            conn.close()
+
+    t = threading.Thread(target=slow_request, daemon=True)
+    t.start()
+    wait_for(lambda: sick.stats()["in_flight"] >= 1, 10, "the slow request on sick")
+    sick.control(mode="status", code=500, scope="health")
+    wait_for(lambda: sick.stats()["open_connections"] <= 1, 2 * INTERVAL * JITTER + 2,
+             "weft closing its idle connections to the unhealthy endpoint")
+    t.join(timeout=10)
+    assert slow.get("status") == 200, slow
+    wait_for(lambda: sick.stats()["open_connections"] == 0, 5, "the last connection closing")
