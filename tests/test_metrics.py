@@ -24,7 +24,7 @@ import trio
 from support.config import MINIMAL_CONFIG
 from support.prometheus import admin_get, parse, total
 
-from weft import config, metrics
+from weft import config, metrics, metrics_read
 from weft.admin import AdminServer, readiness, worker_of_slot
 from weft.connection import UpstreamPools
 from weft.shm.worktable import BOOTING, DRAINING, READY
@@ -112,7 +112,7 @@ def request(cfg: config.Config, method: str = "GET", *, routed: bool = True,
 
 def samples(directory: Path, pid: int | None = None) -> list[tuple[str, dict[str, str], float]]:
     return [(s.name, dict(s.labels), s.value)
-            for m in metrics.collect(directory, pid) for s in m.samples]
+            for m in metrics_read.collect(directory, pid) for s in m.samples]
 
 
 async def test_a_worker_records_exchanges_in_its_own_files(tmp_path, metrics_dir):
@@ -151,7 +151,7 @@ async def test_a_worker_records_exchanges_in_its_own_files(tmp_path, metrics_dir
     assert total(got, "weft_pool_connections", state="open") == 0
     # everything is in this process's files, and the pool figures read back per endpoint
     assert total(samples(metrics_dir, os.getpid()), "weft_requests_total") == 4
-    assert metrics.pool_figures(metrics_dir) == {
+    assert metrics_read.pool_figures(metrics_dir) == {
         "web": {"127.0.0.1:9001": {"open": 0, "idle": 0, "waiting": 0}}}
 
 

@@ -5,7 +5,7 @@ anonymous mapping (`weft.observer.LocalRecords`) with a fake clock.
 The story of one destination with three endpoints (health, outlier and breaker configured):
 endpoint 0 trips its breaker, endpoint 1 is ejected for 5xx answers, endpoint 2 fails its
 probes. Judges: the gauges the admin process computes from the records
-(`weft.metrics.endpoint_families`), the counters a worker writes (prometheus_client's
+(`weft.metrics_read.endpoint_families`), the counters a worker writes (prometheus_client's
 multiprocess files, read back with the admin's merge), and the status document and text.
 """
 
@@ -19,7 +19,7 @@ import pytest
 from support.config import MINIMAL_CONFIG
 from support.prometheus import total
 
-from weft import config, health, metrics, status
+from weft import config, health, metrics, metrics_read, status
 from weft.connection import UpstreamPools
 from weft.observer import DestinationObserver, LocalRecords, observed_states
 from weft.workers.shared import ColumnMap, observed_columns
@@ -142,7 +142,7 @@ def states(s: Setup) -> dict:
 def gauges(s: Setup) -> list[tuple[str, dict[str, str], float]]:
     return [
         (x.name, dict(x.labels), x.value)
-        for family in metrics.endpoint_families(states(s))
+        for family in metrics_read.endpoint_families(states(s))
         for x in family.samples
     ]
 
@@ -219,7 +219,7 @@ def test_gauges_show_each_endpoints_current_state_from_the_shared_records(setup)
 
 
 def test_no_observed_destination_means_no_endpoint_families():
-    assert metrics.endpoint_families({}) == []
+    assert metrics_read.endpoint_families({}) == []
 
 
 # -- the worker's counters -----------------------------------------------------------------------
@@ -227,7 +227,9 @@ def test_no_observed_destination_means_no_endpoint_families():
 
 def samples(directory: Path) -> list[tuple[str, dict[str, str], float]]:
     return [
-        (s.name, dict(s.labels), s.value) for m in metrics.collect(directory) for s in m.samples
+        (s.name, dict(s.labels), s.value)
+        for m in metrics_read.collect(directory)
+        for s in m.samples
     ]
 
 

@@ -366,7 +366,7 @@ class AdminServer(ThreadingHTTPServer):
     def render_metrics(self, pid: int | None = None) -> bytes:
         from prometheus_client import CollectorRegistry, generate_latest
 
-        from weft.metrics import FilesCollector
+        from weft.metrics_read import FilesCollector
 
         registry = CollectorRegistry(auto_describe=False)
         registry.register(FilesCollector(self.metrics_dir, pid))
@@ -407,7 +407,7 @@ class _SharedCollector:
         yield workers
         observed = (self.server.state() or {}).get("observed")
         if observed:
-            from weft.metrics import endpoint_families
+            from weft.metrics_read import endpoint_families
             from weft.observer import monotonic_ms, observed_states
 
             states = observed_states(table.endpoints, observed, monotonic_ms())

@@ -22,15 +22,15 @@ Theory of operation:
   gauge files, so a dead worker's in-flight requests and connections vanish with it); the
   supervisor's own are ``livemax`` (one writer).
 * **A worker's own view** (``/metrics/workers/<slot>``) merges only the files of that pid
-  (`collect`), read by the admin process from the same directory. The worker does no work for
-  a scrape, and a worker that is stuck or busy is still visible.
+  (`weft.metrics_read.collect`), read by the admin process from the same directory. The
+  worker does no work for a scrape, and a worker that is stuck or busy is still visible.
 * **Instance-wide facts are read, not counted.** An endpoint's health, ejection and breaker
   state are one record in shared memory for all workers (`weft.shm.endpoints`); a gauge per
   worker would only repeat it once per process. The admin process reads the records at scrape
-  time (`endpoint_families`, over `weft.observer.observed_states`) and adds them to the
-  aggregate alone. What *happens* to them (a breaker transition, an ejection) is counted by the
-  worker that made it happen, through the observers' ``on_event`` (`WorkerMetrics.endpoint_event`),
-  so those counters add up across workers like the others.
+  time (`weft.metrics_read.endpoint_families`, over `weft.observer.observed_states`) and
+  adds them to the aggregate alone. What *happens* to them (a breaker transition, an
+  ejection) is counted by the worker that made it happen, through the observers' ``on_event``
+  (`WorkerMetrics.endpoint_event`), so those counters add up across workers like the others.
 * **Label values** come from config names, status codes and fixed word lists, never from the
   request (`method_label`, `reason_label`, `retry_reason_label`), so the number of series is
   bounded by the config.
@@ -48,11 +48,8 @@ Theory of operation:
 from __future__ import annotations
 
 import collections
-import contextlib
-import glob
 import os
 import shutil
-from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -62,7 +59,6 @@ from weft.retry import RetryOn
 from weft.schema import HTTP_METHODS, Config
 
 if TYPE_CHECKING:
-    from prometheus_client.metrics_core import Metric
 
     from weft.connection import UpstreamPools
     from weft.http.messages import Request, Response
@@ -545,49 +541,6 @@ def for_worker(
     return WorkerMetrics(config, pools, accept_errors)
 
 
-# -- the admin process: instance-wide gauges from shared memory -------------------------------
-
-
-def endpoint_families(states: Mapping[str, Mapping[str, Any]]) -> list[Metric]:
-    """The health, ejection and breaker gauges of every observed endpoint, from `states` as
-    `weft.observer.observed_states` reads them from the shared records (the admin process
-    calls this at scrape time: these are instance-wide facts, not counted by any worker).
-
-    ``weft_endpoint_health`` for every observed destination, ``weft_endpoint_ejected`` for
-    those with an ``outlier`` section, ``weft_breaker_state`` for those with a ``breaker``. A
-    state gauge is 1 for the endpoint's current state and 0 for the others, so that
-    ``weft_endpoint_health{state="unhealthy"} == 1`` selects the unhealthy endpoints and a
-    series never vanishes when the state changes. Families without a sample are left out.
-    """
-    from prometheus_client.core import GaugeMetricFamily
-
-    health = GaugeMetricFamily(
-        "weft_endpoint_health",
-        "Health of an observed endpoint: 1 for its current state, 0 for the others.",
-        labels=["destination", "endpoint", "state"],
-    )
-    ejected = GaugeMetricFamily(
-        "weft_endpoint_ejected",
-        "Whether passive outlier detection has the endpoint ejected now (1) or not (0).",
-        labels=["destination", "endpoint"],
-    )
-    breaker = GaugeMetricFamily(
-        "weft_breaker_state",
-        "Circuit breaker of an endpoint: 1 for its current state, 0 for the others.",
-        labels=["destination", "endpoint", "state"],
-    )
-    for dest, info in sorted(states.items()):
-        for ep, snap in info["endpoints"].items():
-            for state in HEALTH_STATES:
-                health.add_metric([dest, ep, state], 1.0 if snap["health"] == state else 0.0)
-            if info.get("outlier"):
-                ejected.add_metric([dest, ep], 1.0 if snap["ejected"] else 0.0)
-            if info.get("breaker"):
-                for state in BREAKER_STATES:
-                    breaker.add_metric([dest, ep, state], 1.0 if snap["breaker"] == state else 0.0)
-    return [f for f in (health, ejected, breaker) if f.samples]
-
-
 # -- the supervisor ---------------------------------------------------------------------------
 
 
@@ -630,58 +583,3 @@ class SupervisorMetrics:
         from prometheus_client import multiprocess
 
         multiprocess.mark_process_dead(pid, str(self.directory))
-
-
-# -- reading ----------------------------------------------------------------------------------
-
-
-def files_of(directory: Path, pid: int | None = None) -> list[str]:
-    """The value files of every process, or of `pid` alone.
-
-    A file a process is creating right now is empty until prometheus_client has sized it
-    (open, then truncate to 64 KiB): it holds no value yet, and reading it would fail.
-    """
-    pattern = "*.db" if pid is None else f"*_{pid}.db"
-    out = []
-    for path in glob.glob(os.path.join(glob.escape(str(directory)), pattern)):
-        with contextlib.suppress(FileNotFoundError):
-            if os.path.getsize(path) >= 8:  # the used-bytes word and its padding
-                out.append(path)
-    return out
-
-
-def collect(directory: Path, pid: int | None = None) -> Iterable[Metric]:
-    """The families merged over every process's files (or `pid`'s): counters and histograms
-    summed, gauges by their multiprocess mode."""
-    from prometheus_client.multiprocess import MultiProcessCollector
-
-    # A live gauge file that mark_process_dead removes between the glob and the read is
-    # skipped by merge itself; counter and histogram files are never removed while the
-    # instance lives.
-    return MultiProcessCollector.merge(files_of(directory, pid), accumulate=True)
-
-
-class FilesCollector:
-    """A prometheus_client collector over the metrics directory (all of it, or one pid)."""
-
-    def __init__(self, directory: Path, pid: int | None = None) -> None:
-        self.directory = directory
-        self.pid = pid
-
-    def collect(self) -> Iterator[Metric]:
-        yield from collect(self.directory, self.pid)
-
-
-def pool_figures(directory: Path, pid: int | None = None) -> dict[str, dict[str, dict[str, int]]]:
-    """``{destination: {endpoint: {"open": n, "idle": n, "waiting": n}}}`` summed over the live
-    workers (or of `pid`), as last sampled by them."""
-    out: dict[str, dict[str, dict[str, int]]] = {}
-    with contextlib.suppress(FileNotFoundError):
-        for metric in collect(directory, pid):
-            if metric.name != "weft_pool_connections":
-                continue
-            for s in metric.samples:
-                dest, ep, state = s.labels["destination"], s.labels["endpoint"], s.labels["state"]
-                figures = out.setdefault(dest, {}).setdefault(ep, dict.fromkeys(POOL_STATES, 0))
-                figures[state] = figures.get(state, 0) + int(s.value)
-    return out

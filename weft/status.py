@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from weft import control, metrics
+from weft import control, metrics, metrics_read
 from weft.observer import monotonic_ms, observed_states
 from weft.shm.segment import SegmentError
 from weft.shm.worktable import STATE_NAMES
@@ -85,7 +85,7 @@ def destinations(
     """Pool figures per destination and endpoint, summed over the live workers, as they last
     sampled them into the instance's metrics files (at most a second old), with the shared
     state of observed endpoints (`observed`: `weft.observer.observed_states`) added."""
-    figures = metrics.pool_figures(metrics.directory_for(instance))
+    figures = metrics_read.pool_figures(metrics.directory_for(instance))
     out = {
         dest: {ep: {"endpoint": ep, **values} for ep, values in eps.items()}
         for dest, eps in figures.items()
