@@ -32,7 +32,8 @@ class RecordingObserver:
         self.skip: set[int] = set()
 
     def report(
-        self, index: int, result: str, status: int, latency: float, degraded: bool = False
+        self, index: int, result: str, status: int, latency: float, degraded: bool = False,
+        *, trial: bool = False,
     ) -> None:
         assert latency >= 0
         self.reports.append((index, result, status))

@@ -98,17 +98,31 @@ def test_a_successful_trial_closes_the_breaker_and_a_failed_one_doubles_the_open
     a, b, _ = tripped(clock)
     clock.ms += 5000
     assert a.admit(0) == -1
-    a.report(0, STATUS, 503, 0.01)  # the trial failed: open again, for 10 s now
+    a.report(0, STATUS, 503, 0.01, trial=True)  # the trial failed: open again, for 10 s now
     assert adaptive.unpack(a.table.load(a.columns[0], 3)).state is adaptive.OPEN
     assert b.admit(0) == 10
     clock.ms += 10_000
     assert b.admit(0) == -1
-    b.report(0, OK, 200, 0.01)
+    b.report(0, OK, 200, 0.01, trial=True)
     assert a.admit(0) == 0 and b.admit(0) == 0  # closed for everyone
     assert a.table.load(a.columns[0], 4) == 0  # the trial word is free
     # The failures that tripped it are not counted again: one more failure does not reopen.
     a.report(0, STATUS, 503, 0.01)
     assert a.admit(0) == 0
+
+
+def test_a_call_sent_before_the_trip_that_ends_during_the_trial_does_not_decide_it():
+    clock = Clock()
+    a, b, _ = tripped(clock)
+    clock.ms += 5000
+    assert a.admit(0) == -1  # the trial, out
+    # A call a sent before the breaker opened is answered now: success, then failure.
+    a.report(0, OK, 200, 0.01)
+    a.report(0, STATUS, 500, 0.01)
+    assert adaptive.unpack(a.table.load(a.columns[0], 3)).state is adaptive.HALF_OPEN
+    assert b.admit(0) == 1  # the trial is still out
+    a.report(0, OK, 200, 0.01, trial=True)  # only its own answer decides
+    assert b.admit(0) == 0
 
 
 def test_a_trial_that_never_reports_is_given_back_and_the_next_call_is_the_trial():

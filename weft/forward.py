@@ -302,7 +302,14 @@ class Forwarder:
                 and obs.degraded_header is not None
                 and has_field(response.headers.raw, obs.degraded_header)
             )
-            obs.report(idx, result, status, trio.current_time() - started, degraded)
+            obs.report(
+                idx,
+                result,
+                status,
+                trio.current_time() - started,
+                degraded,
+                trial=request.ctx.get("trial") == idx,
+            )
 
     async def _forward(self, request: Request) -> Response:
         idx = self._pick(request)

@@ -13,10 +13,12 @@ one breaker per endpoint, and the forwarder (`weft.forward`) asks it three thing
 * `admit(i)` after a pick: ``0`` go, ``-1`` this call is the endpoint's half-open trial (claimed
   by CAS on the shared trial word: exactly one across all workers), or a positive Retry-After
   when the breaker refuses it (the pick raced a trip; the forwarder picks again without it).
-* `report(i, result, status, latency, degraded)` after each attempt's head phase: counts the
-  call in the breaker's window (trips it), ends a trial (closes or reopens the breaker, then
-  frees the trial word), extends or ends the outlier runs (ejects), and marks an endpoint
-  Degraded when its answer carried the degraded header.
+* `report(i, result, status, latency, degraded, trial=)` after each attempt's head phase:
+  counts the call in the breaker's window (trips it), ends the trial when the attempt was the
+  trial (closes or reopens the breaker, then frees the trial word; the forwarder says which
+  attempt it was, since calls sent before the breaker opened may end while the trial is
+  out), extends or ends the outlier runs (ejects), and marks an endpoint Degraded when its
+  answer carried the degraded header.
 
 The prober (`weft.prober`) uses `take_lease` and `apply_probe`; admin, status and metrics read
 `snapshot` (`observed_states`: every endpoint the supervisor publishes). Metrics count what
@@ -233,14 +235,24 @@ class DestinationObserver:
     # -- what traffic says ----------------------------------------------------------------------
 
     def report(
-        self, i: int, result: str, status: int, latency: float, degraded: bool = False
+        self,
+        i: int,
+        result: str,
+        status: int,
+        latency: float,
+        degraded: bool = False,
+        *,
+        trial: bool = False,
     ) -> None:
-        """One attempt at endpoint `i` ended its head phase (`weft.outcome.Observer`)."""
+        """One attempt at endpoint `i` ended its head phase (`weft.outcome.Observer`).
+        `trial`: this attempt is the half-open trial `admit` gave this process. Only it ends
+        the trial: another call to `i` that ends meanwhile in this process was sent before
+        the breaker opened, and its answer says nothing of the endpoint now."""
         failed = result != OK
         now = 0
         if self.breaker_cfg is not None:
             now = self.clock_ms()
-            if i in self.trials:
+            if trial and i in self.trials:
                 self._end_trial(i, failed, now)
             else:
                 self._count_call(i, failed, now)

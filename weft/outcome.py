@@ -64,11 +64,19 @@ class Observer(Protocol):
     degraded_header: bytes | None
 
     def report(
-        self, index: int, result: str, status: int, latency: float, degraded: bool = False
+        self,
+        index: int,
+        result: str,
+        status: int,
+        latency: float,
+        degraded: bool = False,
+        *,
+        trial: bool = False,
     ) -> None:
         """One attempt at endpoint `index` ended its head phase: `result` (see the table),
-        the response status (0 without one), the seconds from send to head/failure, and
-        whether the response carried the degraded header."""
+        the response status (0 without one), the seconds from send to head/failure, whether
+        the response carried the degraded header, and whether the attempt was the breaker's
+        half-open trial (`admit` answered -1 for it)."""
 
     def excluded(self) -> Container[int]:
         """Endpoints the balancer must not pick now (Unhealthy, ejected, breaker open)."""
