@@ -214,7 +214,7 @@ def test_gauges_show_each_endpoints_current_state_from_the_shared_records(setup)
     setup.clock.ms += 1_500
     assert setup.web.admit(0) == -1
     assert total(gauges(setup), "weft_breaker_state", endpoint=A, state="half_open") == 1
-    setup.web.report(0, "ok", 200, 0.001)
+    setup.web.report(0, "ok", 200, 0.001, trial=True)
     assert total(gauges(setup), "weft_breaker_state", endpoint=A, state="closed") == 1
 
 
@@ -246,7 +246,7 @@ def test_a_worker_counts_breaker_transitions_and_ejections_it_makes(setup, metri
     act(setup)
     setup.clock.ms += 1_500
     assert setup.web.admit(0) == -1
-    setup.web.report(0, "ok", 200, 0.001)
+    setup.web.report(0, "ok", 200, 0.001, trial=True)
     got = samples(metrics_dir)
     for state in ("open", "half_open", "closed"):
         assert (
