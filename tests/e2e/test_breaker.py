@@ -21,7 +21,6 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,14 +120,16 @@ def breaker_config(port: int, up: Upstream, access_log: Path, **breaker: object)
             + route("app"))
 
 
-@contextlib.contextmanager
-def attached(sup: Supervised) -> Iterator[SharedState]:
-    """The instance's shared state, as ``weft status`` attaches it; closed on exit."""
-    state = SharedState.attach(sup.instance)
-    try:
-        yield state
-    finally:
-        state.close()
+def failing_behind_breaker(upstream, weft, free_port, tmp_path, **breaker: object
+                           ) -> tuple[Upstream, int, Supervised]:
+    """An upstream answering 500, and `WORKERS` workers in front of it with a breaker (keys
+    of `breaker_config`, overridden by `breaker`), all READY: (upstream, port, supervised)."""
+    up = upstream("up")
+    up.control(mode="status", code=500)
+    port = free_port()
+    sup = start_supervised(weft, tmp_path, breaker_config(port, up, tmp_path / "access.log",
+                                                          **breaker), workers=WORKERS)
+    return up, port, sup
 
 
 def breaker(state: SharedState) -> adaptive.Breaker:
@@ -163,13 +164,9 @@ def test_a_tripped_breaker_answers_503_with_retry_after_and_the_upstream_hears_n
     3. for open_for the clients get 503 with a Retry-After, the access log says
        ``breaker_open`` with no endpoint, and the upstream receives nothing (but what weft had
        already sent when it tripped)."""
-    up = upstream("up")
-    up.control(mode="status", code=500)
-    port = free_port()
-    access_log = tmp_path / "access.log"
-    sup = start_supervised(weft, tmp_path, breaker_config(port, up, access_log), workers=WORKERS)
+    up, port, sup = failing_behind_breaker(upstream, weft, free_port, tmp_path)
 
-    with attached(sup) as state, RecordingLoad(sup.weft.host, port) as load:
+    with sup.shared_state() as state, RecordingLoad(sup.weft.host, port) as load:
         # 2. the upstream's 500s reach the clients until the breaker trips
         load.wait_status(500, 1)
         opened = wait_opened(state)
@@ -217,14 +214,10 @@ def test_after_open_for_exactly_one_trial_reaches_the_upstream_and_its_success_c
        are refused), and the trial is held by one of the workers (the shared TRIAL word);
     4. its success closes the breaker, and the traffic flows again: 200s."""
     delay = 1.0
-    up = upstream("up")
-    up.control(mode="status", code=500)
-    port = free_port()
-    sup = start_supervised(weft, tmp_path, breaker_config(port, up, tmp_path / "access.log"),
-                           workers=WORKERS)
+    up, port, sup = failing_behind_breaker(upstream, weft, free_port, tmp_path)
     workers = set(sup.weft.worker_pids())
 
-    with attached(sup) as state, RecordingLoad(sup.weft.host, port) as load:
+    with sup.shared_state() as state, RecordingLoad(sup.weft.host, port) as load:
         # 1. tripped
         opened = wait_opened(state)
         # 2. the upstream recovers during the open period (once the requests weft had sent
@@ -271,13 +264,10 @@ def test_a_failed_trial_reopens_the_breaker_for_twice_as_long_up_to_max_open_for
        1 s, the next 2 s after that, the next 3 s after that (not 4 s: max_open_for);
     3. and nothing in between: each reopening is an open period of its own."""
     max_open_for = 3.0
-    up = upstream("up")
-    up.control(mode="status", code=500)
-    port = free_port()
-    sup = start_supervised(weft, tmp_path, breaker_config(
-        port, up, tmp_path / "access.log", max_open_for=f"{max_open_for:g}s"), workers=WORKERS)
+    up, port, sup = failing_behind_breaker(upstream, weft, free_port, tmp_path,
+                                           max_open_for=f"{max_open_for:g}s")
 
-    with attached(sup) as state, RecordingLoad(sup.weft.host, port):
+    with sup.shared_state() as state, RecordingLoad(sup.weft.host, port):
         # 1. tripped
         opened = wait_opened(state)
         # 2. three trials, each failing
@@ -312,14 +302,10 @@ def test_a_sigkilled_worker_holding_the_trial_does_not_stall_the_breaker(
     3. SIGKILL that worker; the upstream recovers;
     4. the supervisor frees the dead worker's trial, so the next request is a new trial: the
        upstream hears it within a second or two, it succeeds, and every client gets 200s."""
-    up = upstream("up")
-    up.control(mode="status", code=500)
-    port = free_port()
-    sup = start_supervised(weft, tmp_path, breaker_config(port, up, tmp_path / "access.log"),
-                           workers=WORKERS)
+    up, port, sup = failing_behind_breaker(upstream, weft, free_port, tmp_path)
     workers = set(sup.weft.worker_pids())
 
-    with attached(sup) as state, RecordingLoad(sup.weft.host, port) as load:
+    with sup.shared_state() as state, RecordingLoad(sup.weft.host, port) as load:
         # 1. tripped; the upstream hangs from now on (once the requests weft had sent before
         #    the trip got their 500s)
         opened = wait_opened(state)
@@ -387,7 +373,7 @@ def test_an_answer_to_a_request_sent_before_the_trip_does_not_decide_the_trial(
         finally:
             conn.close()
 
-    with attached(sup) as state, contextlib.ExitStack() as stack:
+    with sup.shared_state() as state, contextlib.ExitStack() as stack:
         def in_background(path: str) -> list[object]:
             out: list[object] = []
 

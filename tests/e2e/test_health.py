@@ -25,7 +25,6 @@ from support.procs import wait_for
 from support.supervised import start_supervised
 
 from weft.shm.endpoints import LEASE
-from weft.workers.shared import SharedState
 
 pytestmark = pytest.mark.e2e
 
@@ -194,8 +193,7 @@ def test_one_prober_per_endpoint_across_four_workers_and_a_killed_holder_is_repl
     time.sleep(5.0)
     probes = up.stats()["by_path"].get("/healthz", 0)
     assert 7 <= probes <= 12, f"{probes} probes in 5 s at one per {INTERVAL}s"
-    shared = SharedState.attach(sup.weft.instance or "")
-    try:
+    with sup.shared_state() as shared:
         holder = shared.endpoints.load(0, LEASE) >> 40
         pids = [w["pid"] for w in sup.workers()]
         assert holder in pids, (holder, pids)
@@ -206,13 +204,8 @@ def test_one_prober_per_endpoint_across_four_workers_and_a_killed_holder_is_repl
         gaps = [b - a for a, b in itertools.pairwise(times)]
         assert times and times[-1] > killed_at, "no probe after the kill"
         assert max(gaps) <= 2 * INTERVAL * JITTER + 0.1, gaps
-        wait_for(
-            lambda: (shared.endpoints.load(0, LEASE) >> 40) not in (0, holder),
-            5,
-            "a new lease holder",
-        )
-    finally:
-        shared.close()
+        wait_for(lambda: (shared.endpoints.load(0, LEASE) >> 40) not in (0, holder), 5,
+                 "a new lease holder")
 
 
 def test_outlier_ejection_honours_max_ejection_percent_and_the_panic_threshold(

@@ -14,9 +14,8 @@ given to the next new endpoint (`weft.workers.shared.ColumnMap`).
 
 from __future__ import annotations
 
-import contextlib
 import http.client
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -27,7 +26,6 @@ from support.supervised import Supervised, start_supervised
 from weft import adaptive, outlier
 from weft.observer import monotonic_ms
 from weft.shm.endpoints import BREAKER, OUTLIER
-from weft.workers.shared import SharedState
 
 pytestmark = pytest.mark.e2e
 
@@ -68,15 +66,6 @@ def get(port: int) -> Answer:
         conn.close()
 
 
-@contextlib.contextmanager
-def attached(sup: Supervised) -> Iterator[SharedState]:
-    state = SharedState.attach(sup.instance)
-    try:
-        yield state
-    finally:
-        state.close()
-
-
 def send_until(port: int, done: Callable[[], bool], what: str, limit: int = 60
                ) -> list[Answer]:
     """Send requests one at a time until `done()` holds; the answers. AssertionError after
@@ -113,7 +102,7 @@ def test_an_ejection_and_an_open_breaker_survive_a_reload(upstream, weft, free_p
     sup = start_supervised(weft, tmp_path, config(port, instance, [a, b], access_log),
                            workers=WORKERS)
 
-    with attached(sup) as state:
+    with sup.shared_state() as state:
         def ejected_a() -> bool:
             return outlier.is_ejected(state.endpoints.load(0, OUTLIER), monotonic_ms())
 
@@ -179,7 +168,7 @@ def test_a_new_endpoint_in_a_removed_ones_column_does_not_inherit_its_open_break
     sup = start_supervised(weft, tmp_path, config(port, instance, [a, b], access_log),
                            workers=WORKERS)
 
-    with attached(sup) as state:
+    with sup.shared_state() as state:
         def breaker_of(column: int) -> adaptive.Breaker:
             return adaptive.unpack(state.endpoints.load(column, BREAKER))
 

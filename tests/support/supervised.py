@@ -33,10 +33,12 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from weft.workers.shared import SharedState
 
 from .loads import ClientThreads
 from .procs import Weft, run_weft_cli, wait_for, weft_env
@@ -68,6 +70,15 @@ class Supervised:
     def instance(self) -> str:
         assert self.weft.instance
         return self.weft.instance
+
+    @contextlib.contextmanager
+    def shared_state(self) -> Iterator[SharedState]:
+        """The instance's shared segment, attached as ``weft status`` does; closed on exit."""
+        state = SharedState.attach(self.instance)
+        try:
+            yield state
+        finally:
+            state.close()
 
     def status(self) -> dict[str, Any]:
         """What ``weft status --json`` prints, computed in this process (same code path)."""
