@@ -110,3 +110,24 @@ async def test_the_budget_is_shared_and_bounds_retries_to_a_share_of_requests():
         exhausted += bool(req.ctx.get("retry_budget_exhausted"))
     assert sent - 100 == 20  # retries: 20 % of the 100 requests
     assert exhausted == 80
+
+
+async def test_a_replayed_chunked_body_stays_chunked_with_its_trailers():
+    class Trailing(Chunks):
+        async def receive(self) -> bytes:
+            data = await super().receive()
+            if not data:
+                self.trailers = [(b"x-checksum", b"abc")]
+            return data
+
+    seen: list[tuple[int | None, list[tuple[bytes, bytes]]]] = []
+
+    async def nxt(request: Request) -> Response:
+        await request.body.read()
+        seen.append((request.body.length, list(request.body.trailers)))
+        request.ctx["result"] = ("status", 503) if len(seen) == 1 else ("ok", 200)
+        return Response(200, Headers([]), BytesBody(b""))
+
+    policy = RetryPolicy(backoff_base=0, backoff_max=0)
+    await make_retry(policy, budget(policy))(request("POST", Trailing([b"ab", b"cd"])), nxt)
+    assert seen == [(None, [(b"x-checksum", b"abc")])] * 2

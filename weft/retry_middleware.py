@@ -185,6 +185,16 @@ async def _keep_body(body: Body, limit: int) -> tuple[bytes | None, Body]:
     return b"".join(parts), body
 
 
+def _replay_body(data: bytes, original: Body) -> Body:
+    """One try's copy of a kept body, framed as the client sent it: a chunked body stays
+    chunked (so its trailers go upstream too), a Content-Length one keeps its length."""
+    body = BytesBody(data)
+    body.trailers = original.trailers
+    if original.length is None:
+        body.length = None
+    return body
+
+
 async def _discard(response: Response, deadline: float) -> None:
     """Let a failed try's response go: read a short body to its end (its connection stays
     reusable), close anything else."""
@@ -220,8 +230,7 @@ def make_retry(
         if has_body:
             replay, first = await _keep_body(original, policy.buffer_body)
             if replay is not None:
-                first = BytesBody(replay)
-                first.trailers = original.trailers
+                first = _replay_body(replay, original)
             request.body = first
         can_replay = not has_body or replay is not None
         total_deadline = ctx.get("deadline", float("inf"))
@@ -234,8 +243,7 @@ def make_retry(
                 attempt += 1
                 if attempt > 1:
                     if replay is not None:
-                        request.body = BytesBody(replay)
-                        request.body.trailers = original.trailers
+                        request.body = _replay_body(replay, original)
                     ctx.pop("result", None)
                     ctx.pop("error", None)
                 if per_try:
