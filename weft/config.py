@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from weft import confread as cr
+from weft.config_ratelimit import read_rate_limits, read_rate_table
 from weft.config_resilience import read_breaker, read_health, read_outlier, read_retry
 from weft.schema import (
     ROUTE_TIMEOUTS,
@@ -112,6 +113,9 @@ def _read_limits(r: cr.Reader, raw: Any) -> Limits:
             lambda v: cr.integer(v, lo=1, hi=1 << 20),
             d.max_connections,
         ),
+        rate_table=read_rate_table(r, t.pop("rate_table"), "limits.rate_table")
+        if "rate_table" in t
+        else d.rate_table,
     )
     r.unknown(t, "limits", _LIMIT_KEYS)
     if lim.max_request_line > lim.max_header_bytes:
@@ -340,6 +344,7 @@ _ROUTE_KEYS = (
     "max_body_bytes",
     "middleware",
     "retry",
+    "rate_limit",
 )
 
 
@@ -447,8 +452,15 @@ def _read_routes(
             if "retry" in t
             else None
         )
+        limits_ = (
+            read_rate_limits(r, t.pop("rate_limit"), f"{path}.rate_limit")
+            if "rate_limit" in t
+            else ()
+        )
         r.unknown(t, path, _ROUTE_KEYS)
-        route = Route(name, dest, host, prefix, methods, strip, rewrite, rt, body, mws, retry)
+        route = Route(
+            name, dest, host, prefix, methods, strip, rewrite, rt, body, mws, retry, limits_
+        )
         out.append((i, route, len(r.errors) == errors_before))
     return out
 

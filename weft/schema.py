@@ -67,12 +67,21 @@ ROUTE_TIMEOUTS = (
 
 
 @dataclass(frozen=True, slots=True)
+class RateTable:
+    """``[limits.rate_table]``: the shared table of rate-limit keys (`weft.backpressure`)."""
+
+    capacity: int = 65536  # keys
+    on_full: str = "allow"  # "allow" | "deny": the decision when no entry can be had
+
+
+@dataclass(frozen=True, slots=True)
 class Limits:
     max_request_line: int = 8 * 1024  # nginx large_client_header_buffers 4 8k
     max_header_bytes: int = 32 * 1024  # 4 x 8k, as nginx
     max_headers: int = 100  # Envoy's max_headers_count default
     max_body_bytes: int = 100 * 1024 * 1024
     max_connections: int = 10000
+    rate_table: RateTable = field(default_factory=RateTable)
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +170,26 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class RateLimit:
+    """One ``[[routes.rate_limit]]`` entry (`weft.backpressure`, `weft.rate_limit_middleware`)."""
+
+    key: str = "client_ip"  # "client_ip" | "route" | "principal" | "header:<name>"
+    algorithm: str = "token_bucket"  # "token_bucket" (GCRA) | "leaky_bucket" (nginx limit_req)
+    count: int = 100  # requests ...
+    per: float = 1.0  # ... per this many seconds ("100/s": 100, 1.0)
+    burst: int = 50  # token bucket: extra requests admitted at once
+    queue: int = 0  # leaky bucket: requests that may wait for their slot
+    nodelay: bool = False  # leaky bucket: queued requests go at once, still using a slot
+    status: int = 429  # or 503
+    backend: str = "local"
+
+    @property
+    def interval_ns(self) -> int:
+        """The emission interval: nanoseconds between two requests at the rate."""
+        return max(1, round(self.per * 1e9 / self.count))
+
+
+@dataclass(frozen=True, slots=True)
 class Destination:
     name: str
     endpoints: tuple[Endpoint, ...]
@@ -198,6 +227,7 @@ class Route:
     max_body_bytes: int = 100 * 1024 * 1024
     middleware: tuple[MiddlewareSpec, ...] = ()
     retry: RetryPolicy | None = None  # None: only the stale-connection retry of the forwarder
+    rate_limits: tuple[RateLimit, ...] = ()  # all must admit
 
 
 @dataclass(frozen=True, slots=True)

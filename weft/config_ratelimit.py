@@ -1,0 +1,146 @@
+"""The config of rate limits: ``[[routes.rate_limit]]`` entries and ``[limits.rate_table]``.
+
+`weft.config` hands the tables here; this module owns their keys, ranges and the reasons a
+user reads when one is wrong (`weft.backpressure` decides what the values mean). A route may
+have several entries, and all of them must admit a request.
+
+Refused with a reason rather than accepted and ignored:
+
+* ``key = "principal"``: the principal is the request's SPIFFE identity, which nothing sets
+  before the SPIFFE issue; a limit on it would treat every request as one key.
+* ``backend = "redis"``: the multi-host limiter is not built yet (issue 10's second part);
+  ``"local"`` (shared memory, exact across the workers of one host) is.
+* Keys of the other algorithm (``burst`` on a leaky bucket, ``queue``/``nodelay`` on a token
+  bucket): they would do nothing.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from weft import confread as cr
+from weft.schema import RateLimit, RateTable
+
+__all__ = ["read_rate_limits", "read_rate_table"]
+
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
+_RATE = re.compile(r"^\s*(\d+)\s*/\s*(s|m|h)\s*$")
+_PER = {"s": 1.0, "m": 60.0, "h": 3600.0}
+ALGORITHMS = ("token_bucket", "leaky_bucket")
+_KEYS = ("key", "algorithm", "rate", "burst", "queue", "nodelay", "status", "backend")
+
+
+def parse_rate(v: Any) -> tuple[int, float]:
+    """``"100/s"`` -> (100, 1.0); also ``/m`` and ``/h``."""
+    m = _RATE.match(v) if isinstance(v, str) else None
+    if m is None:
+        raise cr.Bad(f'expected a rate like "100/s", "20/m" or "500/h", got {v!r}')
+    count = int(m.group(1))
+    if not 1 <= count <= 10_000_000:
+        raise cr.Bad(f"the count must be between 1 and 10000000, got {count}")
+    return count, _PER[m.group(2)]
+
+
+def _key(v: Any) -> str:
+    s = cr.string(v)
+    if s in ("client_ip", "route"):
+        return s
+    if s == "principal":
+        raise cr.Bad(
+            '"principal" needs the request\'s SPIFFE identity, which weft does not establish '
+            'yet: use "client_ip", "route" or "header:<name>"'
+        )
+    kind, _, name = s.partition(":")
+    if kind == "header" and name and _HEADER_NAME.match(name):
+        return f"header:{name.lower()}"
+    raise cr.Bad(f'expected "client_ip", "route", "principal" or "header:<name>", got {s!r}')
+
+
+def _algorithm(v: Any) -> str:
+    s = cr.string(v)
+    if s not in ALGORITHMS:
+        raise cr.Bad(f"unknown algorithm {s!r} (known: {', '.join(ALGORITHMS)})")
+    return s
+
+
+def _status(v: Any) -> int:
+    n = cr.integer(v, lo=100, hi=599)
+    if n not in (429, 503):
+        raise cr.Bad(f"expected 429 or 503, got {n}")
+    return n
+
+
+def _backend(v: Any) -> str:
+    s = cr.string(v)
+    if s == "local":
+        return s
+    if s == "redis":
+        raise cr.Bad('the "redis" backend is not available yet: use "local" (one host)')
+    raise cr.Bad(f'expected "local", got {s!r}')
+
+
+def read_rate_limits(r: cr.Reader, raw: Any, path: str) -> tuple[RateLimit, ...]:
+    if isinstance(raw, dict):
+        raw = [raw]  # [routes.rate_limit] written as one table
+    if not isinstance(raw, list):
+        r.error(path, "expected [[routes.rate_limit]] tables")
+        return ()
+    out = []
+    d = RateLimit()
+    for i, item in enumerate(raw):
+        p = f"{path}[{i}]"
+        t = r.table(item, p)
+        if t is None:
+            continue
+        if "rate" not in t:
+            r.error(p, 'needs "rate", like "100/s"')
+        algorithm = r.take(t, "algorithm", p, _algorithm, d.algorithm)
+        leaky = algorithm == "leaky_bucket"
+        for key in ("queue", "nodelay") if not leaky else ("burst",):
+            if key in t:
+                t.pop(key)
+                r.error(
+                    cr.join(p, key),
+                    "only used with algorithm = "
+                    + ('"token_bucket"' if leaky else '"leaky_bucket"'),
+                )
+        count, per = r.take(t, "rate", p, parse_rate, (d.count, d.per))
+        limit = RateLimit(
+            key=r.take(t, "key", p, _key, d.key),
+            algorithm=algorithm,
+            count=count,
+            per=per,
+            burst=r.take(t, "burst", p, lambda v: cr.integer(v, lo=0, hi=1 << 24), d.burst)
+            if not leaky
+            else 0,
+            queue=r.take(t, "queue", p, lambda v: cr.integer(v, lo=0, hi=1 << 20), 0),
+            nodelay=r.take(t, "nodelay", p, cr.boolean, False),
+            status=r.take(t, "status", p, _status, d.status),
+            backend=r.take(t, "backend", p, _backend, d.backend),
+        )
+        r.unknown(t, p, _KEYS)
+        out.append(limit)
+    return tuple(out)
+
+
+def read_rate_table(r: cr.Reader, raw: Any, path: str) -> RateTable:
+    t = r.table(raw, path)
+    if t is None:
+        return RateTable()
+    d = RateTable()
+
+    def on_full(v: Any) -> str:
+        s = cr.string(v)
+        if s not in ("allow", "deny"):
+            raise cr.Bad(f'expected "allow" or "deny", got {s!r}')
+        return s
+
+    table = RateTable(
+        capacity=r.take(
+            t, "capacity", path, lambda v: cr.integer(v, lo=16, hi=1 << 24), d.capacity
+        ),
+        on_full=r.take(t, "on_full", path, on_full, d.on_full),
+    )
+    r.unknown(t, path, ("capacity", "on_full"))
+    return table
