@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+import weft.rate_limit_middleware
 import weft.retry_middleware  # noqa: F401  (registers the retry built-in)
 from weft.builtins import BuiltinContext, BuiltinFactory, builtin_chain
 from weft.connection import UpstreamPools

@@ -122,6 +122,16 @@ def _validate(
             f"{new.source}: server.instance: cannot change from "
             f'"{sup.instance}" to "{new.instance}" on reload (restart)'
         )
+    if sup.shared is not None and new.limits.rate_table.capacity != sup.shared.rate_keys:
+        # The table is laid out in the segment at start and keeps the buckets of every key
+        # across reloads; resizing it would drop them all.
+        log.warning(
+            "%s: limits.rate_table.capacity %d applies at the next restart; the shared table "
+            "keeps %d keys until then",
+            new.source,
+            new.limits.rate_table.capacity,
+            sup.shared.rate_keys,
+        )
     assert sup.colmap is not None
     saved = (dict(sup.colmap.columns), dict(sup.colmap.retired))
     try:

@@ -146,7 +146,13 @@ class Supervisor:
         rows = 4 * max(self.nworkers, 4) + 8  # old + new generation per slot, room for TTIN
         self.colmap = ColumnMap(max(256, 4 * endpoints))
         self.columns = self.colmap.assign(self.config)
-        self.shared = SharedState.create(self.instance, rows, self.colmap.capacity, 1)
+        self.shared = SharedState.create(
+            self.instance,
+            rows,
+            self.colmap.capacity,
+            1,
+            rate_keys=self.config.limits.rate_table.capacity,
+        )
         self._parent_pipe = os.pipe()
         os.set_inheritable(self._parent_pipe[0], True)
         sock_mod.ensure_fd_limit(self.config.limits.max_connections)

@@ -140,6 +140,29 @@ def is_trusted(client_ip: str, trusted: Sequence[Network]) -> bool:
     return any(addr in net for net in trusted)
 
 
+def client_address(headers: HeaderList, peer_ip: str, trusted: Sequence[Network]) -> str:
+    """The client's address as weft believes it: the peer, or, when the peer is a trusted
+    proxy, the right-most X-Forwarded-For address that is not itself a trusted proxy (nginx's
+    ``real_ip_recursive on``; the left-most when all are trusted). Addresses a client could
+    forge (left of the first untrusted one) are never used. Malformed entries end the walk."""
+    if not trusted or not is_trusted(peer_ip, trusted):
+        return peer_ip
+    chain: list[str] = []
+    for k, v in headers:
+        if k == b"x-forwarded-for":
+            chain.extend(p.strip().decode("latin-1") for p in v.split(b","))
+    address = peer_ip
+    for hop in reversed(chain):
+        try:
+            ipaddress.ip_address(hop)
+        except ValueError:
+            break
+        address = hop
+        if not is_trusted(hop, trusted):
+            break
+    return address
+
+
 def new_request_id() -> str:
     """A random version-4 UUID in text form (what tracing systems expect).
 

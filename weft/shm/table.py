@@ -181,6 +181,15 @@ class KeyedTable:
                 return None
         return None
 
+    @property
+    def atomics(self) -> Atomics:
+        return self._a
+
+    def holds(self, index: int, h: int) -> bool:
+        """Whether entry `index` is published for the key hash `h` (one load): how a caller
+        that remembers an index checks it was not evicted and reused meanwhile."""
+        return self._a.load(self._check(index)) == h
+
     def touch(self, index: int, now: int) -> None:
         """Mark entry `index` used at `now` (keeps it from `evict_idle`)."""
         self._a.store(self._check(index) + WORD * _USED, now)

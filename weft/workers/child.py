@@ -26,6 +26,7 @@ import sys
 import time
 import traceback
 
+from weft.backpressure import SharedLimiter
 from weft.dst import Position
 from weft.forward import Inflight
 from weft.handler import Middleware, load_all_middleware
@@ -77,6 +78,11 @@ class ChildHooks(Hooks):
             return None
         cols = [self.columns[endpoint_key(dest.name, e.authority)] for e in dest.endpoints]
         return DestinationObserver(dest, self.state.endpoints, cols, pid=os.getpid())
+
+    def rate_limiter(self) -> SharedLimiter:
+        if self._limiter is None:
+            self._limiter = SharedLimiter(self.state.rate_table)
+        return self._limiter
 
     def retry_budget_for(self, route: Route) -> RetryBudget:
         assert route.retry is not None

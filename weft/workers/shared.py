@@ -18,7 +18,10 @@ One segment, ``/weft-<instance>-state``, laid out as:
 * the **endpoint records** (`weft.shm.endpoints`): per in-flight column, the words of the
   endpoint's health, prober lease, outlier state and circuit breaker. A column handed to a new
   endpoint has its record zeroed first (`ColumnMap.fresh`), so no endpoint inherits another's
-  ejection or open breaker.
+  ejection or open breaker;
+* the **rate-limit keys** (`weft.shm.table.KeyedTable`, ``[limits.rate_table] capacity``
+  entries of one word, a key's GCRA time, `weft.backpressure`): every worker decides on the
+  same word, so a limit is exact across workers, and the buckets survive reloads.
 
 The supervisor creates it (`SharedState.create`) while holding the instance lock; forked workers
 inherit the mapping; `weft status` attaches read-only (`SharedState.attach`). The column map
@@ -36,6 +39,7 @@ from weft.shm.counters import InflightMatrix, PositionTable, SharedPosition
 from weft.shm.endpoints import EndpointTable
 from weft.shm.owners import OwnerRegistry
 from weft.shm.segment import Segment
+from weft.shm.table import KeyedTable
 from weft.shm.worktable import WorkerRow, WorkerTable
 
 SEGMENT = "state"
@@ -84,10 +88,11 @@ def observed_columns(config: Config, columns: Mapping[str, int]) -> dict[str, di
 
 
 class SharedState:
-    def __init__(self, segment: Segment, rows: int, columns: int) -> None:
+    def __init__(self, segment: Segment, rows: int, columns: int, rate_keys: int = 16) -> None:
         self.segment = segment
         self.rows = rows
         self.columns = columns
+        self.rate_keys = rate_keys
         atomics = segment.atomics
         off = _align(segment.data_offset)
         self.table = WorkerTable(atomics, off, rows)
@@ -97,38 +102,47 @@ class SharedState:
         self.positions = PositionTable(atomics, off, columns)
         off = _align(off + PositionTable.size_for(columns))
         self.endpoints = EndpointTable(atomics, off, columns)
+        off = _align(off + EndpointTable.size_for(columns))
+        # Rate-limit keys (`weft.backpressure`): one value word, the key's TAT.
+        self.rate_table = KeyedTable(atomics, off, rate_keys, 1)
         # What the supervisor releases when a worker dies. The in-flight rows are found
         # through the worker table's, so they go first.
         self.owners = OwnerRegistry()
         self.owners.register("inflight", _InflightOfRows(self.table, self.inflight))
         self.owners.register("worker_table", self.table)
         self.owners.register("endpoints", self.endpoints)
+        self.owners.register("rate_table", self.rate_table)
 
     @staticmethod
-    def size_for(rows: int, columns: int) -> int:
+    def size_for(rows: int, columns: int, rate_keys: int = 16) -> int:
         return (
             ALIGN * 2  # header slack
             + _align(WorkerTable.size_for(rows))
             + _align(InflightMatrix.size_for(rows, columns))
             + _align(PositionTable.size_for(columns))
             + _align(EndpointTable.size_for(columns))
+            + _align(KeyedTable.size_for(rate_keys, 1))
             + 4096  # the segment header
         )
 
     @classmethod
-    def create(cls, instance: str, rows: int, columns: int, generation: int) -> SharedState:
-        size = cls.size_for(rows, columns) + 16  # two words recording the shape
+    def create(
+        cls, instance: str, rows: int, columns: int, generation: int, rate_keys: int = 16
+    ) -> SharedState:
+        size = cls.size_for(rows, columns, rate_keys) + 24  # three words recording the shape
         seg = Segment.create(instance, SEGMENT, size, generation)
-        shape = seg.size - 16
+        shape = seg.size - 24
         seg.atomics.store(shape, rows)
         seg.atomics.store(shape + 8, columns)
-        return cls(seg, rows, columns)
+        seg.atomics.store(shape + 16, rate_keys)
+        return cls(seg, rows, columns, rate_keys)
 
     @classmethod
     def attach(cls, instance: str) -> SharedState:
         seg = Segment.attach(instance, SEGMENT)
-        shape = seg.size - 16
-        return cls(seg, seg.atomics.load(shape), seg.atomics.load(shape + 8))
+        shape = seg.size - 24
+        load = seg.atomics.load
+        return cls(seg, load(shape), load(shape + 8), load(shape + 16))
 
     def close(self) -> None:
         self.segment.close()

@@ -32,6 +32,7 @@ import contextlib
 import errno
 import logging
 import os
+import random
 import signal
 import socket
 from collections import Counter
@@ -41,6 +42,7 @@ import trio
 
 from weft import metrics as metrics_mod
 from weft.accesslog import AccessLog
+from weft.backpressure import SharedLimiter, private_table, sweep_idle_ns
 from weft.connection import UpstreamPools
 from weft.dst import Position
 from weft.forward import Inflight
@@ -86,6 +88,7 @@ class Hooks:
     parent_fd: int | None = None
     #: endpoint records of this process alone, made on first use (see `observer_for`)
     local_records: LocalRecords | None = None
+    _limiter: SharedLimiter | None = None
 
     def inflight_for(self, dest: Destination) -> Inflight | None:
         """Shared in-flight counts for a destination, or None for this process's own."""
@@ -104,6 +107,12 @@ class Hooks:
             self.local_records = LocalRecords()
         columns = self.local_records.columns(len(dest.endpoints))
         return DestinationObserver(dest, self.local_records.table, columns, pid=os.getpid())
+
+    def rate_limiter(self) -> SharedLimiter:
+        """The worker's limiter over the instance's rate-limit keys; here, this process's."""
+        if self._limiter is None:
+            self._limiter = SharedLimiter(private_table())
+        return self._limiter
 
     def retry_budget_for(self, route: Route) -> RetryBudget:
         """The shared retry budget of a route with ``[routes.retry]``; here, this process's."""
@@ -328,6 +337,18 @@ async def _heartbeat(hooks: Hooks, state: ServerState) -> None:
         await trio.sleep(hooks.heartbeat_interval)
 
 
+# Seconds between sweeps of idle rate-limit keys; each worker sweeps (the CAS makes it
+# idempotent), at a random point of the period so that they do not all sweep at once.
+RATE_SWEEP_PERIOD = 30.0
+
+
+async def _sweep_rate_keys(limiter: SharedLimiter, idle_ns: int) -> None:
+    await trio.sleep(random.uniform(0, RATE_SWEEP_PERIOD))
+    while True:
+        limiter.sweep(idle_ns)
+        await trio.sleep(RATE_SWEEP_PERIOD)
+
+
 async def _run_prober(prober: Prober, scope: trio.CancelScope) -> None:
     with scope:
         await prober.run()
@@ -370,6 +391,9 @@ async def _serve(
             if worker.metrics is not None:
                 await service.start(worker.metrics.run)
             service.start_soon(_heartbeat, hooks, worker.state)
+            limits = [x for r in config.routes for x in r.rate_limits]
+            if limits:
+                service.start_soon(_sweep_rate_keys, hooks.rate_limiter(), sweep_idle_ns(limits))
             probing = trio.CancelScope()
             if worker.prober is not None:
                 service.start_soon(_run_prober, worker.prober, probing)

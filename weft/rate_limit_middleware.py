@@ -1,0 +1,145 @@
+"""``[[routes.rate_limit]]`` as built-in middleware: every limit of the route must admit.
+
+`weft.backpressure` decides; this module finds each request's key, asks, and answers:
+
+* **Keys**: ``client_ip`` is the client as the forwarding headers see it (the peer, or through
+  a trusted proxy the right-most untrusted X-Forwarded-For address,
+  `weft.http.headers.client_address`), so a client cannot choose its key by forging the
+  header; ``route`` is one key for the route; ``header:<name>`` is that header's value, and the
+  client's address when the header is absent (a missing header must not put every such client
+  in one bucket, nor in none). Each key is prefixed with the route and the limit's index, so
+  two routes, or two limits of a route, never share a bucket.
+* **Refused**: the limit's status (429, or 503) with ``Retry-After`` in whole seconds rounded
+  up, and the ``RateLimit-Policy`` / ``RateLimit`` fields (draft-ietf-httpapi-ratelimit-
+  headers); the reason word ``rate_limited`` goes to the access log. Nothing reaches the
+  upstream.
+* **Admitted**: a leaky bucket's request waits for its slot first, holding no upstream
+  connection (the wait is before the rest of the chain) and ending at once, as a 499, if its
+  client goes away meanwhile. Then the request goes on, and the answer carries the same two
+  fields, for the limit with the least remaining (the draft's rule for several policies).
+* **A full table** (no entry can be had for a new key) is counted in ``request.ctx`` for the
+  metrics and decided by ``[limits.rate_table] on_full``: ``allow`` lets the request through
+  that limit, ``deny`` refuses it with the limit's status.
+
+A request refused by one limit has still used a slot of the limits before it in the list
+(Envoy's descriptors behave the same): put the most selective limit first.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from weft.backpressure import (
+    SharedLimiter,
+    Verdict,
+    policy_field,
+    private_table,
+    ratelimit_field,
+    retry_after_seconds,
+)
+from weft.builtins import BUILTINS, BuiltinContext, Middleware, Next
+from weft.http.errors import ClientGone, error_response
+from weft.http.headers import client_address
+from weft.http.messages import Request, Response
+from weft.schema import Route
+
+__all__ = ["make_rate_limit"]
+
+POLICY = b"ratelimit-policy"
+RATELIMIT = b"ratelimit"
+
+
+def make_rate_limit(route: Route, limiter: SharedLimiter, context: BuiltinContext) -> Middleware:
+    """The rate-limit middleware of `route` over `limiter`."""
+    limits = route.rate_limits
+    names = [f"{route.name}.{i}" for i in range(len(limits))]
+    policy = policy_field(names, limits)
+    prefixes = [f"{route.name}\0{i}\0".encode() for i in range(len(limits))]
+    trusted = context.config.trusted_proxies
+    deny_when_full = context.config.limits.rate_table.on_full == "deny"
+    plan = list(zip(limits, prefixes, names, strict=True))
+
+    def key_of(kind: str, request: Request) -> bytes:
+        if kind == "route":
+            return b""
+        if kind.startswith("header:"):
+            value = request.headers.get(kind[7:])
+            if value is not None:
+                return b"h\0" + value.encode("latin-1")
+        return client_address(request.headers.raw, request.client[0], trusted).encode()
+
+    def refuse(
+        request: Request, status: int, wait_ns: int, name: str, v: Verdict | None
+    ) -> Response:
+        request.ctx["error"] = "rate_limited"
+        request.ctx["rate_limit"] = "rejected"
+        resp = error_response(
+            status,
+            "rate limited",
+            request.id,
+            close=False,
+            retry_after=retry_after_seconds(wait_ns),
+        )
+        resp.headers.add(POLICY, policy)
+        if v is not None:
+            resp.headers.add(RATELIMIT, ratelimit_field(name, v))
+        return resp
+
+    async def rate_limited(request: Request, nxt: Next) -> Response:
+        ctx = request.ctx
+        least: Verdict | None = None
+        least_name = ""
+        delay = 0
+        for limit, prefix, name in plan:
+            v = limiter.decide(prefix + key_of(limit.key, request), limit)
+            if v is None:
+                ctx["rate_table_full"] = True
+                if deny_when_full:
+                    return refuse(request, limit.status, 1_000_000_000, name, None)
+                continue
+            if not v.admit:
+                return refuse(request, limit.status, v.retry_after_ns, name, v)
+            if v.delay_ns > delay:
+                delay = v.delay_ns
+            if least is None or v.remaining < least.remaining:
+                least, least_name = v, name
+        if delay:
+            ctx["rate_limit"] = "delayed"
+            await _wait(request, delay / 1e9)
+        else:
+            ctx["rate_limit"] = "admitted"
+        response = await nxt(request)
+        response.headers.add(POLICY, policy)
+        if least is not None:
+            response.headers.add(RATELIMIT, ratelimit_field(least_name, least))
+        return response
+
+    return rate_limited
+
+
+async def _wait(request: Request, seconds: float) -> None:
+    """Sleep `seconds` for a leaky bucket's slot; raises ClientGone (499) if the client leaves
+    meanwhile: its slot stays used, as nginx's does."""
+    watch = request.client_watch
+    with trio.CancelScope() as scope:
+        if watch is not None:
+            watch.watch_gone(scope.cancel)
+        try:
+            await trio.sleep(seconds)
+        finally:
+            if watch is not None:
+                watch.unwatch_gone()
+    if scope.cancelled_caught:
+        raise ClientGone("client closed while its request waited for its rate-limit slot")
+
+
+def _factory(route: Route, context: BuiltinContext) -> Middleware | None:
+    if not route.rate_limits:
+        return None
+    hooks = context.hooks
+    limiter = hooks.rate_limiter() if hooks is not None else SharedLimiter(private_table())
+    return make_rate_limit(route, limiter, context)
+
+
+# Outermost first, as ARCHITECTURE.md's request path has it: rate limits before retries.
+BUILTINS.insert(0, ("rate_limit", _factory))
