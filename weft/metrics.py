@@ -99,6 +99,7 @@ REASONS = frozenset(
         "no_route",
         "per_try_timeout",
         "pool_full",
+        "rate_limited",
         "request_timeout",
         "too_many_headers",
         "upstream",
@@ -321,6 +322,29 @@ class WorkerMetrics:
             ["route"],
             registry=None,
         )
+        self.rate_limit = Counter(
+            "weft_rate_limit_decisions",
+            "Rate-limit decisions per route: admitted, delayed (a leaky bucket's wait), "
+            "rejected.",
+            ["route", "decision"],
+            registry=None,
+        )
+        self.rate_table_full = Counter(
+            "weft_rate_table_full",
+            "Rate-limit decisions that found no room in the shared key table "
+            "([limits.rate_table] on_full decided them).",
+            ["route"],
+            registry=None,
+        )
+        self._rate_limit = {
+            (r.name, d): self.rate_limit.labels(r.name, d)
+            for r in config.routes
+            if r.rate_limits
+            for d in ("admitted", "delayed", "rejected")
+        }
+        self._rate_table_full = {
+            r.name: self.rate_table_full.labels(r.name) for r in config.routes if r.rate_limits
+        }
         self.breaker_transitions = Counter(
             "weft_breaker_transitions",
             "Circuit breaker transitions, by the state entered, counted by the worker that "
@@ -429,6 +453,16 @@ class WorkerMetrics:
                 rchild.inc()
         if ctx.get("retry_budget_exhausted"):
             self._child(self._retry_budget, self.retry_budget, route).inc()
+        # Filled by the rate-limit middleware.
+        decision = ctx.get("rate_limit")
+        if decision is not None:
+            child = self._rate_limit.get((route, decision))
+            if child is not None:
+                child.inc()
+        if ctx.get("rate_table_full"):
+            child = self._rate_table_full.get(route)
+            if child is not None:
+                child.inc()
 
     def endpoint_event(self, destination: str, index: int, what: str, state: str) -> None:
         """An observer's event (`weft.observer.Event`): a breaker entered `state` ("OPEN",
