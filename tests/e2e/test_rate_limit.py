@@ -173,3 +173,20 @@ def test_a_full_key_table_is_decided_by_on_full(upstream, weft, free_port):
         assert statuses.count(200) >= 16
         assert (429 in statuses) is refused, statuses
         assert set(statuses) <= {200, 429}
+
+
+def test_buckets_survive_a_reload(upstream, weft, free_port, tmp_path):
+    """A key's bucket is a word in the shared table, not in a worker: a client that used its
+    burst before `weft reload` is still refused after it, by the new generation."""
+    from support.supervised import start_supervised
+
+    up = upstream("up")
+    port = free_port()
+    text = _config(port, up.address, 2, [{"key": "route", "rate": "1/m", "burst": 1}])
+    sup = start_supervised(weft, tmp_path, text, workers=2)
+    assert [_get("127.0.0.1", port)[0] for _ in range(3)] == [200, 200, 429]
+    sup.weft.config_path.write_text(text.replace('drain = "2s"', 'drain = "3s"'))
+    assert sup.reload().returncode == 0
+    sup.wait_workers(2, generation=2)
+    assert _get("127.0.0.1", port)[0] == 429
+    assert up.stats()["requests"] == 2
