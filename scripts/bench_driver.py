@@ -121,6 +121,15 @@ timeout = "500ms"
 [routes.retry]
 """
 
+# Appended with --rate-limit: a token bucket on the client IP of the benchmarked route, at a
+# rate wrk never reaches, so that every request pays the decision and none is refused.
+RATE_LIMIT_CONFIG = """
+[[routes.rate_limit]]
+key = "client_ip"
+rate = "10000000/s"
+burst = 100000
+"""
+
 
 class BenchError(Exception):
     """A failure the user should read (the message says what and where to look)."""
@@ -272,9 +281,11 @@ class Lab:
         port: int,
         metrics: bool = True,
         resilience: bool = False,
+        rate_limit: bool = False,
     ) -> Proc:
         config = self.workdir / f"{name}.toml"
         suffix = ("" if metrics else "-nm") + ("-rs" if resilience else "")
+        suffix += "-rl" if rate_limit else ""
         instance = f"bench-{os.getpid()}-w{workers}{suffix}"
         config.write_text(
             WEFT_CONFIG.format(
@@ -284,6 +295,7 @@ class Lab:
                 metrics="true" if metrics else "false",
             )
             + (RESILIENCE_CONFIG if resilience else "")
+            + (RATE_LIMIT_CONFIG if rate_limit else "")
         )
         # Always explicit: without --workers, `weft run` starts one worker per CPU.
         argv = [sys.executable, "-m", "weft", "run", "-c", str(config), "--workers", str(workers)]
@@ -446,23 +458,29 @@ def start_all(lab: Lab, args: argparse.Namespace) -> tuple[Proc, list[Target], l
         add("nginx-twin", twin, port, "nginx, 2 workers")
         return upstream, targets, skipped
 
-    variants = [(True, False)]
+    # (metrics, resilience, rate limit)
+    variants = [(True, False, False)]
     if args.compare_metrics:
-        variants.append((False, False))
+        variants.append((False, False, False))
     if args.resilience:
-        variants.append((True, True))
-    for workers, (metrics, resilience) in [(w, v) for w in args.workers for v in variants]:
+        variants.append((True, True, False))
+    if args.rate_limit:
+        variants.append((True, False, True))
+    for workers, (metrics, resilience, limited) in [(w, v) for w in args.workers for v in variants]:
         name = "weft" if args.workers == [1] else f"weft-w{workers}"
         if not metrics:
             name += "-nometrics"
         if resilience:
             name += "-resilient"
+        if limited:
+            name += "-limited"
         port = free_port()
-        weft = lab.start_weft(name, workers, upstream_port, port, metrics, resilience)
+        weft = lab.start_weft(name, workers, upstream_port, port, metrics, resilience, limited)
         try:
             what = f"weft, {workers} worker{'s' if workers > 1 else ''}"
             what += "" if metrics else ", no metrics"
-            add(name, weft, port, what + (", resilient" if resilience else ""))
+            what += ", resilient" if resilience else ""
+            add(name, weft, port, what + (", rate limit" if limited else ""))
         except BenchError:
             lab.stop(weft)
             raise
@@ -718,6 +736,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="also run each weft with health, outlier detection, breaker and retry configured "
         "on the benchmarked route (named *-resilient), to measure what they cost",
+    )
+    parser.add_argument(
+        "--rate-limit",
+        action="store_true",
+        help="also run each weft with a token bucket on the client IP of the benchmarked "
+        "route, at a rate never reached (named *-limited), to measure what a decision costs",
     )
     # Harness check: a second nginx proxy stands in for weft.
     parser.add_argument("--self-test", action="store_true", help=argparse.SUPPRESS)

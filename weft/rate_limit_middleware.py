@@ -109,9 +109,10 @@ def make_rate_limit(route: Route, limiter: SharedLimiter, context: BuiltinContex
         else:
             ctx["rate_limit"] = "admitted"
         response = await nxt(request)
-        response.headers.add(POLICY, policy)
+        raw = response.headers.raw  # names and values are bytes already: no conversion
+        raw.append((POLICY, policy))
         if least is not None:
-            response.headers.add(RATELIMIT, ratelimit_field(least_name, least))
+            raw.append((RATELIMIT, ratelimit_field(least_name, least)))
         return response
 
     return rate_limited
