@@ -1,5 +1,5 @@
 """The rate-limit config (`weft.config_ratelimit`): values, defaults, and one precise message
-per mistake, including the parts refused until they exist (principal keys, the redis backend)."""
+per mistake, including principal keys, refused until the SPIFFE identity exists."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ MISTAKES = [
     ("burst = 3", "rate", 'needs "rate"'),
     ('rate = "1/s"\nkey = "principal"', "key", "SPIFFE identity"),
     ('rate = "1/s"\nkey = "cookie:x"', "key", 'expected "client_ip"'),
-    ('rate = "1/s"\nbackend = "redis"', "backend", "not available yet"),
+    ('rate = "1/s"\nbackend = "memcached"', "backend", 'expected "local" or "redis"'),
     ('rate = "1/s"\nstatus = 500', "status", "429 or 503"),
     ('rate = "1/s"\nalgorithm = "sliding"', "algorithm", "unknown algorithm"),
     ('rate = "1/s"\nqueue = 3', "queue", 'only used with algorithm = "leaky_bucket"'),
@@ -79,3 +79,20 @@ def test_a_table_mistake_names_its_key_path(tmp_path):
         f"{tmp_path / 'weft.toml'}: limits.rate_table.on_full: expected \"allow\" or \"deny\", "
         "got 'maybe'"
     ]
+
+
+def test_the_redis_backend_section(tmp_path):
+    cfg = load(tmp_path, MINIMAL_CONFIG + """
+[[routes.rate_limit]]
+rate = "1/s"
+backend = "redis"
+[rate_limit_backend]
+url = "redis://127.0.0.1:6390/2"
+timeout = "20ms"
+on_error = "deny"
+""")
+    b = cfg.rate_limit_backend
+    assert (b.url, b.timeout, b.on_error) == ("redis://127.0.0.1:6390/2", 0.02, "deny")
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, MINIMAL_CONFIG + '[rate_limit_backend]\nurl = "http://x"\n')
+    assert "rate_limit_backend.url: expected a URL like" in info.value.errors[0]

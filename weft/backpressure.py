@@ -180,6 +180,35 @@ class SharedLimiter:
         table.touch(index, now)
         return verdict
 
+    def blocked_for(self, key: bytes) -> int:
+        """Nanoseconds `key` is still known to be over its limit (0: not known), from the
+        Redis backend's refusals (`block`); one lookup, no insert."""
+        cached = self._cache.get(key)
+        table = self.table
+        if cached is not None and table.holds(*cached):
+            index = cached[0]
+        else:
+            found = table.find(key)
+            if found is None:
+                return 0
+            index = found
+        left = self._load(table.value_offset(index, 0)) - self.clock_ns()
+        return left if left > 0 else 0
+
+    def block(self, key: bytes, ns: int) -> None:
+        """Remember that `key` is over its limit for `ns` more nanoseconds (every worker
+        refuses it without asking the backend until then)."""
+        now = self.clock_ns()
+        index = self._entry(key, now)
+        if index is None:
+            return  # a full table: the next request asks the backend again
+        addr = self.table.value_offset(index, 0)
+        until = now + ns
+        for _ in range(CAS_TRIES):
+            old = self._load(addr)
+            if old >= until or self._cas(addr, old, until):
+                return
+
     def sweep(self, idle_ns: int) -> int:
         """Evict entries unused for `idle_ns` (longer than any configured bucket takes to
         refill, so no decision changes); returns how many."""

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from weft import confread as cr
-from weft.config_ratelimit import read_rate_limits, read_rate_table
+from weft.config_ratelimit import read_rate_limit_backend, read_rate_limits, read_rate_table
 from weft.config_resilience import read_breaker, read_health, read_outlier, read_retry
 from weft.schema import (
     ROUTE_TIMEOUTS,
@@ -46,6 +46,7 @@ from weft.schema import (
     Metrics,
     MiddlewareSpec,
     PoolConfig,
+    RateLimitBackend,
     Route,
     Timeouts,
 )
@@ -476,6 +477,7 @@ _TOP_KEYS = (
     "routes",
     "admin",
     "metrics",
+    "rate_limit_backend",
 )
 _SERVER_KEYS = (
     "instance",
@@ -588,6 +590,11 @@ def from_dict(data: dict[str, Any], source: str, digest: str = "") -> Config:
     mt = r.table(top.pop("metrics", {}), "metrics") or {}
     metrics = Metrics(enabled=r.take(mt, "enabled", "metrics", cr.boolean, True))
     r.unknown(mt, "metrics", ("enabled",))
+    rl_backend = (
+        read_rate_limit_backend(r, top.pop("rate_limit_backend"), "rate_limit_backend")
+        if "rate_limit_backend" in top
+        else None
+    )
     dests = _read_destinations(r, top.pop("destinations", None)) if "destinations" in top else {}
     if not dests:
         r.error("destinations", "expected at least one [destinations.<name>] table")
@@ -636,6 +643,7 @@ def from_dict(data: dict[str, Any], source: str, digest: str = "") -> Config:
         upstream_max_connections=up_max,
         admin=admin,
         metrics=metrics,
+        rate_limit_backend=rl_backend or RateLimitBackend(),
         source=source,
         hash=digest,
     )

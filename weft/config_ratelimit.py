@@ -8,8 +8,6 @@ Refused with a reason rather than accepted and ignored:
 
 * ``key = "principal"``: the principal is the request's SPIFFE identity, which nothing sets
   before the SPIFFE issue; a limit on it would treat every request as one key.
-* ``backend = "redis"``: the multi-host limiter is not built yet (issue 10's second part);
-  ``"local"`` (shared memory, exact across the workers of one host) is.
 * Keys of the other algorithm (``burst`` on a leaky bucket, ``queue``/``nodelay`` on a token
   bucket): they would do nothing.
 """
@@ -20,9 +18,9 @@ import re
 from typing import Any
 
 from weft import confread as cr
-from weft.schema import RateLimit, RateTable
+from weft.schema import RateLimit, RateLimitBackend, RateTable
 
-__all__ = ["read_rate_limits", "read_rate_table"]
+__all__ = ["read_rate_limit_backend", "read_rate_limits", "read_rate_table"]
 
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 _RATE = re.compile(r"^\s*(\d+)\s*/\s*(s|m|h)\s*$")
@@ -73,11 +71,9 @@ def _status(v: Any) -> int:
 
 def _backend(v: Any) -> str:
     s = cr.string(v)
-    if s == "local":
+    if s in ("local", "redis"):
         return s
-    if s == "redis":
-        raise cr.Bad('the "redis" backend is not available yet: use "local" (one host)')
-    raise cr.Bad(f'expected "local", got {s!r}')
+    raise cr.Bad(f'expected "local" or "redis", got {s!r}')
 
 
 def read_rate_limits(r: cr.Reader, raw: Any, path: str) -> tuple[RateLimit, ...]:
@@ -144,3 +140,34 @@ def read_rate_table(r: cr.Reader, raw: Any, path: str) -> RateTable:
     )
     r.unknown(t, path, ("capacity", "on_full"))
     return table
+
+
+def read_rate_limit_backend(r: cr.Reader, raw: Any, path: str) -> RateLimitBackend:
+    t = r.table(raw, path)
+    if t is None:
+        return RateLimitBackend()
+    d = RateLimitBackend()
+
+    def url(v: Any) -> str:
+        from weft.redis_limiter import parse_url
+
+        s = cr.string(v)
+        try:
+            parse_url(s)
+        except ValueError as e:
+            raise cr.Bad(str(e)) from None
+        return s
+
+    def on_error(v: Any) -> str:
+        s = cr.string(v)
+        if s not in ("allow", "deny"):
+            raise cr.Bad(f'expected "allow" or "deny", got {s!r}')
+        return s
+
+    backend = RateLimitBackend(
+        url=r.take(t, "url", path, url, d.url),
+        timeout=r.take(t, "timeout", path, cr.duration, d.timeout),
+        on_error=r.take(t, "on_error", path, on_error, d.on_error),
+    )
+    r.unknown(t, path, ("url", "timeout", "on_error"))
+    return backend

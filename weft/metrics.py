@@ -59,7 +59,6 @@ from weft.retry import RetryOn
 from weft.schema import HTTP_METHODS, Config
 
 if TYPE_CHECKING:
-
     from weft.connection import UpstreamPools
     from weft.http.messages import Request, Response
 
@@ -324,8 +323,7 @@ class WorkerMetrics:
         )
         self.rate_limit = Counter(
             "weft_rate_limit_decisions",
-            "Rate-limit decisions per route: admitted, delayed (a leaky bucket's wait), "
-            "rejected.",
+            "Rate-limit decisions per route: admitted, delayed (a leaky bucket's wait), rejected.",
             ["route", "decision"],
             registry=None,
         )
@@ -341,6 +339,18 @@ class WorkerMetrics:
             for r in config.routes
             if r.rate_limits
             for d in ("admitted", "delayed", "rejected")
+        }
+        self.rate_backend_errors = Counter(
+            "weft_rate_limit_backend_errors",
+            "Rate-limit decisions the Redis backend did not make in time (or failed): "
+            "[rate_limit_backend] on_error decided them.",
+            ["route"],
+            registry=None,
+        )
+        self._rate_backend_errors = {
+            r.name: self.rate_backend_errors.labels(r.name)
+            for r in config.routes
+            if any(x.backend == "redis" for x in r.rate_limits)
         }
         self._rate_table_full = {
             r.name: self.rate_table_full.labels(r.name) for r in config.routes if r.rate_limits
@@ -457,6 +467,10 @@ class WorkerMetrics:
         decision = ctx.get("rate_limit")
         if decision is not None:
             child = self._rate_limit.get((route, decision))
+            if child is not None:
+                child.inc()
+        if ctx.get("rate_limit_backend_error"):
+            child = self._rate_backend_errors.get(route)
             if child is not None:
                 child.inc()
         if ctx.get("rate_table_full"):

@@ -41,7 +41,8 @@ from weft.builtins import BUILTINS, BuiltinContext, Middleware, Next
 from weft.http.errors import ClientGone, error_response
 from weft.http.headers import client_address
 from weft.http.messages import Request, Response
-from weft.schema import Route
+from weft.redis_limiter import RedisLimiter
+from weft.schema import RateLimit, Route
 
 __all__ = ["make_rate_limit"]
 
@@ -49,15 +50,24 @@ POLICY = b"ratelimit-policy"
 RATELIMIT = b"ratelimit"
 
 
-def make_rate_limit(route: Route, limiter: SharedLimiter, context: BuiltinContext) -> Middleware:
-    """The rate-limit middleware of `route` over `limiter`."""
+def make_rate_limit(
+    route: Route,
+    limiter: SharedLimiter,
+    context: BuiltinContext,
+    redis: RedisLimiter | None = None,
+) -> Middleware:
+    """The rate-limit middleware of `route` over `limiter` (and `redis`, for limits with
+    ``backend = "redis"``)."""
     limits = route.rate_limits
     names = [f"{route.name}.{i}" for i in range(len(limits))]
     policy = policy_field(names, limits)
     prefixes = [f"{route.name}\0{i}\0".encode() for i in range(len(limits))]
     trusted = context.config.trusted_proxies
     deny_when_full = context.config.limits.rate_table.on_full == "deny"
-    plan = list(zip(limits, prefixes, names, strict=True))
+    deny_on_error = context.config.rate_limit_backend.on_error == "deny"
+    # Redis keys: weft:<route>.<index>:<key> (the index keeps two limits of a route apart).
+    redis_prefixes = [f"weft:{name}:".encode() for name in names]
+    plan = list(zip(limits, prefixes, names, redis_prefixes, strict=True))
 
     def key_of(kind: str, request: Request) -> bytes:
         if kind == "route":
@@ -90,8 +100,21 @@ def make_rate_limit(route: Route, limiter: SharedLimiter, context: BuiltinContex
         least: Verdict | None = None
         least_name = ""
         delay = 0
-        for limit, prefix, name in plan:
-            v = limiter.decide(prefix + key_of(limit.key, request), limit)
+        for limit, prefix, name, redis_prefix in plan:
+            key = key_of(limit.key, request)
+            if limit.backend == "redis" and redis is not None:
+                v = await _ask_redis(
+                    request, limiter, redis, prefix + key, redis_prefix + key, limit
+                )
+                if v is None:
+                    ctx["rate_limit_backend_error"] = True
+                    if deny_on_error:
+                        return refuse(request, limit.status, 1_000_000_000, name, None)
+                    continue
+                if isinstance(v, int):  # known over the limit: no round trip
+                    return refuse(request, limit.status, v, name, None)
+            else:
+                v = limiter.decide(prefix + key, limit)
             if v is None:
                 ctx["rate_table_full"] = True
                 if deny_when_full:
@@ -118,6 +141,26 @@ def make_rate_limit(route: Route, limiter: SharedLimiter, context: BuiltinContex
     return rate_limited
 
 
+async def _ask_redis(
+    request: Request,
+    limiter: SharedLimiter,
+    redis: RedisLimiter,
+    local_key: bytes,
+    redis_key: bytes,
+    limit: RateLimit,
+) -> Verdict | int | None:
+    """The backend's verdict; or the nanoseconds a key is still known to be over its limit
+    (from the shared cache, no round trip); or None when Redis could not decide."""
+    blocked_key = b"redis\0" + local_key
+    left = limiter.blocked_for(blocked_key)
+    if left:
+        return left
+    v = await redis.decide(redis_key, limit)
+    if v is not None and not v.admit:
+        limiter.block(blocked_key, v.retry_after_ns)
+    return v
+
+
 async def _wait(request: Request, seconds: float) -> None:
     """Sleep `seconds` for a leaky bucket's slot; raises ClientGone (499) if the client leaves
     meanwhile: its slot stays used, as nginx's does."""
@@ -139,7 +182,15 @@ def _factory(route: Route, context: BuiltinContext) -> Middleware | None:
         return None
     hooks = context.hooks
     limiter = hooks.rate_limiter() if hooks is not None else SharedLimiter(private_table())
-    return make_rate_limit(route, limiter, context)
+    redis = None
+    if any(x.backend == "redis" for x in route.rate_limits):
+        backend = context.config.rate_limit_backend
+        redis = (
+            hooks.redis_limiter(backend)
+            if hooks is not None
+            else RedisLimiter(backend.url, backend.timeout)
+        )
+    return make_rate_limit(route, limiter, context, redis)
 
 
 # Outermost first, as ARCHITECTURE.md's request path has it: rate limits before retries.

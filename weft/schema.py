@@ -190,6 +190,15 @@ class RateLimit:
 
 
 @dataclass(frozen=True, slots=True)
+class RateLimitBackend:
+    """``[rate_limit_backend]``: where ``backend = "redis"`` limits live (`weft.redis_limiter`)."""
+
+    url: str = "redis://127.0.0.1:6379/0"
+    timeout: float = 0.05
+    on_error: str = "allow"  # "allow" | "deny" when Redis cannot decide within timeout
+
+
+@dataclass(frozen=True, slots=True)
 class Destination:
     name: str
     endpoints: tuple[Endpoint, ...]
@@ -272,5 +281,6 @@ class Config:
     upstream_max_connections: int = 4096
     admin: Admin = field(default_factory=Admin)
     metrics: Metrics = field(default_factory=Metrics)
+    rate_limit_backend: RateLimitBackend = field(default_factory=RateLimitBackend)
     source: str = "<quick mode>"
     hash: str = ""

@@ -54,8 +54,9 @@ from weft.http.transport import TCPTransport
 from weft.observer import DestinationObserver, LocalRecords
 from weft.outcome import Observer
 from weft.prober import Prober
+from weft.redis_limiter import RedisLimiter
 from weft.retry_middleware import RetryBudget
-from weft.schema import Config, Destination, Route
+from weft.schema import Config, Destination, RateLimitBackend, Route
 from weft.workers.state import ServerState
 
 log = logging.getLogger("weft.worker")
@@ -89,6 +90,7 @@ class Hooks:
     #: endpoint records of this process alone, made on first use (see `observer_for`)
     local_records: LocalRecords | None = None
     _limiter: SharedLimiter | None = None
+    _redis: RedisLimiter | None = None
 
     def inflight_for(self, dest: Destination) -> Inflight | None:
         """Shared in-flight counts for a destination, or None for this process's own."""
@@ -113,6 +115,12 @@ class Hooks:
         if self._limiter is None:
             self._limiter = SharedLimiter(private_table())
         return self._limiter
+
+    def redis_limiter(self, backend: RateLimitBackend) -> RedisLimiter:
+        """The worker's one connection to the ``[rate_limit_backend]`` Redis (made lazily)."""
+        if self._redis is None:
+            self._redis = RedisLimiter(backend.url, backend.timeout)
+        return self._redis
 
     def retry_budget_for(self, route: Route) -> RetryBudget:
         """The shared retry budget of a route with ``[routes.retry]``; here, this process's."""
