@@ -19,13 +19,14 @@ Theory of operation:
 * **Known-over-limit cache.** A refused key's "blocked until" time goes into the instance's
   shared key table (`weft.backpressure.SharedLimiter.block`); until then every worker refuses
   it without asking Redis, with the Retry-After the script computed.
-* **Failure.** Each call is bounded by ``timeout``. A slow or absent Redis, a broken
-  connection or an error reply gives the configured ``on_error`` decision, counted; the
-  connection is dropped and the next call, at most `RETRY_INTERVAL` later, connects again, so
-  the limiter recovers on its own when Redis returns, without a connect attempt per request
+* **Failure.** Each decision is bounded by ``timeout``. A slow or absent Redis, a broken
+  connection or an error reply gives the configured ``on_error`` decision, counted. A slow
+  answer leaves the connection as it is (its reply is read and dropped later); a broken one is
+  replaced by the next call, and a failed connect is not tried again for `RETRY_INTERVAL`, so
+  the limiter recovers on its own when Redis returns without a connect attempt per request
   while it is down.
-* **One connection per worker**, used by one call at a time (a trio lock): a loopback round
-  trip is tens of microseconds, far below a request's cost.
+* **One pipelined connection per worker** (`RespConnection`): concurrent decisions do not
+  queue behind each other's round trips.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import hashlib
 import logging
 import math
 import urllib.parse
+from collections import deque
 from dataclasses import dataclass
 
 import trio
@@ -96,23 +98,105 @@ def encode(*args: bytes | str | int) -> bytes:
     return b"".join(out)
 
 
+class _Waiter:
+    __slots__ = ("done", "error", "event", "result")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.done = False
+        self.result: object = None
+        self.error: Exception | None = None
+
+
 class RespConnection:
-    """One connection to Redis: `call` sends a command and returns its parsed reply."""
+    """One pipelined connection to Redis: `call` sends a command and returns its reply.
+
+    Calls do not wait for each other's round trips: each writes its command (under a lock,
+    so commands never interleave) and joins a FIFO of pending replies; whichever caller finds
+    nobody reading reads replies off the socket in order and hands each to its waiter. A caller
+    that gives up (its timeout) leaves its place in the FIFO: its reply is read and dropped
+    when it comes, so the connection stays in step. A reader cancelled in the middle of a
+    reply, or any read error, breaks the connection (`broken`): the owner replaces it.
+    """
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
         self.buf = bytearray()
+        self._send = trio.Lock()
+        self._pending: deque[_Waiter] = deque()
+        self._reading = False
+        self._consumed = 0  # lines and strings taken off `buf` (a reply begun, or not)
+        self.broken: str | None = None
 
     @classmethod
     async def connect(cls, host: str, port: int) -> RespConnection:
         return cls(await trio.open_tcp_stream(host, port))
 
     async def call(self, *args: bytes | str | int) -> object:
+        if self.broken:
+            raise RedisError(self.broken)
+        waiter = _Waiter()
         try:
-            await self.stream.send_all(encode(*args))
-            return await self._reply()
+            async with self._send:
+                await self.stream.send_all(encode(*args))
+                self._pending.append(waiter)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
-            raise RedisError(f"connection: {e}") from None
+            self._break(f"connection: {e}")
+            raise RedisError(self.broken or "connection broken") from None
+        while not waiter.done:
+            if self._reading:
+                await waiter.event.wait()
+                if not waiter.done:
+                    waiter.event = trio.Event()  # woken to take over reading: wait anew after
+                continue
+            await self._read_until(waiter)
+        if waiter.error is not None:
+            raise waiter.error
+        return waiter.result
+
+    async def _read_until(self, mine: _Waiter) -> None:
+        self._reading = True
+        mark = self._consumed
+        try:
+            while self._pending and not mine.done:
+                head = self._pending[0]
+                mark = self._consumed
+                try:
+                    head.result = await self._reply()
+                except RedisError as e:
+                    if self.broken:
+                        raise
+                    head.error = e  # an error reply: the connection is still in step
+                head.done = True
+                self._pending.popleft()
+                head.event.set()
+        except trio.Cancelled:
+            # Cancelled while waiting for bytes: if none of the reply was taken yet, the
+            # connection is in step, and the reply is read when it comes. Mid-reply, it is not.
+            if self._consumed != mark:
+                self._break("cancelled in the middle of a reply")
+            raise
+        except BaseException as e:  # the connection failed
+            self._break(f"reading a reply: {e!r}")
+            raise
+        finally:
+            self._reading = False
+            # Wake the waiters so that one of them takes over reading (the head may be a
+            # caller that gave up and waits no more).
+            for w in self._pending:
+                w.event.set()
+
+    def _break(self, why: str) -> None:
+        if self.broken is None:
+            self.broken = why
+        for w in self._pending:
+            w.error = RedisError(why)
+            w.done = True
+            w.event.set()
+        self._pending.clear()
+        sock = getattr(self.stream, "socket", None)
+        if sock is not None:
+            sock.close()
 
     async def _line(self) -> bytes:
         while True:
@@ -120,20 +204,27 @@ class RespConnection:
             if end >= 0:
                 line = bytes(self.buf[:end])
                 del self.buf[: end + 2]
+                self._consumed += 1
                 return line
+            await self._more()
+
+    async def _more(self) -> None:
+        try:
             data = await self.stream.receive_some(65536)
-            if not data:
-                raise RedisError("connection closed by Redis")
-            self.buf += data
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            self.broken = f"connection: {e}"
+            raise RedisError(self.broken) from None
+        if not data:
+            self.broken = "connection closed by Redis"
+            raise RedisError(self.broken)
+        self.buf += data
 
     async def _exactly(self, n: int) -> bytes:
         while len(self.buf) < n + 2:
-            data = await self.stream.receive_some(65536)
-            if not data:
-                raise RedisError("connection closed by Redis")
-            self.buf += data
+            await self._more()
         out = bytes(self.buf[:n])
         del self.buf[: n + 2]
+        self._consumed += 1
         return out
 
     async def _reply(self) -> object:
@@ -150,17 +241,26 @@ class RespConnection:
             return None if n < 0 else await self._exactly(n)
         if kind == b"*":
             n = int(rest)
-            return None if n < 0 else [await self._reply() for _ in range(n)]
-        raise RedisError(f"unexpected reply {line[:40]!r}")
-
-    async def aclose(self) -> None:
-        await self.stream.aclose()
+            if n < 0:
+                return None
+            items = []
+            for _ in range(n):
+                try:
+                    items.append(await self._reply())
+                except RedisError as e:
+                    if self.broken:
+                        raise
+                    items.append(e)  # an error inside an array: keep the rest in step
+            return items
+        self.broken = f"unexpected reply {line[:40]!r}"
+        raise RedisError(self.broken)
 
 
 @dataclass
 class _State:
     conn: RespConnection | None = None
-    failed_at: float = -math.inf
+    failed_at: float = -math.inf  # the last failed connect: none is tried for RETRY_INTERVAL
+    logged_at: float = -math.inf
 
 
 class RedisLimiter:
@@ -170,22 +270,30 @@ class RedisLimiter:
         self.host, self.port, self.db = parse_url(url)
         self.timeout = timeout
         self._state = _State()
-        self._lock = trio.Lock()
+        self._connecting = trio.Lock()
         #: calls that failed or timed out (the metrics' backend errors)
         self.errors = 0
 
     async def _connection(self) -> RespConnection:
         st = self._state
-        if st.conn is not None:
+        if st.conn is not None and not st.conn.broken:
             return st.conn
-        if trio.current_time() - st.failed_at < RETRY_INTERVAL:
-            raise RedisError("Redis was unreachable less than a second ago")
-        conn = await RespConnection.connect(self.host, self.port)
-        if self.db:
-            await conn.call(b"SELECT", self.db)
-        await conn.call(b"SCRIPT", b"LOAD", SCRIPT)
-        st.conn = conn
-        return conn
+        async with self._connecting:  # one connect at a time; the others then use it
+            if st.conn is not None and not st.conn.broken:
+                return st.conn
+            st.conn = None
+            if trio.current_time() - st.failed_at < RETRY_INTERVAL:
+                raise RedisError("Redis was unreachable less than a second ago")
+            try:
+                conn = await RespConnection.connect(self.host, self.port)
+                if self.db:
+                    await conn.call(b"SELECT", self.db)
+                await conn.call(b"SCRIPT", b"LOAD", SCRIPT)
+            except (OSError, RedisError) as e:
+                st.failed_at = trio.current_time()
+                raise RedisError(f"connect: {e}") from None
+            st.conn = conn
+            return conn
 
     async def decide(self, key: bytes, limit: RateLimit) -> Verdict | None:
         """The decision for `key` under `limit`; None when Redis could not decide in time
@@ -197,17 +305,16 @@ class RedisLimiter:
         reply = None
         with trio.move_on_after(self.timeout):
             try:
-                async with self._lock:
-                    conn = await self._connection()
-                    try:
-                        reply = await conn.call(*args)
-                    except RedisError as e:
-                        if not str(e).startswith("NOSCRIPT"):
-                            raise
-                        await conn.call(b"SCRIPT", b"LOAD", SCRIPT)
-                        reply = await conn.call(*args)
+                conn = await self._connection()
+                try:
+                    reply = await conn.call(*args)
+                except RedisError as e:
+                    if not str(e).startswith("NOSCRIPT"):
+                        raise
+                    await conn.call(b"SCRIPT", b"LOAD", SCRIPT)
+                    reply = await conn.call(*args)
             except (OSError, RedisError) as e:
-                self._fail(f"{e}")
+                self._fail(str(e))
                 return None
         if reply is None:
             self._fail(f"no answer within {self.timeout:g}s")
@@ -217,13 +324,7 @@ class RedisLimiter:
 
     def _fail(self, why: str) -> None:
         self.errors += 1
-        st = self._state
-        if st.conn is not None:
-            # A call cut off mid-reply leaves the connection out of step: never reuse it.
-            sock = getattr(st.conn.stream, "socket", None)
-            st.conn = None
-            if sock is not None:
-                sock.close()
-        if trio.current_time() - st.failed_at >= RETRY_INTERVAL:
+        now = trio.current_time()
+        if now - self._state.logged_at >= RETRY_INTERVAL:
+            self._state.logged_at = now
             log.warning("rate-limit backend redis://%s:%d: %s", self.host, self.port, why)
-        st.failed_at = trio.current_time()

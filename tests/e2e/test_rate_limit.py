@@ -8,66 +8,14 @@ number of workers, because every worker decides on the same shared word.
 
 from __future__ import annotations
 
-import http.client
 import itertools
 import threading
 import time
 
 import pytest
-from support.config import base_config, destination, route, table
+from support.ratelimit import get, hammer, rate_limit_config
 
 pytestmark = pytest.mark.e2e
-
-
-def _config(port: int, up: str, workers: int, limits: list[dict[str, object]], *,
-            server: dict[str, object] | None = None, rate_table: dict[str, object] | None = None,
-            access_log: object = None) -> str:
-    text = base_config(port, server={"workers": workers, **(server or {})}, access_log=access_log)
-    if rate_table:
-        text += table("[limits.rate_table]", rate_table)
-    text += destination("app", [up]) + route("app")
-    for limit in limits:
-        text += table("[[routes.rate_limit]]", limit)
-    return text
-
-
-def _get(host: str, port: int, headers: dict[str, str] | None = None
-         ) -> tuple[int, dict[str, str]]:
-    conn = http.client.HTTPConnection(host, port, timeout=10)
-    try:
-        conn.request("GET", "/echo", headers=headers or {})
-        resp = conn.getresponse()
-        resp.read()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}
-    finally:
-        conn.close()
-
-
-def _hammer(host: str, port: int, clients: int, seconds: float) -> dict[int, int]:
-    """`clients` keep-alive threads looping GETs for `seconds`; statuses counted."""
-    counts: dict[int, int] = {}
-    lock = threading.Lock()
-    stop = time.monotonic() + seconds
-
-    def client() -> None:
-        conn = http.client.HTTPConnection(host, port, timeout=10)
-        try:
-            while time.monotonic() < stop:
-                conn.request("GET", "/echo")
-                resp = conn.getresponse()
-                resp.read()
-                with lock:
-                    counts[resp.status] = counts.get(resp.status, 0) + 1
-        finally:
-            conn.close()
-
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=seconds + 15)
-    assert not any(t.is_alive() for t in threads)
-    return counts
 
 
 @pytest.mark.parametrize("workers", [4, 1])
@@ -78,10 +26,10 @@ def test_a_token_bucket_admits_exactly_its_rate_across_workers(upstream, weft, f
     2. The upstream received 1 + 10 + 50 x (the span it saw) requests, within 2 %: the same
        number whatever the number of workers; everything else was answered 429."""
     up = upstream("up")
-    proxy = weft(_config(free_port(), up.address, workers,
+    proxy = weft(rate_limit_config(free_port(), up.address, workers,
                          [{"key": "route", "rate": "50/s", "burst": 10}]))
     up.reset_stats()
-    counts = _hammer(proxy.host, proxy.port, 20, 5.0)
+    counts = hammer(proxy.host, proxy.port, 20, 5.0)
     stats = up.stats()
     times = stats["requests_times"]
     admitted = stats["requests"]
@@ -97,15 +45,15 @@ def test_a_refusal_carries_retry_after_and_the_ratelimit_fields(upstream, weft, 
     """Past the burst: 503 (the configured status) with Retry-After and RateLimit fields, and
     the access log says rate_limited; admitted answers carry the fields too."""
     up = upstream("up")
-    proxy = weft(_config(free_port(), up.address, 1,
+    proxy = weft(rate_limit_config(free_port(), up.address, 1,
                          [{"key": "route", "rate": "1/m", "burst": 1, "status": 503}],
                          access_log=tmp_path / "access.log"))
-    first = _get(proxy.host, proxy.port)
+    first = get(proxy.host, proxy.port)
     assert first[0] == 200
     assert first[1]["ratelimit-policy"] == '"route0.0";q=1;w=60;weft-burst=1'
     assert first[1]["ratelimit"] == '"route0.0";r=1;t=60'
-    assert _get(proxy.host, proxy.port)[0] == 200
-    status, headers = _get(proxy.host, proxy.port)
+    assert get(proxy.host, proxy.port)[0] == 200
+    status, headers = get(proxy.host, proxy.port)
     assert status == 503
     assert 55 <= int(headers["retry-after"]) <= 60
     assert headers["ratelimit"].startswith('"route0.0";r=0;t=')
@@ -118,12 +66,12 @@ def test_the_leaky_bucket_spaces_queued_requests_at_the_rate(upstream, weft, fre
     """10/s with a queue of 4: 8 requests at once. 5 go (one now, four queued), each reaching
     the upstream about 100 ms after the one before; the other 3 are refused at once."""
     up = upstream("up")
-    proxy = weft(_config(free_port(), up.address, 2,
+    proxy = weft(rate_limit_config(free_port(), up.address, 2,
                          [{"key": "route", "algorithm": "leaky_bucket", "rate": "10/s",
                            "queue": 4}]))
     up.reset_stats()
     results: list[int] = []
-    threads = [threading.Thread(target=lambda: results.append(_get(proxy.host, proxy.port)[0]))
+    threads = [threading.Thread(target=lambda: results.append(get(proxy.host, proxy.port)[0]))
                for _ in range(8)]
     for t in threads:
         t.start()
@@ -144,19 +92,19 @@ def test_client_ip_keys_come_from_a_trusted_proxy_and_forged_headers_are_ignored
     3. A header key: each value its own bucket; without the header, the client address."""
     up = upstream("up")
     limit = [{"key": "client_ip", "rate": "1/m", "burst": 0}]
-    proxy = weft(_config(free_port(), up.address, 1, limit,
+    proxy = weft(rate_limit_config(free_port(), up.address, 1, limit,
                          server={"trusted_proxies": ["127.0.0.0/8"]}))
     a = {"x-forwarded-for": "198.51.100.1"}
     b = {"x-forwarded-for": "198.51.100.2"}
-    assert [_get(proxy.host, proxy.port, h)[0] for h in (a, b, a, b)] == [200, 200, 429, 429]
+    assert [get(proxy.host, proxy.port, h)[0] for h in (a, b, a, b)] == [200, 200, 429, 429]
 
-    proxy = weft(_config(free_port(), up.address, 1, limit,
+    proxy = weft(rate_limit_config(free_port(), up.address, 1, limit,
                          server={"trusted_proxies": ["10.0.0.0/8"]}), name="untrusted")
-    assert [_get(proxy.host, proxy.port, h)[0] for h in (a, b)] == [200, 429]
+    assert [get(proxy.host, proxy.port, h)[0] for h in (a, b)] == [200, 429]
 
-    proxy = weft(_config(free_port(), up.address, 1,
+    proxy = weft(rate_limit_config(free_port(), up.address, 1,
                          [{"key": "header:x-user", "rate": "1/m", "burst": 0}]), name="header")
-    statuses = [_get(proxy.host, proxy.port, h)[0]
+    statuses = [get(proxy.host, proxy.port, h)[0]
                 for h in ({"x-user": "ann"}, {"x-user": "bob"}, {"x-user": "ann"}, {}, {})]
     assert statuses == [200, 200, 429, 200, 429]
 
@@ -167,9 +115,9 @@ def test_a_full_key_table_is_decided_by_on_full(upstream, weft, free_port):
     up = upstream("up")
     limit = [{"key": "header:x-user", "rate": "100/s", "burst": 10}]
     for on_full, refused in (("deny", True), ("allow", False)):
-        proxy = weft(_config(free_port(), up.address, 1, limit,
+        proxy = weft(rate_limit_config(free_port(), up.address, 1, limit,
                              rate_table={"capacity": 16, "on_full": on_full}), name=on_full)
-        statuses = [_get(proxy.host, proxy.port, {"x-user": f"u{i}"})[0] for i in range(40)]
+        statuses = [get(proxy.host, proxy.port, {"x-user": f"u{i}"})[0] for i in range(40)]
         assert statuses.count(200) >= 16
         assert (429 in statuses) is refused, statuses
         assert set(statuses) <= {200, 429}
@@ -182,11 +130,11 @@ def test_buckets_survive_a_reload(upstream, weft, free_port, tmp_path):
 
     up = upstream("up")
     port = free_port()
-    text = _config(port, up.address, 2, [{"key": "route", "rate": "1/m", "burst": 1}])
+    text = rate_limit_config(port, up.address, 2, [{"key": "route", "rate": "1/m", "burst": 1}])
     sup = start_supervised(weft, tmp_path, text, workers=2)
-    assert [_get("127.0.0.1", port)[0] for _ in range(3)] == [200, 200, 429]
+    assert [get("127.0.0.1", port)[0] for _ in range(3)] == [200, 200, 429]
     sup.weft.config_path.write_text(text.replace('drain = "2s"', 'drain = "3s"'))
     assert sup.reload().returncode == 0
     sup.wait_workers(2, generation=2)
-    assert _get("127.0.0.1", port)[0] == 429
+    assert get("127.0.0.1", port)[0] == 429
     assert up.stats()["requests"] == 2
