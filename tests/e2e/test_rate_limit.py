@@ -13,6 +13,7 @@ import threading
 import time
 
 import pytest
+from support.procs import wait_for
 from support.ratelimit import get, hammer, rate_limit_config
 
 pytestmark = pytest.mark.e2e
@@ -138,3 +139,29 @@ def test_buckets_survive_a_reload(upstream, weft, free_port, tmp_path):
     sup.wait_workers(2, generation=2)
     assert get("127.0.0.1", port)[0] == 429
     assert up.stats()["requests"] == 2
+
+
+def test_a_request_waiting_for_its_slot_is_dropped_when_its_client_leaves(
+    upstream, weft, free_port, tmp_path
+):
+    """A leaky bucket at 1/m with a queue: the second request waits for its slot (a minute),
+    counted in flight by its worker and holding no upstream connection; its client closes,
+    and the wait ends at once (the worker's in-flight count drops to 0 within its heartbeat),
+    and the request never reaches the upstream."""
+    import socket
+
+    from support.supervised import start_supervised
+
+    up = upstream("up")
+    port = free_port()
+    text = rate_limit_config(port, up.address, 1, [{"key": "route", "algorithm": "leaky_bucket",
+                                                    "rate": "1/m", "queue": 5}])
+    sup = start_supervised(weft, tmp_path, text, workers=1)
+    assert get("127.0.0.1", port)[0] == 200
+    in_flight = lambda: sup.workers()[0]["in_flight"]  # noqa: E731
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+        wait_for(lambda: in_flight() == 1, 5, "the request waiting for its slot")
+        assert up.stats()["open_connections"] <= 1  # only the first request's, now idle
+    wait_for(lambda: in_flight() == 0, 5, "the wait ending when the client left")
+    assert up.stats()["requests"] == 1
