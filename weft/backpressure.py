@@ -141,35 +141,37 @@ class SharedLimiter:
         a = table.atomics
         self._load = a.load
         self._cas = a.cas
-        self._cache: dict[bytes, tuple[int, int]] = {}  # key -> (entry index, key hash)
+        self._store = a.store
+        # key -> (entry index, key hash, key word, used word, value word): see `_entry`
+        self._cache: dict[bytes, tuple[int, int, int, int, int]] = {}
         #: decisions that found no entry (the table full), since the worker started
         self.full = 0
 
-    def _entry(self, key: bytes, now: int) -> int | None:
-        cached = self._cache.get(key)
+    def _entry(self, key: bytes, now: int) -> tuple[int, int, int, int, int] | None:
+        """(index, key hash, key word, used word, value word) of `key`'s entry, inserting it;
+        None when the table has no room. A remembered entry is checked with one load: it may
+        have been evicted and reused since."""
+        e = self._cache.get(key)
+        if e is not None and self._load(e[2]) == e[1]:
+            return e
         table = self.table
-        if cached is not None:
-            index, h = cached
-            if table.holds(index, h):
-                return index
-            del self._cache[key]
         index = table.find_or_insert(key, now)
         if index is None:
             self.full += 1
             return None
         if len(self._cache) >= _CACHE_MAX:
             self._cache.clear()
-        self._cache[key] = (index, key_hash(key))
-        return index
+        e = (index, key_hash(key), *table.addresses(index))
+        self._cache[key] = e
+        return e
 
     def decide(self, key: bytes, limit: RateLimit) -> Verdict | None:
         """Decide one request of `key` under `limit`; None when the table has no room."""
         now = self.clock_ns()
-        index = self._entry(key, now)
-        if index is None:
+        e = self._entry(key, now)
+        if e is None:
             return None
-        table = self.table
-        addr = table.value_offset(index, 0)
+        addr = e[4]
         load, cas = self._load, self._cas
         verdict = None
         for _ in range(CAS_TRIES):
@@ -177,32 +179,31 @@ class SharedLimiter:
             verdict = decide(limit, tat, now)
             if not verdict.admit or cas(addr, tat, verdict.tat):
                 break
-        table.touch(index, now)
+        self._store(e[3], now)  # last used: keeps the entry from the idle sweep
         return verdict
 
     def blocked_for(self, key: bytes) -> int:
         """Nanoseconds `key` is still known to be over its limit (0: not known), from the
         Redis backend's refusals (`block`); one lookup, no insert."""
-        cached = self._cache.get(key)
-        table = self.table
-        if cached is not None and table.holds(*cached):
-            index = cached[0]
+        e = self._cache.get(key)
+        if e is not None and self._load(e[2]) == e[1]:
+            addr = e[4]
         else:
-            found = table.find(key)
-            if found is None:
+            index = self.table.find(key)
+            if index is None:
                 return 0
-            index = found
-        left = self._load(table.value_offset(index, 0)) - self.clock_ns()
+            addr = self.table.value_offset(index, 0)
+        left = self._load(addr) - self.clock_ns()
         return left if left > 0 else 0
 
     def block(self, key: bytes, ns: int) -> None:
         """Remember that `key` is over its limit for `ns` more nanoseconds (every worker
         refuses it without asking the backend until then)."""
         now = self.clock_ns()
-        index = self._entry(key, now)
-        if index is None:
+        e = self._entry(key, now)
+        if e is None:
             return  # a full table: the next request asks the backend again
-        addr = self.table.value_offset(index, 0)
+        addr = e[4]
         until = now + ns
         for _ in range(CAS_TRIES):
             old = self._load(addr)

@@ -185,6 +185,12 @@ class KeyedTable:
     def atomics(self) -> Atomics:
         return self._a
 
+    def addresses(self, index: int) -> tuple[int, int, int]:
+        """Byte offsets of entry `index`'s key word, last-used word and first value word, for
+        a caller that keeps them (and checks the key word still holds its hash before use)."""
+        base = self._check(index)
+        return base, base + WORD * _USED, base + WORD * _VALUES
+
     def holds(self, index: int, h: int) -> bool:
         """Whether entry `index` is published for the key hash `h` (one load): how a caller
         that remembers an index checks it was not evicted and reused meanwhile."""
