@@ -52,7 +52,6 @@ from weft.schema import (
 )
 
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}\Z")
-_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*\Z")
 
 
@@ -229,7 +228,7 @@ def _hash_key(v: Any) -> str:
         return s
     kind, _, name = s.partition(":")
     if kind in ("header", "cookie") and name:
-        if kind == "header" and not _HEADER_NAME.match(name):
+        if kind == "header" and not cr.HEADER_NAME.match(name):
             raise cr.Bad(f"{name!r} is not a valid header name")
         return f"{kind}:{name.lower() if kind == 'header' else name}"
     raise cr.Bad(f'expected "client_ip", "path", "header:<name>" or "cookie:<name>", got {s!r}')

@@ -22,7 +22,6 @@ from weft.schema import RateLimit, RateLimitBackend, RateTable
 
 __all__ = ["read_rate_limit_backend", "read_rate_limits", "read_rate_table"]
 
-_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 _RATE = re.compile(r"^\s*(\d+)\s*/\s*(s|m|h)\s*$")
 _PER = {"s": 1.0, "m": 60.0, "h": 3600.0}
 ALGORITHMS = ("token_bucket", "leaky_bucket")
@@ -50,7 +49,7 @@ def _key(v: Any) -> str:
             'yet: use "client_ip", "route" or "header:<name>"'
         )
     kind, _, name = s.partition(":")
-    if kind == "header" and name and _HEADER_NAME.match(name):
+    if kind == "header" and name and cr.HEADER_NAME.match(name):
         return f"header:{name.lower()}"
     raise cr.Bad(f'expected "client_ip", "route", "principal" or "header:<name>", got {s!r}')
 
@@ -70,10 +69,7 @@ def _status(v: Any) -> int:
 
 
 def _backend(v: Any) -> str:
-    s = cr.string(v)
-    if s in ("local", "redis"):
-        return s
-    raise cr.Bad(f'expected "local" or "redis", got {s!r}')
+    return cr.one_of(v, ("local", "redis"))
 
 
 def read_rate_limits(r: cr.Reader, raw: Any, path: str) -> tuple[RateLimit, ...]:
@@ -126,17 +122,11 @@ def read_rate_table(r: cr.Reader, raw: Any, path: str) -> RateTable:
         return RateTable()
     d = RateTable()
 
-    def on_full(v: Any) -> str:
-        s = cr.string(v)
-        if s not in ("allow", "deny"):
-            raise cr.Bad(f'expected "allow" or "deny", got {s!r}')
-        return s
-
     table = RateTable(
         capacity=r.take(
             t, "capacity", path, lambda v: cr.integer(v, lo=16, hi=1 << 24), d.capacity
         ),
-        on_full=r.take(t, "on_full", path, on_full, d.on_full),
+        on_full=r.take(t, "on_full", path, lambda v: cr.one_of(v, ("allow", "deny")), d.on_full),
     )
     r.unknown(t, path, ("capacity", "on_full"))
     return table
@@ -158,16 +148,10 @@ def read_rate_limit_backend(r: cr.Reader, raw: Any, path: str) -> RateLimitBacke
             raise cr.Bad(str(e)) from None
         return s
 
-    def on_error(v: Any) -> str:
-        s = cr.string(v)
-        if s not in ("allow", "deny"):
-            raise cr.Bad(f'expected "allow" or "deny", got {s!r}')
-        return s
-
     backend = RateLimitBackend(
         url=r.take(t, "url", path, url, d.url),
         timeout=r.take(t, "timeout", path, cr.duration, d.timeout),
-        on_error=r.take(t, "on_error", path, on_error, d.on_error),
+        on_error=r.take(t, "on_error", path, lambda v: cr.one_of(v, ("allow", "deny")), d.on_error),
     )
     r.unknown(t, path, ("url", "timeout", "on_error"))
     return backend

@@ -20,7 +20,6 @@ from weft.schema import BreakerConfig, HealthCheck, OutlierConfig, RetryPolicy
 
 __all__ = ["read_breaker", "read_health", "read_outlier", "read_retry"]
 
-_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 # The health word saturates its runs at 255 (`weft.health`); a threshold above it never fires.
 _THRESHOLD_MAX = 255
 _STATUS_RANGE = re.compile(r"^\s*(\d{3})\s*(?:-\s*(\d{3})\s*)?$")
@@ -43,7 +42,7 @@ def _probe_path(v: Any) -> str:
 
 def _header_name(v: Any) -> str:
     s = cr.string(v)
-    if not _HEADER_NAME.match(s):
+    if not cr.HEADER_NAME.match(s):
         raise cr.Bad(f"{s!r} is not a valid header name")
     return s.lower()
 

@@ -40,6 +40,8 @@ _SIZE_UNITS = {
     "MB": 1000**2,
     "GB": 1000**3,
 }
+# RFC 9110 section 5.1: a field name is a token.
+HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 HOSTNAME = re.compile(
     r"^(?=.{1,253}\Z)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_-]{1,63})*\.?\Z"
 )
@@ -95,6 +97,15 @@ def number(v: Any, *, lo: float, hi: float) -> float:
     if not lo <= v <= hi:
         raise Bad(f"must be between {lo:g} and {hi:g}, got {v}")
     return float(v)
+
+
+def one_of(v: Any, choices: tuple[str, ...]) -> str:
+    """A string that must be one of `choices` (quoted in the reason when it is not)."""
+    s = string(v)
+    if s not in choices:
+        known = " or ".join(f'"{c}"' for c in choices)
+        raise Bad(f"expected {known}, got {s!r}")
+    return s
 
 
 def boolean(v: Any) -> bool:
