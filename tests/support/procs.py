@@ -71,12 +71,24 @@ def wait_for(predicate: Callable[[], T], timeout: float, what: str,
         time.sleep(interval)
 
 
+# Ports free_port handed out, so that it never hands one out twice in a test run: two calls
+# in a row can get the same free port from the kernel, and a test that puts its proxy on one
+# and a "dead" endpoint on the other then proxies to itself.
+_handed_out: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (see the module docstring for the race)."""
+    """A TCP port that was free a moment ago (see the module docstring for the race), and that
+    no earlier call of this process returned."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    for _ in range(100):
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+    raise RuntimeError("no port that was not handed out already")
 
 
 def port_accepts(host: str, port: int, timeout: float = 0.5) -> bool:
