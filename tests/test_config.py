@@ -685,6 +685,7 @@ def test_the_documented_example_file_loads(monkeypatch):
     assert web.strategy == "weighted"
     assert [e.weight for e in web.endpoints] == [1, 3]
     assert web.pool == PoolConfig()  # the example spells out every default
+    assert cfg.buffers.memory == 64 << 20
     assert (api_dest.strategy, api_dest.hash_key) == ("consistent_hash", "header:x-user-id")
     assert api_dest.host_header == "endpoint"
     api_route, web_route = cfg.routes

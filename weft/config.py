@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from weft import confread as cr
+from weft.config_buffers import read_buffers
 from weft.config_ratelimit import read_rate_limit_backend, read_rate_limits, read_rate_table
 from weft.config_resilience import read_breaker, read_health, read_outlier, read_retry
 from weft.schema import (
@@ -37,6 +38,7 @@ from weft.schema import (
     STRATEGIES,
     AccessLog,
     Admin,
+    Buffers,
     Config,
     ConfigError,
     Destination,
@@ -477,6 +479,7 @@ _TOP_KEYS = (
     "admin",
     "metrics",
     "rate_limit_backend",
+    "buffers",
 )
 _SERVER_KEYS = (
     "instance",
@@ -594,6 +597,7 @@ def from_dict(data: dict[str, Any], source: str, digest: str = "") -> Config:
         if "rate_limit_backend" in top
         else None
     )
+    buffers = read_buffers(r, top.pop("buffers")) if "buffers" in top else Buffers()
     dests = _read_destinations(r, top.pop("destinations", None)) if "destinations" in top else {}
     if not dests:
         r.error("destinations", "expected at least one [destinations.<name>] table")
@@ -643,6 +647,7 @@ def from_dict(data: dict[str, Any], source: str, digest: str = "") -> Config:
         admin=admin,
         metrics=metrics,
         rate_limit_backend=rl_backend or RateLimitBackend(),
+        buffers=buffers,
         source=source,
         hash=digest,
     )

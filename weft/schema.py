@@ -264,6 +264,13 @@ class Metrics:
 
 
 @dataclass(frozen=True, slots=True)
+class Buffers:
+    """``[buffers]``: the shared buffer pool (`weft.bufpool`), made once at start."""
+
+    memory: int = 64 * 1024 * 1024  # bytes of buffers, all classes and all workers together
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     listeners: tuple[Listener, ...]
     destinations: dict[str, Destination]
@@ -282,5 +289,6 @@ class Config:
     admin: Admin = field(default_factory=Admin)
     metrics: Metrics = field(default_factory=Metrics)
     rate_limit_backend: RateLimitBackend = field(default_factory=RateLimitBackend)
+    buffers: Buffers = field(default_factory=Buffers)
     source: str = "<quick mode>"
     hash: str = ""
