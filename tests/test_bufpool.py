@@ -559,3 +559,18 @@ def test_attach_refuses_a_segment_that_is_not_a_pool(instance: str) -> None:
     seg.close()
     with pytest.raises(ValueError, match="one buffer of each"):
         BufferPool.create(instance, MIN_MEMORY - 1)
+
+
+def test_the_shared_state_carries_the_pool_and_its_reclaim(instance: str) -> None:
+    from weft.workers.shared import SharedState
+
+    state = SharedState.create(instance, 4, 4, 1)
+    state.add_buffers(BufferPool.create(instance, MIN_MEMORY, 1))
+    assert state.owners.names[-1] == "buffers"
+    assert state.buffers is not None
+    assert claim_as(state.buffers, 3, DEAD) == 0
+    assert state.owners.reclaim(DEAD)["buffers"] == 1
+    with pytest.raises(ValueError, match="already"):
+        state.add_buffers(state.buffers)
+    state.close()
+    assert state.buffers is None

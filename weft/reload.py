@@ -6,6 +6,10 @@ steps and what each failure undoes. The rules:
 1. **Validate first.** Load the new config (a `ConfigError` lists every error), refuse a
    changed ``server.instance`` (the shared memory and the lock are named after it), and assign
    in-flight columns for the new endpoints. A failure here changes nothing and needs no undo.
+   Sizes of shared memory made at start (``limits.rate_table.capacity``, ``buffers.memory``)
+   cannot change under running workers: a changed one is not refused (that would block every
+   other change until it is reverted) but applies at the next restart, which the log and the
+   reload's outcome message say.
 2. **Announce.** systemd hears ``RELOADING=1``; every later failure says ``READY=1`` again.
 3. **Bind what is new.** Sockets for listeners or slots the new config adds; on failure they
    are closed and the column map restored.
@@ -82,6 +86,7 @@ def reload(sup: Supervisor) -> Outcome:
 
 def _run(sup: Supervisor) -> str:
     new, columns, saved = _validate(sup)
+    notes = _restart_only(sup, new)
     assert sup.colmap is not None
     nworkers = sup.nworkers if sup.workers_flag else sup.worker_count(new)
     ensure_fd_limit(new.limits.max_connections)  # the new workers inherit what it sets
@@ -106,7 +111,7 @@ def _run(sup: Supervisor) -> str:
         raise _Failed(f"new workers failed: {reason}; generation {sup.generation} keeps serving")
     _switch(sup, new, generation, nworkers, old)
     sup.notifier.ready(f"{sup.nworkers} workers, generation {sup.generation}")
-    return f"generation {generation} active"
+    return "; ".join([f"generation {generation} active", *notes])
 
 
 def _validate(
@@ -122,16 +127,6 @@ def _validate(
             f"{new.source}: server.instance: cannot change from "
             f'"{sup.instance}" to "{new.instance}" on reload (restart)'
         )
-    if sup.shared is not None and new.limits.rate_table.capacity != sup.shared.rate_keys:
-        # The table is laid out in the segment at start and keeps the buckets of every key
-        # across reloads; resizing it would drop them all.
-        log.warning(
-            "%s: limits.rate_table.capacity %d applies at the next restart; the shared table "
-            "keeps %d keys until then",
-            new.source,
-            new.limits.rate_table.capacity,
-            sup.shared.rate_keys,
-        )
     assert sup.colmap is not None
     saved = (dict(sup.colmap.columns), dict(sup.colmap.retired))
     try:
@@ -142,6 +137,30 @@ def _validate(
         for column in sup.colmap.fresh:  # free until now: no worker reads its record
             sup.shared.endpoints.reset(column)
     return new, columns, saved
+
+
+def _restart_only(sup: Supervisor, new: Config) -> list[str]:
+    """Notes on the changed settings that apply at the next restart only (logged here)."""
+    notes = []
+    shared = sup.shared
+    if shared is not None and new.limits.rate_table.capacity != shared.rate_keys:
+        # The table is laid out in the segment at start and keeps the buckets of every key
+        # across reloads; resizing it would drop them all.
+        notes.append(
+            f"limits.rate_table.capacity {new.limits.rate_table.capacity} applies at the next "
+            f"restart; the shared table keeps {shared.rate_keys} keys until then"
+        )
+    pool = shared.buffers if shared is not None else None
+    if pool is not None and new.buffers.memory != pool.memory:
+        # Workers of both generations hold buffers of the one pool during the switch, and the
+        # data path's views point into its mapping: a live pool cannot be resized.
+        notes.append(
+            f"buffers.memory {new.buffers.memory} applies at the next restart; the buffer pool "
+            f"keeps {pool.memory} bytes until then"
+        )
+    for note in notes:
+        log.warning("%s: %s", new.source, note)
+    return notes
 
 
 def _bind(

@@ -43,9 +43,10 @@ from weft import control, metrics, shutdown
 from weft import reload as reload_mod
 from weft import sock as sock_mod
 from weft.admin import AdminProcess
+from weft.bufpool import BufferPool
 from weft.respawn import Child, SlotState
 from weft.schema import Config
-from weft.shm.segment import InstanceLock, InstanceRunning, remove_instance
+from weft.shm.segment import InstanceLock, InstanceRunning, SegmentError, remove_instance
 from weft.shm.worktable import READY
 from weft.shutdown import DRAIN_MARGIN, KILL_GRACE
 from weft.signals import SignalQueue
@@ -153,6 +154,13 @@ class Supervisor:
             1,
             rate_keys=self.config.limits.rate_table.capacity,
         )
+        memory = self.config.buffers.memory
+        try:
+            # Reserved in full now (posix_fallocate): a pool /dev/shm cannot hold fails here,
+            # not with a SIGBUS in a worker later.
+            self.shared.add_buffers(BufferPool.create(self.instance, memory, 1))
+        except SegmentError as e:
+            raise StartupError(f"weft: buffers.memory = {memory} bytes: {e}") from None
         self._parent_pipe = os.pipe()
         os.set_inheritable(self._parent_pipe[0], True)
         sock_mod.ensure_fd_limit(self.config.limits.max_connections)

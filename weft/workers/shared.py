@@ -23,6 +23,10 @@ One segment, ``/weft-<instance>-state``, laid out as:
   entries of one word, a key's GCRA time, `weft.backpressure`): every worker decides on the
   same word, so a limit is exact across workers, and the buckets survive reloads.
 
+Beside it, in a segment of its own (``/weft-<instance>-buffers``, sized by ``[buffers] memory``),
+the **buffer pool** (`weft.bufpool`): the supervisor creates it at start and hands it over with
+`add_buffers`, so workers inherit it with this state and the supervisor's reclaim walks it.
+
 The supervisor creates it (`SharedState.create`) while holding the instance lock; forked workers
 inherit the mapping; `weft status` attaches read-only (`SharedState.attach`). The column map
 lives in the supervisor alone: what the readers need of it (where the observed endpoints'
@@ -34,6 +38,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from weft.bufpool import BufferPool
 from weft.schema import Config, Destination
 from weft.shm.counters import InflightMatrix, PositionTable, SharedPosition
 from weft.shm.endpoints import EndpointTable
@@ -112,6 +117,7 @@ class SharedState:
         self.owners.register("worker_table", self.table)
         self.owners.register("endpoints", self.endpoints)
         self.owners.register("rate_table", self.rate_table)
+        self.buffers: BufferPool | None = None  # see add_buffers
 
     @staticmethod
     def size_for(rows: int, columns: int, rate_keys: int = 16) -> int:
@@ -144,8 +150,22 @@ class SharedState:
         load = seg.atomics.load
         return cls(seg, load(shape), load(shape + 8), load(shape + 16))
 
+    def add_buffers(self, pool: BufferPool) -> None:
+        """Make `pool` (`BufferPool.create`, its own segment) part of this state: processes
+        forked from now on inherit it as ``buffers``, a dead worker's buffers are reclaimed
+        with the rest of what it held, and `close` unmaps it."""
+        if self.buffers is not None:
+            raise ValueError("this shared state has a buffer pool already")
+        self.owners.register("buffers", pool)
+        self.buffers = pool
+
     def close(self) -> None:
-        self.segment.close()
+        try:
+            if self.buffers is not None:
+                self.buffers.close()
+                self.buffers = None
+        finally:
+            self.segment.close()
 
 
 class _InflightOfRows:
