@@ -217,9 +217,14 @@ def test_a_slice_of_the_view_outlives_the_release_as_documented(pool: BufferPool
     head.release()
 
 
-def test_claim_refuses_sizes_no_class_holds(pool: BufferPool) -> None:
+def test_claim_refuses_sizes_no_class_holds_and_a_closed_pool(atomics: Atomics) -> None:
+    pool = BufferPool(atomics, POOL_AT, SMALL).format()
     with pytest.raises(ValueError, match="largest"):
         pool.claim(64 * KiB + 1)
+    pool.close()
+    with pytest.raises(ValueError, match="closed"):
+        pool.claim(1)
+    assert all(n == 0 for n, _ in BufferPool.open(atomics, POOL_AT).stats().values())
 
 
 def test_format_then_open_reads_the_same_pool(pool: BufferPool, atomics: Atomics) -> None:
