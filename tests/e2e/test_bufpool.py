@@ -29,6 +29,10 @@ def test_the_pool_segment_lives_from_start_to_stop_and_survives_a_reload(
     sup = start_supervised(
         weft, tmp_path, config + table("[buffers]", {"memory": "1MiB"}), workers=2
     )
+    # The supervisor has finished starting (a worker killed before that fails the start
+    # instead of being replaced).
+    wait_for(lambda: "workers listening on" in sup.weft.stderr_text(), 10,
+             "the supervisor to finish starting")
     # 1. the segment is there, sized for 1 MiB of buffers, every buffer free
     path = f"/dev/shm/weft-{sup.instance}-buffers"
     assert os.path.exists(path), shm_segments(sup.instance)

@@ -274,15 +274,19 @@ def test_an_endpoint_turning_unhealthy_loses_its_idle_connections_in_every_worke
 
     def slow_request() -> None:
         conn = http.client.HTTPConnection(proxy.host, proxy.port, timeout=10)
+        slow["tries"] = []
         try:
             # Until one reaches `sick` (round robin): each answer says which endpoint it came from.
             for _ in range(4):
                 conn.request("GET", "/slow?delay=1.5")
                 resp = conn.getresponse()
                 resp.read()
+                slow["tries"].append((resp.status, resp.getheader("x-upstream")))  # type: ignore[attr-defined]
                 if resp.getheader("x-upstream") == "sick":
                     slow["status"] = resp.status
                     return
+        except Exception as e:
+            slow["error"] = repr(e)
         finally:
             conn.close()
 
