@@ -3,26 +3,13 @@ message per mistake naming its key path."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from support.config import MINIMAL_CONFIG
+from support.config import config_errors as errors_of
+from support.config import load_text as load
 
-from weft import config
 from weft.bufpool import MIN_MEMORY
-from weft.schema import Buffers, ConfigError
-
-
-def load(tmp_path: Path, text: str) -> config.Config:
-    path = tmp_path / "weft.toml"
-    path.write_text(text)
-    return config.load(path)
-
-
-def errors_of(tmp_path: Path, text: str) -> list[str]:
-    with pytest.raises(ConfigError) as info:
-        load(tmp_path, text)
-    return info.value.errors
+from weft.schema import Buffers
 
 
 def test_no_section_and_an_empty_one_mean_64_mib(tmp_path):

@@ -3,19 +3,11 @@ per mistake, including principal keys, refused until the SPIFFE identity exists.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from support.config import MINIMAL_CONFIG
+from support.config import load_text as load
 
-from weft import config
 from weft.schema import ConfigError, RateLimit, RateTable
-
-
-def load(tmp_path: Path, text: str) -> config.Config:
-    path = tmp_path / "weft.toml"
-    path.write_text(text)
-    return config.load(path)
 
 
 def test_entries_are_read_in_order_with_their_units(tmp_path):

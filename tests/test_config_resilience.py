@@ -3,13 +3,12 @@ defaults, one precise message per mistake, and the contradictions `weft check` r
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from support.config import MINIMAL_CONFIG
+from support.config import config_errors as errors_of
+from support.config import load_text as load
 
-from weft import config
-from weft.schema import BreakerConfig, ConfigError, HealthCheck, OutlierConfig, RetryPolicy
+from weft.schema import BreakerConfig, HealthCheck, OutlierConfig, RetryPolicy
 
 SECTIONS = """
 [destinations.web.health]
@@ -19,16 +18,6 @@ SECTIONS = """
 """
 
 
-def load(tmp_path: Path, text: str) -> config.Config:
-    path = tmp_path / "weft.toml"
-    path.write_text(text)
-    return config.load(path)
-
-
-def errors_of(tmp_path: Path, text: str) -> list[str]:
-    with pytest.raises(ConfigError) as info:
-        load(tmp_path, text)
-    return info.value.errors
 
 
 def test_empty_sections_get_the_issue_s_defaults(tmp_path):

@@ -20,6 +20,9 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from weft import config as weft_config
+from weft.schema import Config, ConfigError
+
 from .procs import unique_instance
 
 # Durations in test configs are short: the suite runs in minutes on two cores.
@@ -150,3 +153,19 @@ def simple_config(port: int, endpoints: Sequence[str | Mapping[str, object]], *,
         + destination("app", endpoints, strategy=strategy, pool=pool, **(destination_keys or {}))
         + route("app", **(route_keys or {}))
     )
+
+
+def load_text(tmp_path: Path, text: str) -> Config:
+    """`text` written as ``tmp_path/weft.toml`` and loaded (ConfigError as it comes)."""
+    path = tmp_path / "weft.toml"
+    path.write_text(text)
+    return weft_config.load(path)
+
+
+def config_errors(tmp_path: Path, text: str) -> list[str]:
+    """The error lines `weft.config.load` gives for `text` (it must refuse it)."""
+    try:
+        load_text(tmp_path, text)
+    except ConfigError as e:
+        return e.errors
+    raise AssertionError("the config was accepted")
