@@ -24,8 +24,10 @@ if _TESTS not in sys.path:
     sys.path.insert(0, _TESTS)
 
 from support import procs  # noqa: E402
-from support.children import children  # noqa: E402, F401 - fixture of tests/test_shm_*.py
+from support.children import Children, children  # noqa: E402, F401 - children: a fixture
 from support.procs import Upstream, Weft  # noqa: E402
+
+from weft.shm.segment import remove_instance, segment_names  # noqa: E402
 
 
 @pytest.fixture
@@ -113,3 +115,16 @@ def _nothing_left_behind() -> Iterator[None]:
         for d in metrics_dirs:
             shutil.rmtree(d, ignore_errors=True)
     assert not problems, "; ".join(problems)
+
+
+@pytest.fixture
+def instance(children: Children) -> Iterator[str]:  # noqa: F811 - the fixture above
+    """A fresh shm instance name; its segments are removed afterwards (children are reaped
+    first: tests/test_shm_segment.py, tests/test_bufpool.py)."""
+    import secrets
+
+    name = f"test-{secrets.token_hex(4)}"
+    yield name
+    children.reap_all()
+    remove_instance(name)
+    assert segment_names(name) == []

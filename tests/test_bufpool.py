@@ -14,7 +14,6 @@ import itertools
 import mmap
 import os
 import random
-import secrets
 import signal
 import time
 from collections.abc import Iterator
@@ -39,7 +38,7 @@ from weft.bufpool import (
 )
 from weft.shm import atomics as atomics_mod
 from weft.shm.atomics import WORD, Atomics
-from weft.shm.segment import SegmentError, remove_instance, segment_names
+from weft.shm.segment import SegmentError, segment_names
 
 WAIT_S = 60.0  # bound on any child's run; generous for a loaded 2-core machine
 DEAD = 4_000_001  # above pid_max's 2**22: never a live process
@@ -499,14 +498,6 @@ async def test_claim_wait_returns_a_buffer_released_meanwhile(
 
 # == the segment ==============================================================================
 
-
-@pytest.fixture
-def instance(children: Children) -> Iterator[str]:
-    name = f"test-{secrets.token_hex(4)}"
-    yield name
-    children.reap_all()
-    remove_instance(name)
-    assert segment_names(name) == []
 
 
 def test_the_buffers_segment_is_created_attached_and_shared_by_a_child(

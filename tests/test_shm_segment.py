@@ -9,7 +9,6 @@ bounded.
 from __future__ import annotations
 
 import os
-import secrets
 import select
 import signal
 import stat
@@ -35,15 +34,6 @@ WAIT_S = 30.0  # bound on any wait for a child
 
 
 
-
-@pytest.fixture
-def instance(children: Children) -> Iterator[str]:
-    """A fresh instance name; its segments are removed afterwards (children are gone first)."""
-    name = f"test-{secrets.token_hex(4)}"
-    yield name
-    children.reap_all()
-    remove_instance(name)
-    assert segment_names(name) == []
 
 
 class Pipe:
