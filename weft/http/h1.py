@@ -27,6 +27,14 @@ TARGET_BAD = re.compile(rb"[^\x21-\x7e]|#")
 END = h11.EndOfMessage()
 
 
+def data_bytes(conn: h11.Connection, chunk: bytes | memoryview) -> bytes | memoryview:
+    """What to write for one chunk of a body on `conn`: the chunk itself when the framing adds
+    nothing (Content-Length, HTTP/1.0), so a relay writes from its pool buffer without a copy
+    (h11's `send` would join it into new bytes); else the chunk framed (chunked)."""
+    parts = conn.send_with_data_passthrough(h11.Data(data=chunk))
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
 # RFC 9112 §7.1 and §7.1.1 (with RFC 9110 §5.6: token, quoted-string, BWS): one chunk-size
 # line without its CRLF. h11 itself refuses BWS before the first ";", and allows OWS at the end.
 _TOKEN = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+"

@@ -281,3 +281,41 @@ async def recv_until(
                 continue
     finally:
         timers.disarm(entry)
+
+
+async def recv_into_until(
+    sock: socket.socket,
+    view: memoryview,
+    deadline: float,
+    timers: Timers,
+    *,
+    try_first: bool = True,
+) -> int:
+    """`recv_until` into `view` (a slice of a pool buffer): how many bytes came, 0 at EOF.
+
+    The relays' read: the kernel copies straight into the buffer, and no `bytes` object is
+    made per chunk. Same deadline and wake rules as `recv_until`.
+    """
+    if try_first:
+        try:
+            n = sock.recv_into(view)
+        except BlockingIOError:
+            pass
+        else:
+            await checkpoint()
+            return n
+    entry = timers.arm(deadline, sock)
+    try:
+        while True:
+            try:
+                await wait_readable(sock)
+            except trio.ClosedResourceError:
+                if entry[2] is None:
+                    raise TimeoutError("nothing received by the deadline") from None
+                raise
+            try:
+                return sock.recv_into(view)
+            except BlockingIOError:
+                continue
+    finally:
+        timers.disarm(entry)

@@ -97,11 +97,34 @@ class Body:
     def __init__(self) -> None:
         self.trailers: HeaderList = []
 
+    #: what the default `receive_into` took from `receive` and did not fit yet
+    _rest: bytes | memoryview = b""
+
     async def receive(self) -> bytes:
         return b""
 
+    async def receive_into(self, view: memoryview) -> int:
+        """Put the next bytes into `view` (a leased pool buffer's); how many, 0 exactly once
+        at the end, like `receive`'s ``b""``.
+
+        What the relays call: the protocol adapters override it to read from their socket
+        straight into `view`, with no `bytes` object per chunk. This default copies from
+        `receive` and keeps what did not fit for the next call. A body is read either with
+        `receive` or with this, not both.
+        """
+        rest = self._rest
+        if not rest:
+            rest = await self.receive()
+            if not rest:
+                return 0
+        n = min(len(view), len(rest))
+        view[:n] = memoryview(rest)[:n] if n < len(rest) else rest
+        self._rest = memoryview(rest)[n:] if n < len(rest) else b""
+        return n
+
     def prefetched(self) -> tuple[list[bytes], bool]:
-        """Chunks available without I/O, and whether they complete the body."""
+        """Chunks available without I/O, and whether they complete the body. The chunks may
+        be memoryviews into the request's arena (a replay body): valid until it is released."""
         return [], type(self) is Body
 
     async def aclose(self) -> None:
@@ -163,6 +186,7 @@ class Request:
     """
 
     __slots__ = (
+        "arena",
         "body",
         "client",
         "client_watch",
@@ -220,6 +244,10 @@ class Request:
         # Set by the adapter (a `weft.http.upstream.ClientWatch`): the upstream side watches
         # the client through it while a response is awaited; None when the adapter cannot tell.
         self.client_watch: Any = None
+        # Set by the adapter: the request's `weft.arena_pool.Arena`, through which everything
+        # on its path leases pool buffers; the adapter releases it when the exchange ends.
+        # None for a request made outside an adapter (tests): no pool then.
+        self.arena: Any = None
 
     @property
     def upstream_target(self) -> str:

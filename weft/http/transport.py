@@ -31,7 +31,16 @@ import socket
 
 from trio.lowlevel import notify_closing, wait_readable
 
-from weft.http.io import Timers, close, connect, recv, recv_until, send_all, send_some
+from weft.http.io import (
+    Timers,
+    close,
+    connect,
+    recv,
+    recv_into_until,
+    recv_until,
+    send_all,
+    send_some,
+)
 
 
 class Transport:
@@ -72,6 +81,13 @@ class TCPTransport(Transport):
         except BlockingIOError:
             return None
 
+    def recv_into_now(self, view: memoryview) -> int | None:
+        """`recv_now` into `view`: the byte count, 0 at EOF, None when nothing is there."""
+        try:
+            return self.sock.recv_into(view)
+        except BlockingIOError:
+            return None
+
     async def recv(self, size: int) -> bytes:
         """Read up to `size` bytes; ``b""`` at EOF. Raises OSError."""
         return await recv(self.sock, size)
@@ -82,6 +98,12 @@ class TCPTransport(Transport):
         """`recv` with a deadline from `timers`: TimeoutError when nothing came by then (the
         transport is then marked closing: close it)."""
         return await recv_until(self.sock, size, deadline, timers, try_first=try_first)
+
+    async def recv_into(
+        self, view: memoryview, deadline: float, timers: Timers, *, try_first: bool = True
+    ) -> int:
+        """`recv_until` into `view` (a pool buffer's): the byte count, 0 at EOF. Same errors."""
+        return await recv_into_until(self.sock, view, deadline, timers, try_first=try_first)
 
     def send_some(self, data: bytes | memoryview) -> int:
         """One non-blocking write; how much the kernel took. Raises OSError."""
