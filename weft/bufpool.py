@@ -113,6 +113,7 @@ for long costs a waiting task 50 polls a second. Waiters are not served in order
 
 from __future__ import annotations
 
+import mmap
 import os
 from collections.abc import Iterator
 from types import TracebackType
@@ -541,3 +542,12 @@ class BufferPool:
         return (
             f"<BufferPool {self.memory} bytes {dict(zip(CLASS_SIZES, self.counts, strict=True))}>"
         )
+
+
+def private_pool(memory: int) -> BufferPool:
+    """A pool of `memory` bytes of buffers for this process alone, in an anonymous mapping (a
+    worker without a supervisor: tests, an in-process worker); it lives as long as the pool.
+    Untouched pages of the mapping cost no memory."""
+    counts = split_memory(memory)
+    mapping = mmap.mmap(-1, BufferPool.size_for(counts))
+    return BufferPool(Atomics(mapping), 0, counts, memory).format()

@@ -18,7 +18,7 @@ protocol library and the pool (`weft.connection`) can hold connections of any pr
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from weft.http.messages import Body, HeaderList, Response
@@ -42,6 +42,7 @@ class Outgoing:
     """One request as it is sent upstream (built by the forwarder for each attempt)."""
 
     __slots__ = (
+        "arena",
         "body",
         "client_watch",
         "close_client",
@@ -64,6 +65,7 @@ class Outgoing:
         fields_checked: bool,
         upgrade: bool = False,
         client_watch: ClientWatch | None = None,
+        arena: Any = None,
     ) -> None:
         self.method = method
         self.target = target
@@ -78,6 +80,9 @@ class Outgoing:
         # The adapter watches the client while the response head is awaited (the body sent):
         # a client that leaves abandons the exchange. None when the client side cannot tell.
         self.client_watch = client_watch
+        # The request's `weft.arena_pool.Arena`: a streamed body is relayed through a buffer
+        # leased from it. None (a request made outside an adapter): relayed as `bytes`.
+        self.arena = arena
         # Set by the adapter: the upstream answered before the whole body was sent, so the
         # client connection must close after the response (its body's rest is unread).
         self.close_client = False

@@ -27,6 +27,7 @@ import time
 import traceback
 
 from weft.backpressure import SharedLimiter
+from weft.bufpool import BufferPool
 from weft.dst import Position
 from weft.forward import Inflight
 from weft.handler import Middleware, load_all_middleware
@@ -83,6 +84,11 @@ class ChildHooks(Hooks):
         if self._limiter is None:
             self._limiter = SharedLimiter(self.state.rate_table)
         return self._limiter
+
+    def buffer_pool(self, config: Config) -> BufferPool:
+        if self.state.buffers is None:  # a state made without a pool (tests): this process's
+            return super().buffer_pool(config)
+        return self.state.buffers
 
     def retry_budget_for(self, route: Route) -> RetryBudget:
         assert route.retry is not None

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
+from weft.arena_pool import ArenaPool
 from weft.http.io import Timers
 from weft.http.messages import Request, Response
 from weft.schema import Config
@@ -52,6 +53,9 @@ class ServerState:
         # Called for a request whose client went away before it got a response (no exchange
         # to log; metrics count it as nginx's 499 and end its in-flight count).
         self.on_abandon: Callable[[Request], None] | None = None
+        # The worker's arenas over its buffer pool (`weft.arena_pool`): a connection takes one
+        # and gives it back when it ends. None: no pool (a state made in tests).
+        self.arenas: ArenaPool | None = None
 
     def register(self, conn: Drainable) -> None:
         self.connections.add(conn)

@@ -42,7 +42,9 @@ import trio
 
 from weft import metrics as metrics_mod
 from weft.accesslog import AccessLog
+from weft.arena_pool import ArenaPool
 from weft.backpressure import SharedLimiter, private_table, sweep_idle_ns
+from weft.bufpool import BufferPool, private_pool
 from weft.connection import UpstreamPools
 from weft.dst import Position
 from weft.forward import Inflight
@@ -91,6 +93,7 @@ class Hooks:
     local_records: LocalRecords | None = None
     _limiter: SharedLimiter | None = None
     _redis: RedisLimiter | None = None
+    _buffers: BufferPool | None = None
 
     def inflight_for(self, dest: Destination) -> Inflight | None:
         """Shared in-flight counts for a destination, or None for this process's own."""
@@ -121,6 +124,14 @@ class Hooks:
         if self._redis is None:
             self._redis = RedisLimiter(backend.url, backend.timeout)
         return self._redis
+
+    def buffer_pool(self, config: Config) -> BufferPool:
+        """The buffer pool the data path leases from (`weft.arena_pool`); here, this process's
+        own of ``buffers.memory``, in an anonymous mapping (its pages cost nothing until
+        touched). A supervised worker's is the instance's shared segment."""
+        if self._buffers is None:
+            self._buffers = private_pool(config.buffers.memory)
+        return self._buffers
 
     def retry_budget_for(self, route: Route) -> RetryBudget:
         """The shared retry budget of a route with ``[routes.retry]``; here, this process's."""
@@ -190,6 +201,7 @@ class Worker:
         #: active probes and pool eviction (None: no destination is observed)
         self.prober = Prober(observers, self.pools) if observers else None
         self.state = ServerState(config, self.app, self.pools.timers)
+        self.state.arenas = ArenaPool(self.hooks.buffer_pool(config))
         self.access_log = AccessLog(config.access_log.path) if config.access_log.enabled else None
         if self.access_log is not None:
             self.state.on_exchange = self.access_log.record
