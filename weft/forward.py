@@ -37,6 +37,7 @@ from typing import Protocol
 import trio
 
 from weft import outcome
+from weft.arena_pool import BuffersExhausted
 from weft.connection import EndpointPool
 from weft.dst import HashKeySource, Position, make_balancer
 from weft.http.errors import UpstreamError, error_response
@@ -73,6 +74,7 @@ PUBLIC_REASON = {
     "no_endpoint": "no upstream endpoint available",
     "breaker_open": "the upstream is failing; its circuit breaker is open",
     "draining": "the server is shutting down",
+    "buffers_exhausted": BuffersExhausted.public,
 }
 
 
@@ -254,6 +256,7 @@ class Forwarder:
             fields_checked=True,
             upgrade=upgrade,
             client_watch=request.client_watch,
+            arena=request.arena,
         )
 
     def _releaser(

@@ -50,8 +50,16 @@ from typing import TYPE_CHECKING
 import h11
 import trio
 
+from weft.arena_pool import RELAY_SIZE
 from weft.http.errors import ClientError, ClientGone, UpstreamError
-from weft.http.h1 import END, READ_SIZE, end_of_message, fields, valid_request_line
+from weft.http.h1 import (
+    END,
+    READ_SIZE,
+    data_bytes,
+    end_of_message,
+    fields,
+    valid_request_line,
+)
 from weft.http.headers import connection_tokens
 from weft.http.messages import Body, Headers, Response
 from weft.http.transport import TCPTransport
@@ -59,6 +67,7 @@ from weft.http.tunnel import Tunnel
 from weft.http.upstream import Outgoing
 
 if TYPE_CHECKING:
+    from weft.bufpool import Buffer
     from weft.http.io import Timers
     from weft.schema import Endpoint, Timeouts
 
@@ -77,6 +86,7 @@ class H1Upstream:
         "conn",
         "endpoint",
         "idle_since",
+        "raw_done",
         "received",
         "requests",
         "sent",
@@ -97,6 +107,8 @@ class H1Upstream:
         self.stray = 0  # bytes found past the end of the last response (never reused then)
         # The client left while this exchange awaited the response head (see _client_left).
         self.client_left = False
+        # The last response body was read raw to its exact end, past h11 (H1ResponseBody).
+        self.raw_done = False
 
     # -- what the pool asks ----------------------------------------------------------------
 
@@ -108,7 +120,11 @@ class H1Upstream:
 
     def reusable(self) -> bool:
         c = self.conn
-        if c.our_state is not h11.DONE or c.their_state is not h11.DONE:
+        if c.our_state is not h11.DONE:
+            return False
+        if self.raw_done:
+            return True  # read to the byte where the response ends (h11 stays in SEND_BODY)
+        if c.their_state is not h11.DONE:
             return False
         rest, closed = c.trailing_data
         if rest:
@@ -117,7 +133,11 @@ class H1Upstream:
         return not closed
 
     def recycle(self) -> None:
-        self.conn.start_next_cycle()
+        if self.raw_done:
+            self.conn = h11.Connection(h11.CLIENT)
+            self.raw_done = False
+        else:
+            self.conn.start_next_cycle()
         self.received = 0
         # A watch that fired after the head had come (the exchange went on) must not fail the
         # next client's exchange on this connection.
@@ -178,17 +198,38 @@ class H1Upstream:
             await self._send(data + conn.send(END), send_idle)
             return await self._read_head_watched(out, interim, head_timeout, deadline)
         body = out.body
-        first = await body.receive()
+        chunks, complete = body.prefetched()
         chunked = body.length is None
-        if not first or getattr(body, "done", False):
-            # The whole body arrived with the head: one write.
-            if first:
-                data += conn.send(h11.Data(data=first))
-            data += conn.send(end_of_message(body.trailers if chunked else []))
-            await self._send(data, send_idle)
+        pieces: list[bytes | memoryview] = [data]
+        size = len(data)
+        for c in chunks:
+            if c:
+                pieces.append(data_bytes(conn, c))
+                size += len(c)
+        if complete:
+            # The whole body is in memory (it came with the head, or it is a replay body).
+            pieces.append(conn.send(end_of_message(body.trailers if chunked else [])))
+            await self._send_pieces(pieces, size, send_idle)
             return await self._read_head_watched(out, interim, head_timeout, deadline)
-        await self._send(data + conn.send(h11.Data(data=first)), send_idle)
-        return await self._stream_body(out, body, chunked, timeouts, deadline, interim)
+        # The rest streams from the client through a pool buffer of the request's arena,
+        # leased before anything is written (none free in time: 503, nothing sent).
+        relay = None
+        if out.arena is not None:
+            relay = await out.arena.lease_wait(RELAY_SIZE, timeouts.client_body_idle)
+        await self._send_pieces(pieces, size, send_idle)
+        return await self._stream_body(out, body, chunked, timeouts, deadline, interim, relay)
+
+    async def _send_pieces(
+        self, pieces: list[bytes | memoryview], size: int, timeout: float
+    ) -> None:
+        """Write the head and body pieces: joined into one write when small, else in turn
+        (a large replay body is written from its buffers, not copied into one object)."""
+        if size <= RELAY_SIZE or len(pieces) == 1:
+            await self._send(b"".join(pieces) if len(pieces) > 1 else pieces[0], timeout)
+            return
+        for p in pieces:
+            if p:
+                await self._send(p, timeout)
 
     async def _stream_body(
         self,
@@ -198,9 +239,11 @@ class H1Upstream:
         timeouts: Timeouts,
         deadline: float,
         interim: Interim | None,
+        relay: Buffer | None,
     ) -> h11.Response | h11.InformationalResponse:
-        """Pump the rest of the body while the response head is awaited; see the module doc
-        for which failure wins."""
+        """Pump the rest of the body while the response head is awaited (read into `relay`'s
+        buffer and written from it; as `bytes` without one); see the module doc for which
+        failure wins."""
         conn = self.conn
         send_idle = timeouts.upstream_send_idle
         head_timeout = timeouts.upstream_header
@@ -212,8 +255,13 @@ class H1Upstream:
         async def pump(cancel: trio.CancelScope) -> None:
             nonlocal pump_error
             try:
-                while chunk := await body.receive():
-                    await self._send(conn.send(h11.Data(data=chunk)), send_idle)
+                if relay is not None:
+                    view = relay.view
+                    while n := await body.receive_into(view):
+                        await self._send(data_bytes(conn, view[:n]), send_idle)
+                else:
+                    while chunk := await body.receive():
+                        await self._send(conn.send(h11.Data(data=chunk)), send_idle)
                 await self._send(
                     conn.send(end_of_message(body.trailers if chunked else [])), send_idle
                 )
@@ -322,7 +370,7 @@ class H1Upstream:
         body = H1ResponseBody(self, on_done, timeouts.upstream_body_idle, deadline, length)
         return Response(ev.status_code, Headers(headers), body, reason=ev.reason)
 
-    async def _send(self, data: bytes, timeout: float) -> None:
+    async def _send(self, data: bytes | memoryview, timeout: float) -> None:
         """Write to the upstream; 504 after `timeout` without progress, 502 on a reset."""
         self.sent = True
         transport = self.transport
@@ -430,9 +478,27 @@ def _switches_to_websocket(headers: list[tuple[bytes, bytes]]) -> bool:
 
 
 class H1ResponseBody(Body):
-    """A response body streamed from an upstream connection; frees it (`on_done`) at the end."""
+    """A response body streamed from an upstream connection; frees it (`on_done`) at the end.
 
-    __slots__ = ("_chunks", "_complete", "_deadline", "_done", "_idle", "_on_done", "_up")
+    As on the server side (`weft.http.h1_request.H1RequestBody`), a Content-Length body goes
+    **raw** from the moment h11's buffer is empty: read straight from the socket, at most the
+    bytes still owed, into the relay's pool buffer (`receive_into`). The connection is then
+    reusable on the count alone (`H1Upstream.raw_done`): nothing past the body was read, and
+    the next exchange gets a fresh h11 connection. Chunked and read-until-close bodies go
+    through h11.
+    """
+
+    __slots__ = (
+        "_chunks",
+        "_complete",
+        "_deadline",
+        "_done",
+        "_idle",
+        "_left",
+        "_on_done",
+        "_raw",
+        "_up",
+    )
 
     def __init__(
         self,
@@ -451,8 +517,11 @@ class H1ResponseBody(Body):
         self._done = False
         self._chunks: list[bytes] = []
         self._complete = False
+        self._raw = False
+        self._left = 0
         # Take what h11 already holds, without I/O.
         conn = up.conn
+        seen = 0
         while True:
             try:
                 ev = conn.next_event()
@@ -461,12 +530,17 @@ class H1ResponseBody(Body):
             t = type(ev)
             if t is h11.Data:
                 self._chunks.append(bytes(ev.data))
+                seen += len(ev.data)
             elif t is h11.EndOfMessage:
                 self.trailers = fields(ev.headers)
                 self._complete = True
                 self._finish(True)
                 break
             else:
+                if ev is h11.NEED_DATA and length is not None:
+                    # h11's buffer is empty: the rest is read raw (see the class docstring).
+                    self._raw = True
+                    self._left = length - seen
                 break  # NEED_DATA (or PAUSED): the rest comes by receive()
 
     def prefetched(self) -> tuple[list[bytes], bool]:
@@ -478,19 +552,25 @@ class H1ResponseBody(Body):
             self._done = True
             self._on_done(reusable)
 
+    def _wait(self) -> tuple[float, str]:
+        """The deadline of the next read and the reason word if it passes."""
+        now = trio.current_time()
+        if now >= self._deadline:
+            raise UpstreamError("request_total exceeded", status=504, reason="request_timeout")
+        if self._deadline < now + self._idle:
+            return self._deadline, "request_timeout"
+        return now + self._idle, "upstream_body_timeout"
+
     async def receive(self) -> bytes:
         if self._chunks:
             return self._chunks.pop(0)
         if self._complete:
             return b""
-        now = trio.current_time()
+        if self._raw:
+            view = memoryview(bytearray(min(self._left, READ_SIZE)))
+            return bytes(view[: await self._receive_raw(view)])
         try:
-            if now >= self._deadline:
-                raise UpstreamError("request_total exceeded", status=504, reason="request_timeout")
-            if self._deadline < now + self._idle:
-                ev = await self._up.next_event(self._deadline, "request_timeout")
-            else:
-                ev = await self._up.next_event(now + self._idle, "upstream_body_timeout")
+            ev = await self._up.next_event(*self._wait())
         except BaseException:
             self._finish(False)
             raise
@@ -507,7 +587,45 @@ class H1ResponseBody(Body):
             f"upstream closed mid-body ({type(ev).__name__})", reason="upstream_reset"
         )
 
+    async def receive_into(self, view: memoryview) -> int:
+        if self._raw and not self._chunks and not self._rest:
+            if self._complete:
+                return 0
+            return await self._receive_raw(view)
+        return await super().receive_into(view)
+
+    async def _receive_raw(self, view: memoryview) -> int:
+        """Read up to the bytes still owed straight into `view`; ends the body at the count."""
+        if self._left < len(view):
+            view = view[: self._left]
+        up = self._up
+        try:
+            deadline, what = self._wait()
+            try:
+                n = await up.transport.recv_into(view, deadline, up.timers)
+            except TimeoutError:
+                raise UpstreamError(
+                    f"upstream too slow ({what})", status=504, reason=what
+                ) from None
+            except (OSError, trio.ClosedResourceError) as e:
+                raise UpstreamError(
+                    f"upstream connection reset: {e}", reason="upstream_reset"
+                ) from None
+            if not n:
+                raise UpstreamError(
+                    f"upstream closed mid-body, {self._left} bytes short", reason="upstream_reset"
+                )
+        except BaseException:
+            self._finish(False)
+            raise
+        up.received += n
+        self._left -= n
+        if not self._left:
+            self._complete = True
+            up.raw_done = True
+            self._finish(True)
+        return n
+
     async def aclose(self) -> None:
         self._chunks = []
         self._finish(False)
-

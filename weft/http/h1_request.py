@@ -158,9 +158,18 @@ def check_fields(buf: bytearray, start: int, end: int, version: bytes) -> None:
 
 
 class H1RequestBody(Body):
-    """The body of the request being served, pulled from the client connection on demand."""
+    """The body of the request being served, pulled from the client connection on demand.
 
-    __slots__ = ("_conn", "_done", "_srv", "limit", "received")
+    A Content-Length body is read by h11 only as far as h11 already holds it (the bytes that
+    came with the head). From the first moment h11 needs more (``NEED_DATA``: its buffer is
+    empty), the rest is read **raw**: straight from the socket, at most the bytes still owed,
+    so nothing past the body is ever read and the next request's bytes stay in the kernel.
+    `receive_into` then puts them into the caller's pool buffer with no `bytes` per chunk. h11
+    never sees those bytes, so its state stays in SEND_BODY: the server asks `done`, not h11,
+    whether the body ended. A chunked body always goes through h11, which owns chunk parsing.
+    """
+
+    __slots__ = ("_conn", "_done", "_event", "_left", "_raw", "_srv", "limit", "received")
 
     def __init__(self, srv: H1Server, conn: h11.Connection, length: int | None) -> None:
         super().__init__()
@@ -170,6 +179,9 @@ class H1RequestBody(Body):
         self.limit: int | None = None
         self.received = 0
         self._done = length == 0
+        self._raw = False  # reading past h11, `_left` bytes still owed
+        self._left = length or 0
+        self._event: object = None  # what `_event_or_raw` found for `_take`
         if length is None:
             check_chunk_lines(conn)  # sizes past 63 bits, malformed chunk-ext: h11 takes them
             # h11 measures an incomplete line (a chunk-size line, the trailer section) against
@@ -182,9 +194,82 @@ class H1RequestBody(Body):
     def done(self) -> bool:
         return self._done
 
+    @property
+    def raw(self) -> bool:
+        """Whether the rest of the body was read past h11 (whose state then stays SEND_BODY)."""
+        return self._raw
+
+    def prefetched(self) -> tuple[list[bytes], bool]:
+        """What h11 holds already (the bytes that came with the head), without I/O; True when
+        that is the whole body. A Content-Length body whose rest is not there goes raw."""
+        if self._done:
+            return [], True
+        if self._raw or self._rest:
+            return [], False
+        chunks = []
+        conn = self._conn
+        while True:
+            try:
+                ev = conn.next_event()
+            except h11.RemoteProtocolError as e:
+                raise self._srv.malformed("request body", e, "bad_body") from None
+            if ev is h11.NEED_DATA:
+                if self.length is not None:
+                    self._raw = True
+                    self._left = self.length - self.received
+                return chunks, False
+            self._event = ev
+            data = self._take()
+            if data:
+                chunks.append(data)
+            if self._done:
+                return chunks, True
+
     async def receive(self) -> bytes:
         if self._done:
             return b""
+        if self._raw or await self._event_or_raw():
+            data = await self._srv.receive(self._srv.body_idle, "client_body_timeout", self._left)
+            if not data:
+                raise ClientGone("client closed while sending the body")
+            self._count_raw(len(data))
+            return data
+        return self._take()
+
+    async def receive_into(self, view: memoryview) -> int:
+        if self._done:
+            return 0
+        if self._raw or await self._event_or_raw():
+            if self._left < len(view):
+                view = view[: self._left]
+            n = await self._srv.receive_into(view, self._srv.body_idle, "client_body_timeout")
+            if not n:
+                raise ClientGone("client closed while sending the body")
+            self._count_raw(n)
+            return n
+        data = self._take()
+        n = len(data)
+        if n > len(view):  # h11 held more than the caller's buffer: keep the rest
+            self._rest = memoryview(data)[len(view) :]
+            n = len(view)
+            view[:n] = memoryview(data)[:n]
+            return n
+        view[:n] = data
+        return n
+
+    def _count_raw(self, n: int) -> None:
+        self.received += n
+        self._left -= n
+        if self.limit is not None and self.received > self.limit:
+            raise BodyTooLarge(self.limit)
+        if not self._left:
+            self._done = True
+
+    async def _event_or_raw(self) -> bool:
+        """Step h11 until it has an event for `_take` (False), or a Content-Length body needs
+        bytes h11 does not hold: the reading goes raw (True)."""
+        if self._rest:
+            return False
         conn = self._conn
         if conn.client_is_waiting_for_100_continue:
             await self._srv.send_bytes(
@@ -196,25 +281,38 @@ class H1RequestBody(Body):
             except h11.RemoteProtocolError as e:
                 raise self._srv.malformed("request body", e, "bad_body") from None
             if ev is h11.NEED_DATA:
+                if self.length is not None:
+                    self._raw = True
+                    self._left = self.length - self.received
+                    return True
                 data = await self._srv.receive(self._srv.body_idle, "client_body_timeout")
                 if not data:
                     raise ClientGone("client closed while sending the body")
                 conn.receive_data(data)
                 continue
-            t = type(ev)
-            if t is h11.Data:
-                self.received += len(ev.data)
-                if self.limit is not None and self.received > self.limit:
-                    raise BodyTooLarge(self.limit)
-                if self.length is not None and self.received >= self.length:
-                    # h11 yields EndOfMessage next without I/O: take it now so the forwarder
-                    # knows the body is complete and can send it in one write.
-                    end = conn.next_event()
-                    if type(end) is h11.EndOfMessage:
-                        self._done = True
-                return bytes(ev.data)
-            if t is h11.EndOfMessage:
-                self.trailers = fields(ev.headers)
-                self._done = True
-                return b""
-            raise self._srv.malformed("request body", f"unexpected {type(ev).__name__}", "bad_body")
+            self._event = ev
+            return False
+
+    def _take(self) -> bytes:
+        """The data of the event `_event_or_raw` found (``b""`` and done at the end)."""
+        if self._rest:
+            rest, self._rest = self._rest, b""
+            return bytes(rest)
+        ev, self._event = self._event, None
+        t = type(ev)
+        if t is h11.Data:
+            self.received += len(ev.data)
+            if self.limit is not None and self.received > self.limit:
+                raise BodyTooLarge(self.limit)
+            if self.length is not None and self.received >= self.length:
+                # h11 yields EndOfMessage next without I/O: take it now so the forwarder
+                # knows the body is complete and can send it in one write.
+                end = self._conn.next_event()
+                if type(end) is h11.EndOfMessage:
+                    self._done = True
+            return bytes(ev.data)
+        if t is h11.EndOfMessage:
+            self.trailers = fields(ev.headers)
+            self._done = True
+            return b""
+        raise self._srv.malformed("request body", f"unexpected {t.__name__}", "bad_body")

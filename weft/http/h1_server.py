@@ -47,10 +47,12 @@ from typing import TYPE_CHECKING
 import h11
 import trio
 
+from weft.arena_pool import RELAY_SIZE, BuffersExhausted
 from weft.http.errors import ClientError, ClientGone, UpstreamError, error_response
 from weft.http.h1 import (
     END,
     READ_SIZE,
+    data_bytes,
     end_of_message,
     fields,
 )
@@ -66,6 +68,7 @@ from weft.http.messages import Headers, Request, Response
 from weft.http.transport import TCPTransport
 
 if TYPE_CHECKING:
+    from weft.bufpool import Buffer
     from weft.workers.state import ServerState
 
 log = logging.getLogger("weft.h1")
@@ -82,6 +85,12 @@ DRAIN_LINGER_SECONDS = 1.0
 
 _HOST = re.compile(rb"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]+)(?::[0-9]{0,5})?$")
 _REASON = re.compile(rb"[\t \x21-\x7e\x80-\xff]*")  # RFC 9112 §4 reason-phrase
+
+
+def _no_body(request: Request, response: Response) -> bool:
+    """A response that carries no body whatever its fields say (RFC 9110 §6.4.1)."""
+    return request.method == "HEAD" or response.status in (204, 304)
+
 class H1Server:
     """Serves one client connection until it closes, fails, or the worker drains."""
 
@@ -98,7 +107,12 @@ class H1Server:
         self.send_idle = cfg.timeouts.client_send_idle
         self.rid_header = cfg.request_id_header.encode()
         self.drain_idle = cfg.timeouts.drain_idle
-        self.buf = bytearray()
+        # The connection's arena (`weft.arena_pool`): each request leases its pool buffers
+        # through it, and `serve` releases them in one call when the exchange ends. None
+        # when the worker has no pool (a ServerState made without one, in tests).
+        arenas = state.arenas
+        self.arena = arenas.acquire() if arenas is not None else None
+        self.buf = self.arena.head if self.arena is not None else bytearray()
         self.requests = 0
         # When the connection last finished something (accepted, or a response sent): keep-alive
         # and drain idle times count from here. `_waiting`: blocked in `_wait_first_byte`.
@@ -114,17 +128,38 @@ class H1Server:
 
     # -- I/O with timeouts -------------------------------------------------------------------
 
-    async def receive(self, timeout: float, what: str) -> bytes:
-        """One read from the client. Raises ClientTimeout after `timeout`, ClientGone on reset."""
+    async def receive(self, timeout: float, what: str, size: int = READ_SIZE) -> bytes:
+        """One read from the client, of at most `size` bytes. Raises ClientTimeout after
+        `timeout`, ClientGone on reset."""
         with trio.move_on_after(timeout) as cs:
             try:
-                return await self.transport.recv(READ_SIZE)
+                return await self.transport.recv(min(size, READ_SIZE))
             except OSError as e:
                 raise ClientGone(f"client connection broke: {e}") from None
         assert cs.cancelled_caught
         raise ClientTimeout(what)
 
-    async def send_bytes(self, data: bytes) -> None:
+    async def receive_into(self, view: memoryview, timeout: float, what: str) -> int:
+        """One read from the client into `view` (a pool buffer's): the byte count, 0 at EOF.
+        A read that succeeds at once enters no cancel scope. Raises ClientTimeout after
+        `timeout`, ClientGone on reset."""
+        transport = self.transport
+        try:
+            n = transport.recv_into_now(view)
+            if n is not None:
+                await trio.lowlevel.checkpoint()
+                return n
+            with trio.move_on_after(timeout):
+                while True:
+                    await transport.wait_readable()
+                    n = transport.recv_into_now(view)
+                    if n is not None:
+                        return n
+        except OSError as e:
+            raise ClientGone(f"client connection broke: {e}") from None
+        raise ClientTimeout(what)
+
+    async def send_bytes(self, data: bytes | memoryview) -> None:
         """Write to the client. Raises ClientGone on a reset or after `client_send_idle`."""
         try:
             transport = self.transport
@@ -161,6 +196,8 @@ class H1Server:
                     keep = await self._exchange()
                 finally:
                     state.inflight -= 1
+                    if self.arena is not None:
+                        self.arena.release()  # every path: done, failed, client gone, cancelled
                 if not keep:
                     break
                 self.requests += 1
@@ -173,6 +210,9 @@ class H1Server:
             state.unregister(self)
             self.unwatch_gone()
             self.transport.close()
+            if self.arena is not None:
+                state.arenas.give_back(self.arena)
+                self.arena = None
 
     def on_drain(self) -> None:
         """The worker drains (see `ServerState.drain`).
@@ -283,6 +323,10 @@ class H1Server:
             assert type(ev) is h11.Request, ev
             request = self._make_request(conn, ev, method, target, version, start)
             request.client_watch = self
+            arena = self.arena
+            if arena is not None:
+                request.arena = arena
+                arena.ctx = request.ctx
             request_id = request.id
             response = await self.state.app(request)
         except ClientGone:
@@ -299,8 +343,31 @@ class H1Server:
             await self._send_error_and_close(conn, response, request)
             return False
         # From here on, a response exists and is ours to send and close.
+        if response.tunnel is None:
+            chunks, complete = response.body.prefetched()
+        else:
+            chunks, complete = [], True
+        relay = None
+        if not complete and self.arena is not None and not _no_body(request, response):
+            # The body streams: through a pool buffer, leased before the head goes out, so
+            # that none free in time is still a 503 and not a truncated response.
+            route = request.route
+            idle = (route.timeouts if route is not None else self.timeouts).upstream_body_idle
+            try:
+                relay = await self.arena.lease_wait(RELAY_SIZE, idle)
+            except BuffersExhausted as e:
+                await response.body.aclose()
+                request.ctx["error"] = e.reason
+                response = error_response(
+                    503, BuffersExhausted.public, request.id, close=True, retry_after=1
+                )
+                if request.method != "HEAD":
+                    response.bytes_out = response.body.length or 0
+                self._log(request, response, e.reason, start)
+                await self._send_error_and_close(conn, response, request)
+                return False
         try:
-            await self._send_response(conn, request, response)
+            await self._send_response(conn, request, response, chunks, complete, relay)
         except UpstreamError as e:
             # The upstream failed mid-body: the client got a truncated response; it must see
             # the connection close, never a well-framed but incomplete body.
@@ -403,9 +470,17 @@ class H1Server:
     _current_conn: h11.Connection | None = None
 
     async def _send_response(
-        self, conn: h11.Connection, request: Request, response: Response
+        self,
+        conn: h11.Connection,
+        request: Request,
+        response: Response,
+        chunks: list[bytes],
+        complete: bool,
+        relay: Buffer | None,
     ) -> bool:
-        """Write the response head and stream its body. Returns True once the head went out."""
+        """Write the response head and stream its body (`chunks` and `complete`: what the
+        body's `prefetched` gave; the rest is read into `relay`'s pool buffer and written from
+        it, or as `bytes` without one). Returns True once the head went out."""
         self._current_conn = conn
         headers = response.headers.raw
         close = request.ctx.get("close") or self.state.draining
@@ -434,9 +509,8 @@ class H1Server:
                 f"response head cannot be sent: {e}", reason="bad_response"
             ) from None
         body = response.body
-        no_body = request.method == "HEAD" or response.status in (204, 304)
+        no_body = _no_body(request, response)
         chunked = request.http_version == "1.1" and not has_field(headers, b"content-length")
-        chunks, complete = body.prefetched()
         out = [data]
         sent = 0
         if not no_body:
@@ -449,6 +523,17 @@ class H1Server:
         await self.send_bytes(b"".join(out))
         response.bytes_out = sent
         if not complete:
+            if relay is not None:
+                view = relay.view
+                while n := await body.receive_into(view):
+                    try:
+                        data = data_bytes(conn, view[:n])
+                    except h11.LocalProtocolError as e:
+                        raise UpstreamError(
+                            f"upstream sent more than it declared: {e}", reason="bad_response"
+                        ) from None
+                    await self.send_bytes(data)
+                    response.bytes_out += n
             while chunk := await body.receive():
                 if no_body:
                     continue
@@ -489,13 +574,17 @@ class H1Server:
                 return False
             if not body.done:
                 return await self._linger_close()
-        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+        # A body read raw (`H1RequestBody`) ended at its exact last byte, past h11 (whose
+        # state stays SEND_BODY) and with nothing read beyond it: as good as their DONE.
+        their_done = conn.their_state is h11.DONE or body.raw
+        if conn.our_state is h11.DONE and their_done:
             # The response promised keep-alive (it had no Connection: close). Even if the
             # worker began draining since it went out, the client may be sending its next
             # request now: `_wait_first_byte` serves it or closes after drain_idle.
-            self.buf = bytearray(conn.trailing_data[0])
+            if not body.raw:
+                self.buf += conn.trailing_data[0]  # pipelined bytes (buf is empty here)
             return True
-        return await self._linger_close() if conn.their_state is not h11.DONE else False
+        return await self._linger_close() if not their_done else False
 
     async def _send_error_and_close(
         self, conn: h11.Connection | None, response: Response, request: Request | None
