@@ -42,10 +42,11 @@ from collections.abc import Callable
 import trio
 
 from weft import adaptive, retry
+from weft.arena_pool import ReplayBody, keep_body
 from weft.builtins import BUILTINS, BuiltinContext, Middleware, Next
-from weft.http.messages import Body, BytesBody, Request, Response
+from weft.http.messages import Body, Request, Response
 from weft.observer import CAS_TRIES, LocalRecords, monotonic_ms
-from weft.schema import RetryPolicy, Route
+from weft.schema import RetryPolicy, Route, Timeouts
 from weft.shm.atomics import WORD
 from weft.shm.endpoints import WINDOW, EndpointTable
 
@@ -145,54 +146,44 @@ class RetryBudget:
 
 
 class _PrefixBody(Body):
-    """A body whose first chunks were read already (to see whether it fits the replay
-    buffer), followed by the rest of the original."""
+    """A body whose first bytes were read already (into the request's arena, to see whether
+    it fits the replay buffer), followed by the rest of the original."""
 
-    def __init__(self, head: list[bytes], rest: Body) -> None:
+    def __init__(self, head: list[memoryview], rest: Body) -> None:
         super().__init__()
         self._head = head
-        self._rest = rest
+        self._rest_body = rest
         self.length = rest.length
         self.limit = rest.limit
         self.trailers = rest.trailers
 
     async def receive(self) -> bytes:
         if self._head:
-            return self._head.pop(0)
-        data = await self._rest.receive()
-        self.trailers = self._rest.trailers
+            return bytes(self._head.pop(0))
+        data = await self._rest_body.receive()
+        self.trailers = self._rest_body.trailers
         return data
 
-    def prefetched(self) -> tuple[list[bytes], bool]:
+    async def receive_into(self, view: memoryview) -> int:
+        if self._head:
+            head = self._head[0]
+            n = min(len(view), len(head))
+            view[:n] = head[:n]
+            if n < len(head):
+                self._head[0] = head[n:]
+            else:
+                self._head.pop(0)
+            return n
+        n = await self._rest_body.receive_into(view)
+        self.trailers = self._rest_body.trailers
+        return n
+
+    def prefetched(self) -> tuple[list[memoryview], bool]:
         head, self._head = self._head, []
         return head, False
 
     async def aclose(self) -> None:
-        await self._rest.aclose()
-
-
-async def _keep_body(body: Body, limit: int) -> tuple[bytes | None, Body]:
-    """(the whole body, if it is at most `limit` bytes; the body to send on the first try)."""
-    if body.length is not None and body.length > limit:
-        return None, body
-    parts: list[bytes] = []
-    total = 0
-    while chunk := await body.receive():
-        parts.append(chunk)
-        total += len(chunk)
-        if total > limit:
-            return None, _PrefixBody(parts, body)
-    return b"".join(parts), body
-
-
-def _replay_body(data: bytes, original: Body) -> Body:
-    """One try's copy of a kept body, framed as the client sent it: a chunked body stays
-    chunked (so its trailers go upstream too), a Content-Length one keeps its length."""
-    body = BytesBody(data)
-    body.trailers = original.trailers
-    if original.length is None:
-        body.length = None
-    return body
+        await self._rest_body.aclose()
 
 
 async def _discard(response: Response, deadline: float) -> None:
@@ -208,6 +199,12 @@ async def _discard(response: Response, deadline: float) -> None:
             except Exception:
                 pass
     await body.aclose()
+
+
+def body_idle(request: Request) -> float:
+    """How long a request's reader waits for a buffer: its route's client body-idle timeout."""
+    route = request.route
+    return (route.timeouts if route is not None else Timeouts()).client_body_idle
 
 
 def make_retry(
@@ -226,12 +223,12 @@ def make_retry(
         ctx = request.ctx
         original = request.body
         has_body = original.length is None or original.length > 0
-        replay: bytes | None = None
+        replay: ReplayBody | None = None
         if has_body:
-            replay, first = await _keep_body(original, policy.buffer_body)
-            if replay is not None:
-                first = _replay_body(replay, original)
-            request.body = first
+            replay, read = await keep_body(
+                request.arena, original, policy.buffer_body, body_idle(request)
+            )
+            request.body = replay if replay is not None else _PrefixBody(read, original)
         can_replay = not has_body or replay is not None
         total_deadline = ctx.get("deadline", float("inf"))
         tried: set[int] = set()
@@ -243,7 +240,7 @@ def make_retry(
                 attempt += 1
                 if attempt > 1:
                     if replay is not None:
-                        request.body = _replay_body(replay, original)
+                        request.body = replay.again()
                     ctx.pop("result", None)
                     ctx.pop("error", None)
                 if per_try:
