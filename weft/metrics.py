@@ -142,6 +142,12 @@ def reason_label(reason: str) -> str:
     return reason if reason in REASONS else "other"
 
 
+def buffer_class_label(size: int) -> str:
+    """A buffer size class (`weft.bufpool.CLASS_SIZES`) as the ``class`` label of the pool's
+    gauges and of ``weft status``: ``256B``, ``1KiB``, ``4KiB``, ``16KiB``, ``64KiB``."""
+    return f"{size >> 10}KiB" if size >= 1024 and size % 1024 == 0 else f"{size}B"
+
+
 def retry_reason_label(reason: object) -> str:
     """A retry's reason as a label: a word of RETRY_REASONS or a status code, else "other"."""
     text = str(reason)
