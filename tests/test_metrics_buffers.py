@@ -1,16 +1,23 @@
-"""What the admin listener says about the shared buffer pool: the gauges the admin process
-reads from the pool at scrape time (`weft.metrics_read.buffer_families`).
+"""What the admin listener and a worker's metrics say about the shared buffer pool: the gauges
+the admin process reads from the pool at scrape time (`weft.metrics_read.buffer_families`), and
+the counters a worker writes from ``request.ctx`` (``buffer_waits``, ``buffer_exhausted``).
 
-Judges: the families as prometheus_client builds them. The pools are real ``buffers`` segments
-of a fresh instance name (the ``instance`` fixture removes them).
+Judges: the families as prometheus_client builds them, and the multiprocess files read back
+with the admin's merge (``metrics_dir``). The pools are real ``buffers`` segments of a fresh
+instance name (the ``instance`` fixture removes them).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+from types import SimpleNamespace
+
+from support.config import MINIMAL_CONFIG
 from support.prometheus import total
 
-from weft import metrics, metrics_read
+from weft import config, metrics, metrics_read
 from weft.bufpool import CLASS_SIZES, BufferPool, split_memory
+from weft.connection import UpstreamPools
 
 MiB = 1 << 20
 LABELS = ["256B", "1KiB", "4KiB", "16KiB", "64KiB"]
@@ -59,3 +66,57 @@ def test_gauges_follow_claims_on_a_real_pool(instance):
         assert total(gauges(pool.stats(), pool.memory), "weft_buffers_in_use") == 0
     finally:
         pool.close()
+
+
+# -- the worker's counters -----------------------------------------------------------------------
+
+
+def samples(directory: Path) -> list[tuple[str, dict[str, str], float]]:
+    return [
+        (s.name, dict(s.labels), s.value)
+        for m in metrics_read.collect(directory)
+        for s in m.samples
+    ]
+
+
+def request(cfg: config.Config, **ctx: object) -> SimpleNamespace:
+    return SimpleNamespace(
+        method="GET",
+        route=cfg.routes[0],
+        ctx=dict(ctx),
+        body=SimpleNamespace(received=0),
+        start=0.0,
+    )
+
+
+async def test_a_worker_counts_buffer_waits_and_exhaustion_from_the_request_context(
+    tmp_path, metrics_dir
+):
+    path = tmp_path / "weft.toml"
+    path.write_text(MINIMAL_CONFIG)
+    cfg = config.load(path)
+    wm = metrics.WorkerMetrics(cfg, UpstreamPools(cfg.destinations.values(), 1, 1.0))
+    ok = SimpleNamespace(status=200, bytes_out=0)
+    unavailable = SimpleNamespace(status=503, bytes_out=0)
+    # 1. both counters are there from the start, at zero, without labels
+    got = samples(metrics_dir)
+    assert [x for x in got if x[0] == "weft_buffer_waits_total"] == [
+        ("weft_buffer_waits_total", {}, 0.0)
+    ]
+    assert [x for x in got if x[0] == "weft_buffer_exhausted_total"] == [
+        ("weft_buffer_exhausted_total", {}, 0.0)
+    ]
+    # 2. waits add up by the number the request waited; a request that gave up counts once
+    wm.exchange(request(cfg, buffer_waits=2), ok, None, ("h", 1), 0.1)
+    wm.exchange(
+        request(cfg, buffer_waits=5, buffer_exhausted=True), unavailable, None, ("h", 1), 0.1
+    )
+    wm.exchange(request(cfg, buffer_waits=0), ok, None, ("h", 1), 0.1)
+    wm.exchange(request(cfg), ok, None, ("h", 1), 0.1)  # neither key: nothing counted
+    # 3. a client that left while its request waited: counted all the same
+    gone = request(cfg, buffer_waits=1, buffer_exhausted=True)
+    wm.route_started(gone)
+    wm.abandoned(gone)
+    got = samples(metrics_dir)
+    assert total(got, "weft_buffer_waits_total") == 8
+    assert total(got, "weft_buffer_exhausted_total") == 2
