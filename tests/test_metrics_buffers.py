@@ -1,10 +1,11 @@
-"""What the admin listener and a worker's metrics say about the shared buffer pool: the gauges
-the admin process reads from the pool at scrape time (`weft.metrics_read.buffer_families`), and
-the counters a worker writes from ``request.ctx`` (``buffer_waits``, ``buffer_exhausted``).
+"""What the admin listener, a worker's metrics and `weft status` say about the shared buffer
+pool: the gauges the admin process reads from the pool at scrape time
+(`weft.metrics_read.buffer_families`), the counters a worker writes from ``request.ctx``
+(``buffer_waits``, ``buffer_exhausted``), and the status section read from the segment.
 
-Judges: the families as prometheus_client builds them, and the multiprocess files read back
-with the admin's merge (``metrics_dir``). The pools are real ``buffers`` segments of a fresh
-instance name (the ``instance`` fixture removes them).
+Judges: the families as prometheus_client builds them, the multiprocess files read back with
+the admin's merge (``metrics_dir``), and the status document and text. The pools are real
+``buffers`` segments of a fresh instance name (the ``instance`` fixture removes them).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from types import SimpleNamespace
 from support.config import MINIMAL_CONFIG
 from support.prometheus import total
 
-from weft import config, metrics, metrics_read
+from weft import config, metrics, metrics_read, status
 from weft.bufpool import CLASS_SIZES, BufferPool, split_memory
 from weft.connection import UpstreamPools
 
@@ -120,3 +121,53 @@ async def test_a_worker_counts_buffer_waits_and_exhaustion_from_the_request_cont
     got = samples(metrics_dir)
     assert total(got, "weft_buffer_waits_total") == 8
     assert total(got, "weft_buffer_exhausted_total") == 2
+
+
+# -- /status and `weft status` -------------------------------------------------------------------
+
+
+def status_info(buffers: dict) -> dict:
+    return {
+        "instance": "unit",
+        "pid": 1,
+        "generation": 1,
+        "config": "weft.toml",
+        "config_hash": "h",
+        "workers": [],
+        "destinations": {},
+        "buffers": buffers,
+    }
+
+
+def test_the_status_section_reads_the_pool_segment_and_closes_it(instance):
+    pool = BufferPool.create(instance, MiB)
+    try:
+        held = [pool.claim(64 << 10) for _ in range(3)]
+        section = status.buffers(instance)
+        counts = dict(zip(LABELS, split_memory(MiB), strict=True))
+        assert section["available"] is True and section["memory"] == MiB
+        assert list(section["classes"]) == LABELS
+        assert section["classes"]["64KiB"] == {"size": 65536, "in_use": 3, "total": counts["64KiB"]}
+        assert section["classes"]["256B"] == {"size": 256, "in_use": 0, "total": counts["256B"]}
+        for buf in held:
+            assert buf is not None and buf.release()
+    finally:
+        pool.close()
+
+    lines = status.render(status_info(section)).splitlines()
+    start = lines.index(next(line for line in lines if line.startswith("buffers")))
+    assert lines[start] == "buffers  1MiB: 3 of 347 in use (192KiB)"
+    assert lines[start + 1].split() == ["class", "in", "use", "total"]
+    rows = {line.split()[0]: line.split()[1:] for line in lines[start + 2 : start + 7]}
+    assert rows == {
+        label: [str(3 if label == "64KiB" else 0), str(n)] for label, n in counts.items()
+    }
+
+
+def test_a_pool_that_cannot_be_read_is_reported_not_fatal(instance):
+    # no segment at all: the section says why, and the rest of the status still renders
+    section = status.buffers(instance)
+    assert section["available"] is False
+    assert f"weft-{instance}-buffers" in section["error"]
+    lines = status.render(status_info(section)).splitlines()
+    assert any(line.startswith("buffers  unavailable: no shared-memory segment") for line in lines)
