@@ -271,12 +271,14 @@ def test_the_worker_view_of_a_slot_is_its_current_generation():
 
 @pytest.fixture
 def admin_server(tmp_path: Path, metrics_dir: Path) -> Iterator[tuple[int, Path]]:
-    """An AdminServer on 127.0.0.1 (token "t0ken-0123456789ab") over a fake worker table,
-    served by a thread until the test ends."""
+    """An AdminServer on 127.0.0.1 (token "t0ken-0123456789ab") over a fake worker table and
+    buffer pool, served by a thread until the test ends."""
     pidfile = tmp_path / "w.pid"
     pidfile.write_text(f"{os.getpid()}\n")
     (tmp_path / "w.pid.state.json").write_text(json.dumps({"generation": 1}))
-    shared = SimpleNamespace(rows=8, table=SimpleNamespace(
+    buffers = SimpleNamespace(memory=1 << 20, stats=lambda: {
+        256: (0, 235), 1024: (0, 59), 4096: (0, 30), 16384: (0, 15), 65536: (2, 8)})
+    shared = SimpleNamespace(rows=8, buffers=buffers, table=SimpleNamespace(
         snapshot=lambda: [row(os.getpid(), 0, 1, READY)]))
     sock = socket.create_server(("127.0.0.1", 0))
     server = AdminServer(sock, token="t0ken-0123456789ab", pidfile=pidfile,
@@ -320,7 +322,11 @@ async def test_admin_http_layer(tmp_path, admin_server):
     assert total(got, "weft_shm_slots_in_use", segment="worker_table") == 1
     assert total(got, "weft_shm_slots", segment="worker_table") == 8
     assert total(got, "weft_workers", state="ready") == 1
+    assert total(got, "weft_buffers_in_use", **{"class": "64KiB"}) == 2
+    assert total(got, "weft_buffers", **{"class": "256B"}) == 235
+    assert total(got, "weft_buffers_memory_bytes") == 1 << 20
     mine = await get("/metrics/workers/0")
     assert mine.status == 200 and total(parse(mine.text), "weft_requests_total") == 1
+    assert total(parse(mine.text), "weft_buffers") == 0  # instance-wide: aggregate only
     assert (await get("/metrics/workers/1")).status == 404
     assert (await get("/nothing")).status == 404

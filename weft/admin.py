@@ -28,7 +28,11 @@ Theory of operation:
   by that worker's pid: the admin asks no worker anything. The endpoints' health, ejection and
   breaker gauges are read at each scrape from their records in the inherited shared memory,
   found through the columns the state file publishes (``observed``): the column map lives in
-  the supervisor and changes with reloads, which the admin process outlives.
+  the supervisor and changes with reloads, which the admin process outlives. The buffer pool's
+  gauges are read from its bitmap: the supervisor creates the pool before it forks the admin
+  process, so the pool (``shared.buffers``) is inherited like the worker table, and a reload
+  never replaces it. It is not closed: a child ends with ``os._exit``, never unmapping what it
+  inherited (see `weft.shm.segment`).
 * **Serving**: `http.server` with a thread per connection, at most `MAX_CLIENTS` at once, each
   socket bounded by `CLIENT_TIMEOUT`. The process exits on SIGTERM, or when its parent is gone
   (PR_SET_PDEATHSIG, and a check of its parent pid every `POLL`). What it first undoes of
@@ -376,8 +380,9 @@ class AdminServer(ThreadingHTTPServer):
 
 
 class _SharedCollector:
-    """Families read from shared memory at scrape time: worker-table use, worker states, and
-    the health, ejection and breaker state of every observed endpoint."""
+    """Families read from shared memory at scrape time: worker-table use, worker states, the
+    shared buffer pool's use per size class, and the health, ejection and breaker state of
+    every observed endpoint."""
 
     def __init__(self, server: AdminServer) -> None:
         self.server = server
@@ -405,6 +410,11 @@ class _SharedCollector:
         for code, name in STATE_NAMES.items():
             workers.add_metric([name.lower()], sum(1 for w in rows if w.state == code))
         yield workers
+        pool = self.server.shared.buffers  # None only in a state made without one (tests)
+        if pool is not None:
+            from weft.metrics_read import buffer_families
+
+            yield from buffer_families(pool.stats(), pool.memory)
         observed = (self.server.state() or {}).get("observed")
         if observed:
             from weft.metrics_read import endpoint_families

@@ -227,7 +227,8 @@ def status(
 ) -> None:
     """Show a running weft: its config, generation, workers (from shared memory) and
     upstream endpoints with their pool figures (from its metrics files) and, where health,
-    outlier or breaker sections are set, their health, ejection and breaker (shared memory)."""
+    outlier or breaker sections are set, their health, ejection and breaker (shared memory),
+    and the buffer pool's use per size class (its segment)."""
     from weft.status import collect, render
 
     path = _pidfile(pidfile, config_path, instance)

@@ -31,9 +31,12 @@ Theory of operation:
   adds them to the aggregate alone. What *happens* to them (a breaker transition, an
   ejection) is counted by the worker that made it happen, through the observers' ``on_event``
   (`WorkerMetrics.endpoint_event`), so those counters add up across workers like the others.
+  The shared buffer pool is the same: how many buffers of each class are in use is read from
+  its bitmap (`weft.metrics_read.buffer_families`); the waits for a buffer, and the requests
+  that gave up waiting, are counted by the worker that waited (from ``request.ctx``).
 * **Label values** come from config names, status codes and fixed word lists, never from the
-  request (`method_label`, `reason_label`, `retry_reason_label`), so the number of series is
-  bounded by the config.
+  request (`method_label`, `reason_label`, `retry_reason_label`, `buffer_class_label`), so the
+  number of series is bounded by the config.
   A request that never matched a route (404, or refused before routing) has ``route=""``: no
   route name can be empty, and an empty label is Prometheus's "not applicable".
 * **Cost on the request path**: one counter, one or two histograms and up to two byte
@@ -140,6 +143,12 @@ def method_label(method: str) -> str:
 
 def reason_label(reason: str) -> str:
     return reason if reason in REASONS else "other"
+
+
+def buffer_class_label(size: int) -> str:
+    """A buffer size class (`weft.bufpool.CLASS_SIZES`) as the ``class`` label of the pool's
+    gauges and of ``weft status``: ``256B``, ``1KiB``, ``4KiB``, ``16KiB``, ``64KiB``."""
+    return f"{size >> 10}KiB" if size >= 1024 and size % 1024 == 0 else f"{size}B"
 
 
 def retry_reason_label(reason: object) -> str:
@@ -355,6 +364,22 @@ class WorkerMetrics:
         self._rate_table_full = {
             r.name: self.rate_table_full.labels(r.name) for r in config.routes if r.rate_limits
         }
+        # Counted from what the data path puts in request.ctx: "buffer_waits", how many times
+        # the request found its buffer class empty and waited (`BufferPool.claim_wait`), and
+        # "buffer_exhausted", set when a wait timed out and the request gave up (a 503 or an
+        # aborted exchange). No class label: the request says how often it waited, not for
+        # which class; `weft_buffers_in_use{class}` (the admin's gauges) shows which is short.
+        self.buffer_waits = Counter(
+            "weft_buffer_waits",
+            "Times a request found its buffer size class empty in the shared pool and waited.",
+            registry=None,
+        )
+        self.buffer_exhausted = Counter(
+            "weft_buffer_exhausted",
+            "Requests that gave up (503 or an aborted exchange) because no buffer was released "
+            "in time.",
+            registry=None,
+        )
         self.breaker_transitions = Counter(
             "weft_breaker_transitions",
             "Circuit breaker transitions, by the state entered, counted by the worker that "
@@ -477,6 +502,7 @@ class WorkerMetrics:
             child = self._rate_table_full.get(route)
             if child is not None:
                 child.inc()
+        self._count_buffers(ctx)
 
     def endpoint_event(self, destination: str, index: int, what: str, state: str) -> None:
         """An observer's event (`weft.observer.Event`): a breaker entered `state` ("OPEN",
@@ -510,6 +536,15 @@ class WorkerMetrics:
         started = request.ctx.get("metrics_route")
         if started is not None:
             self.inflight[started] -= 1
+        self._count_buffers(request.ctx)  # it may have waited for a buffer before it left
+
+    def _count_buffers(self, ctx: dict[str, Any]) -> None:
+        """The buffer pool's part of a finished request's ctx (see __init__)."""
+        waits = ctx.get("buffer_waits")
+        if waits:
+            self.buffer_waits.inc(waits)
+        if ctx.get("buffer_exhausted"):
+            self.buffer_exhausted.inc()
 
     def _count(
         self, route: str, method: str, status: int, duration: float, error: str | None

@@ -1,5 +1,6 @@
 """Reading weft's metrics: the merged families of the metrics directory, the pool figures
-`weft status` shows, and the instance-wide gauges of endpoint health, ejection and breakers.
+`weft status` shows, and the instance-wide gauges of endpoint health, ejection and breakers
+and of the shared buffer pool.
 
 `weft.metrics` owns the families and the writing side (the workers' and the supervisor's
 files); this module is what the admin process and `weft status` run to read them, kept apart
@@ -15,12 +16,19 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from weft.metrics import BREAKER_STATES, HEALTH_STATES, POOL_STATES
+from weft.metrics import BREAKER_STATES, HEALTH_STATES, POOL_STATES, buffer_class_label
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
-__all__ = ["FilesCollector", "collect", "endpoint_families", "files_of", "pool_figures"]
+__all__ = [
+    "FilesCollector",
+    "buffer_families",
+    "collect",
+    "endpoint_families",
+    "files_of",
+    "pool_figures",
+]
 
 
 # -- the admin process: instance-wide gauges from shared memory -------------------------------
@@ -64,6 +72,42 @@ def endpoint_families(states: Mapping[str, Mapping[str, Any]]) -> list[Metric]:
                 for state in BREAKER_STATES:
                     breaker.add_metric([dest, ep, state], 1.0 if snap["breaker"] == state else 0.0)
     return [f for f in (health, ejected, breaker) if f.samples]
+
+
+def buffer_families(stats: Mapping[int, tuple[int, int]], memory: int) -> list[Metric]:
+    """The shared buffer pool's gauges, from `stats` as `weft.bufpool.BufferPool.stats` reads
+    them (``{class size: (in use, total)}``) and the pool's `memory` (``[buffers] memory``).
+
+    ``weft_buffers_in_use{class}`` and ``weft_buffers{class}`` (the class's buffers, in use or
+    free), one sample per class in size order, labelled by `weft.metrics.buffer_class_label`
+    (``64KiB``), and ``weft_buffers_memory_bytes``. Like the endpoint gauges these are one
+    instance-wide fact the admin process reads at scrape time, not something any worker counts.
+
+    Not ``weft_buffers_total``: the ``_total`` suffix is the counters' (promtool's lint refuses
+    it on a gauge), so the pair is named as ``weft_shm_slots_in_use`` / ``weft_shm_slots`` is.
+    """
+    from prometheus_client.core import GaugeMetricFamily
+
+    in_use = GaugeMetricFamily(
+        "weft_buffers_in_use",
+        "Buffers of the shared pool in use now, per size class.",
+        labels=["class"],
+    )
+    buffers = GaugeMetricFamily(
+        "weft_buffers",
+        "Buffers of the shared pool, in use or free, per size class.",
+        labels=["class"],
+    )
+    for size, (used, count) in sorted(stats.items()):
+        label = buffer_class_label(size)
+        in_use.add_metric([label], used)
+        buffers.add_metric([label], count)
+    mem = GaugeMetricFamily(
+        "weft_buffers_memory_bytes",
+        "Bytes of buffers in the shared pool ([buffers] memory), all classes together.",
+        value=memory,
+    )
+    return [in_use, buffers, mem]
 
 
 # -- reading ----------------------------------------------------------------------------------

@@ -6,9 +6,10 @@ flight and how fresh their heartbeat is; the instance's metrics files (`weft.met
 upstream pool figures each worker samples every second; and the endpoint records in shared
 memory (`weft.shm.endpoints`, found through the state file's ``observed`` columns) give, for
 destinations with a ``health``, ``outlier`` or ``breaker`` section, each endpoint's health,
-ejection, breaker, and which workers hold its half-open trial and its prober lease. Reading
-them needs no cooperation from the supervisor, so status works even while it is busy with a
-reload. The admin listener's ``/status`` serves the same document.
+ejection, breaker, and which workers hold its half-open trial and its prober lease; the
+buffer pool's segment (`weft.bufpool`) says how many buffers of each size class are in use.
+Reading them needs no cooperation from the supervisor, so status works even while it is busy
+with a reload. The admin listener's ``/status`` serves the same document.
 
 An endpoint's entry in ``destinations`` (JSON):
 
@@ -23,15 +24,23 @@ An endpoint's entry in ``destinations`` (JSON):
 ``prober_pid``     the worker whose lease runs its probes now, 0 for none (null without a
                    ``health`` section)
 =================  =========================================================================
+
+``buffers`` (JSON): ``memory``, the pool's bytes of buffers (``[buffers] memory``), and
+``classes``, per size class by its label (``"64KiB"``, as the ``class`` label of the
+``weft_buffers_*`` gauges): ``size`` in bytes, ``in_use`` and ``total`` buffers. When the
+pool's segment cannot be read (the instance is stopping, or was started by a weft without a
+pool), ``{"available": false, "error": why}`` instead, and the rest of the status is shown.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from weft import control, metrics, metrics_read
+from weft.bufpool import BufferPool
 from weft.observer import monotonic_ms, observed_states
 from weft.shm.segment import SegmentError
 from weft.shm.worktable import STATE_NAMES
@@ -76,6 +85,35 @@ def collect(pidfile: Path) -> dict[str, Any]:
         "stopping": state.get("stopping"),
         "admin": state.get("admin"),
         "destinations": destinations(state["instance"], observed),
+        "buffers": buffers(state["instance"]),
+    }
+
+
+def buffers(instance: str) -> dict[str, Any]:
+    """The ``buffers`` section (see the module docstring), read from the pool's segment, which
+    is mapped for this call and closed before it returns. A segment that cannot be attached
+    (SegmentError, or an OSError mapping it) makes the section say so; it never raises."""
+    try:
+        pool = BufferPool.attach(instance)
+    except (SegmentError, OSError) as e:
+        return {"available": False, "error": str(e)}
+    try:
+        stats, memory = pool.stats(), pool.memory
+    finally:
+        pool.close()
+    return buffer_figures(stats, memory)
+
+
+def buffer_figures(stats: Mapping[int, tuple[int, int]], memory: int) -> dict[str, Any]:
+    """The ``buffers`` section from `BufferPool.stats` (``{class size: (in use, total)}``)
+    and the pool's `memory`."""
+    return {
+        "available": True,
+        "memory": memory,
+        "classes": {
+            metrics.buffer_class_label(size): {"size": size, "in_use": used, "total": total}
+            for size, (used, total) in sorted(stats.items())
+        },
     }
 
 
@@ -153,6 +191,9 @@ def render(info: dict[str, Any]) -> str:
                     f"{_cell(e['idle']):>6} {_cell(e['waiting']):>8}"
                 )
                 lines.append(line + (_observed_cells(e) if observed else ""))
+    if info.get("buffers"):
+        lines.append("")
+        lines.extend(_buffer_lines(info["buffers"]))
     if info.get("admin"):
         lines.append("")
         lines.append(f"admin    http://{info['admin']}/ (/metrics, /healthz, /readyz, /status)")
@@ -186,3 +227,28 @@ def _observed_cells(e: dict[str, Any]) -> str:
         f"{_cell(e['breaker']):<9} {_cell(e['breaker_trips']):>5} "
         f"{_cell(e['trial_pid'] or None):>8} {_cell(e['prober_pid'] or None):>8}"
     )
+
+
+def _buffer_lines(section: dict[str, Any]) -> list[str]:
+    """The buffer pool: its memory and what is in use, then in use / total per size class."""
+    if not section.get("available"):
+        return [f"buffers  unavailable: {section.get('error', 'unknown')}"]
+    classes = section["classes"]
+    used = sum(c["in_use"] for c in classes.values())
+    count = sum(c["total"] for c in classes.values())
+    used_bytes = sum(c["in_use"] * c["size"] for c in classes.values())
+    lines = [
+        f"buffers  {_bytes(section['memory'])}: {used} of {count} in use ({_bytes(used_bytes)})",
+        f"{'class':>6} {'in use':>8} {'total':>8}",
+    ]
+    for label, c in classes.items():
+        lines.append(f"{label:>6} {c['in_use']:>8} {c['total']:>8}")
+    return lines
+
+
+def _bytes(n: int) -> str:
+    """`n` bytes in the largest binary unit that divides it (as [buffers] memory is written)."""
+    for shift, unit in ((30, "GiB"), (20, "MiB"), (10, "KiB")):
+        if n and n % (1 << shift) == 0:
+            return f"{n >> shift}{unit}"
+    return f"{n} bytes"
