@@ -228,6 +228,8 @@ class H1RequestBody(Body):
     async def receive(self) -> bytes:
         if self._done:
             return b""
+        if self._conn.client_is_waiting_for_100_continue:
+            await self._send_continue()
         if self._raw or await self._event_or_raw():
             data = await self._srv.receive(self._srv.body_idle, "client_body_timeout", self._left)
             if not data:
@@ -239,6 +241,8 @@ class H1RequestBody(Body):
     async def receive_into(self, view: memoryview) -> int:
         if self._done:
             return 0
+        if self._conn.client_is_waiting_for_100_continue:
+            await self._send_continue()
         if self._raw or await self._event_or_raw():
             if self._left < len(view):
                 view = view[: self._left]
@@ -257,6 +261,13 @@ class H1RequestBody(Body):
         view[:n] = data
         return n
 
+    async def _send_continue(self) -> None:
+        """The client sent ``Expect: 100-continue`` and waits: the first read tells it to go
+        on (h11 clears the flag when the 100 is sent, raw reads or not)."""
+        await self._srv.send_bytes(
+            self._conn.send(h11.InformationalResponse(status_code=100, headers=[]))
+        )
+
     def _count_raw(self, n: int) -> None:
         self.received += n
         self._left -= n
@@ -271,10 +282,6 @@ class H1RequestBody(Body):
         if self._rest:
             return False
         conn = self._conn
-        if conn.client_is_waiting_for_100_continue:
-            await self._srv.send_bytes(
-                conn.send(h11.InformationalResponse(status_code=100, headers=[]))
-            )
         while True:
             try:
                 ev = conn.next_event()
