@@ -27,6 +27,27 @@ TARGET_BAD = re.compile(rb"[^\x21-\x7e]|#")
 END = h11.EndOfMessage()
 
 
+def take_body_start(conn: h11.Connection, length: int) -> bytearray | None:
+    """The start of a Content-Length body that h11 holds (read with the head), taken out of
+    h11's receive buffer without a copy; None (nothing taken) when the buffer holds more than
+    `length` bytes (bytes past the body: h11 keeps them, and the connection's reuse check sees
+    them). h11 then holds nothing, and the caller reads the rest of the body raw.
+
+    h11 would hand these bytes out as a Data event, which copies them from its buffer, and
+    for a 64 KiB response that is the largest allocation of the exchange. This reaches into
+    the pinned h11 (0.16.0): its ReceiveBuffer keeps unparsed bytes in ``_data`` and search
+    positions that must restart at 0 (`tests/test_arena_pool.py` checks it stays so).
+    """
+    buf = conn._receive_buffer
+    data = buf._data
+    if len(data) > length:
+        return None
+    buf._data = bytearray()
+    buf._next_line_search = 0
+    buf._multiple_lines_search = 0
+    return data
+
+
 def data_bytes(conn: h11.Connection, chunk: bytes | memoryview) -> bytes | memoryview:
     """What to write for one chunk of a body on `conn`: the chunk itself when the framing adds
     nothing (Content-Length, HTTP/1.0), so a relay writes from its pool buffer without a copy

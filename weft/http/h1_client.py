@@ -58,9 +58,11 @@ from weft.http.h1 import (
     data_bytes,
     end_of_message,
     fields,
+    take_body_start,
     valid_request_line,
 )
 from weft.http.headers import connection_tokens
+from weft.http.io import SCRATCH
 from weft.http.messages import Body, Headers, Response
 from weft.http.transport import TCPTransport
 from weft.http.tunnel import Tunnel
@@ -367,7 +369,12 @@ class H1Upstream:
                 self.transport, conn_rest(self.conn), timeouts.websocket_idle, on_done
             )
             return Response(101, Headers(headers), reason=ev.reason, tunnel=tunnel)
-        body = H1ResponseBody(self, on_done, timeouts.upstream_body_idle, deadline, length)
+        has_body = out.method != b"HEAD" and ev.status_code not in (204, 304)
+        body = H1ResponseBody(
+            self, on_done, timeouts.upstream_body_idle, deadline, length if has_body else None
+        )
+        if not has_body:
+            body.length = length  # what the head declared (a HEAD's), though none follows
         return Response(ev.status_code, Headers(headers), body, reason=ev.reason)
 
     async def _send(self, data: bytes | memoryview, timeout: float) -> None:
@@ -435,8 +442,8 @@ class H1Upstream:
             if self.client_left:
                 raise ClientGone("client closed while its response was awaited")
             try:
-                data = await self.transport.recv_until(
-                    READ_SIZE, deadline, self.timers, try_first=not self.sent
+                n = await self.transport.recv_into(
+                    SCRATCH, deadline, self.timers, try_first=not self.sent
                 )
                 self.sent = False
             except TimeoutError:
@@ -449,14 +456,14 @@ class H1Upstream:
                 raise UpstreamError(
                     f"upstream connection reset: {e}", reason="upstream_reset"
                 ) from None
-            if not data and not self.received:
+            if not n and not self.received:
                 # Closed before answering at all (for a reused connection: the upstream's
                 # keep-alive timeout raced our request). h11 would call it a protocol error.
                 raise UpstreamError(
                     "upstream closed the connection before responding", reason="upstream_reset"
                 )
-            self.received += len(data)
-            conn.receive_data(data)
+            self.received += n
+            conn.receive_data(SCRATCH[:n])  # copied by h11 before anything awaits
 
 
 ProxyErrorT = ClientError | UpstreamError
@@ -515,12 +522,26 @@ class H1ResponseBody(Body):
         self._deadline = deadline
         self.length = length
         self._done = False
-        self._chunks: list[bytes] = []
+        self._chunks: list[bytes | bytearray] = []
         self._complete = False
         self._raw = False
         self._left = 0
-        # Take what h11 already holds, without I/O.
         conn = up.conn
+        if length:
+            # A Content-Length body: what came with the head is taken from h11 uncopied, and
+            # the rest is read raw (see the class docstring).
+            start = take_body_start(conn, length)
+            if start is not None:
+                if start:
+                    self._chunks.append(start)
+                self._raw = True
+                self._left = length - len(start)
+                if not self._left:
+                    self._complete = True
+                    up.raw_done = True
+                    self._finish(True)
+                return
+        # Take what h11 already holds, without I/O.
         seen = 0
         while True:
             try:
@@ -529,7 +550,7 @@ class H1ResponseBody(Body):
                 break  # reported by the first receive()
             t = type(ev)
             if t is h11.Data:
-                self._chunks.append(bytes(ev.data))
+                self._chunks.append(ev.data)  # h11's own copy: kept, not copied again
                 seen += len(ev.data)
             elif t is h11.EndOfMessage:
                 self.trailers = fields(ev.headers)
@@ -543,7 +564,7 @@ class H1ResponseBody(Body):
                     self._left = length - seen
                 break  # NEED_DATA (or PAUSED): the rest comes by receive()
 
-    def prefetched(self) -> tuple[list[bytes], bool]:
+    def prefetched(self) -> tuple[list[bytes | bytearray], bool]:  # type: ignore[override]
         chunks, self._chunks = self._chunks, []
         return chunks, self._complete
 
@@ -563,7 +584,7 @@ class H1ResponseBody(Body):
 
     async def receive(self) -> bytes:
         if self._chunks:
-            return self._chunks.pop(0)
+            return bytes(self._chunks.pop(0))
         if self._complete:
             return b""
         if self._raw:

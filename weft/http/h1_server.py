@@ -64,6 +64,7 @@ from weft.http.h1_request import (
     request_line,
 )
 from weft.http.headers import fields_valid, has_field, new_request_id, valid_request_id
+from weft.http.io import SCRATCH
 from weft.http.messages import Headers, Request, Response
 from weft.http.transport import TCPTransport
 
@@ -171,6 +172,20 @@ class H1Server:
         except OSError as e:
             raise ClientGone(f"client connection broke: {e}") from None
 
+    async def send_parts(self, parts: list[bytes | memoryview]) -> None:
+        """`send_bytes` of the parts in order, in one gathered write when the kernel takes them
+        all (the usual case: no joined copy of a head and its body); what it does not take is
+        joined and written as the rest."""
+        if len(parts) == 1:
+            await self.send_bytes(parts[0])
+            return
+        try:
+            sent = self.transport.send_parts(parts)
+        except OSError as e:
+            raise ClientGone(f"client connection broke: {e}") from None
+        if sent < sum(map(len, parts)):
+            await self.send_bytes(memoryview(b"".join(parts))[sent:])
+
     def watch_gone(self, on_gone: Callable[[], None]) -> None:
         """`ClientWatch`: `on_gone()` once the client closes (or half-closes, or resets) its
         connection while the upstream works on its request (see `PeerWatch`)."""
@@ -233,18 +248,18 @@ class H1Server:
             return True
         transport = self.transport
         try:
-            data = transport.recv_now(READ_SIZE)
+            n = transport.recv_into_now(SCRATCH)
         except OSError:
             return False
-        if data is not None:
+        if n is not None:
+            if not n:
+                return False
+            self.buf += SCRATCH[:n]  # out of the shared scratch before anything awaits
             # Already there (a busy client): no wait, and no yield either, except every 16th
             # request, so that a client pipelining requests weft answers without I/O (404s)
             # cannot starve the other connections. A checkpoint costs ~10 µs here.
             if not self.requests & 15:
                 await trio.lowlevel.checkpoint()
-            if not data:
-                return False
-            self.buf += data
             return True
         state = self.state
         timeout = self.timeouts.client_keepalive if self.requests else self.timeouts.client_header
@@ -259,8 +274,8 @@ class H1Server:
                                              trio.current_time()))
             self._waiting = True
             try:
-                data = await transport.recv_until(
-                    READ_SIZE, deadline, state.timers, try_first=try_first
+                n = await transport.recv_into(
+                    SCRATCH, deadline, state.timers, try_first=try_first
                 )
             except trio.ClosedResourceError:
                 if state.draining and not draining and not transport.closed:
@@ -275,9 +290,9 @@ class H1Server:
                 return False  # reset
             finally:
                 self._waiting = False
-            if not data:
+            if not n:
                 return False
-            self.buf += data
+            self.buf += SCRATCH[:n]
             return True
 
     async def _read_head(self) -> int:
@@ -511,16 +526,18 @@ class H1Server:
         body = response.body
         no_body = _no_body(request, response)
         chunked = request.http_version == "1.1" and not has_field(headers, b"content-length")
-        out = [data]
+        out: list[bytes | memoryview] = [data]
         sent = 0
         if not no_body:
             for c in chunks:
                 sent += len(c)
-                out.append(conn.send(h11.Data(data=c)))
+                out += conn.send_with_data_passthrough(h11.Data(data=c))
+        chunks.clear()  # the caller's list: do not keep the chunks alive through the relay
         if complete:
             trailers = body.trailers if chunked and not no_body else []
             out.append(conn.send(end_of_message(trailers)))
-        await self.send_bytes(b"".join(out))
+        await self.send_parts(out)
+        del out
         response.bytes_out = sent
         if not complete:
             if relay is not None:

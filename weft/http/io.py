@@ -30,6 +30,12 @@ from collections.abc import Callable
 import trio
 from trio.lowlevel import checkpoint, notify_closing, wait_readable, wait_writable
 
+#: A read buffer shared by every task of this process (a worker runs one trio thread): a read
+#: into it is copied out (into h11's buffer, a connection's head buffer) before the reading
+#: task awaits anything, so it never holds bytes across a scheduler switch. It saves a
+#: 64 KiB `bytes` object per read, which `sock.recv(65536)` allocates and then shrinks.
+SCRATCH = memoryview(bytearray(64 * 1024))
+
 
 async def recv(sock: socket.socket, size: int) -> bytes:
     """Read up to `size` bytes; ``b""`` at EOF. Raises OSError (e.g. a reset)."""
@@ -291,19 +297,20 @@ async def recv_into_until(
     *,
     try_first: bool = True,
 ) -> int:
-    """`recv_until` into `view` (a slice of a pool buffer): how many bytes came, 0 at EOF.
+    """`recv_until` into `view` (a pool buffer's, or `SCRATCH`): how many bytes came, 0 at EOF.
 
-    The relays' read: the kernel copies straight into the buffer, and no `bytes` object is
-    made per chunk. Same deadline and wake rules as `recv_until`.
+    The kernel copies straight into the buffer, and no `bytes` object is made per read. Same
+    deadline and wake rules as `recv_until`, with one difference that matters for `SCRATCH`:
+    the scheduler yield comes *before* a read that succeeds at once, so nothing awaits between
+    the read and the return, and the caller can copy the bytes out of a buffer that other
+    tasks of the worker read into too.
     """
     if try_first:
+        await checkpoint()
         try:
-            n = sock.recv_into(view)
+            return sock.recv_into(view)
         except BlockingIOError:
             pass
-        else:
-            await checkpoint()
-            return n
     entry = timers.arm(deadline, sock)
     try:
         while True:

@@ -105,6 +105,15 @@ class TCPTransport(Transport):
         """`recv_until` into `view` (a pool buffer's): the byte count, 0 at EOF. Same errors."""
         return await recv_into_until(self.sock, view, deadline, timers, try_first=try_first)
 
+    def send_parts(self, parts: list[bytes | memoryview]) -> int:
+        """One non-blocking gathered write (``sendmsg``, writev): how much the kernel took of
+        the parts, in order. The head and a body chunk go out together without being joined
+        into a new object. Raises OSError."""
+        try:
+            return self.sock.sendmsg(parts)
+        except BlockingIOError:
+            return 0
+
     def send_some(self, data: bytes | memoryview) -> int:
         """One non-blocking write; how much the kernel took. Raises OSError."""
         return send_some(self.sock, data)
