@@ -14,6 +14,12 @@ exactly, as JSON) and the CPU time of the proxy's processes (utime + stime from 
 every process in its process group or below it) divided by the requests completed. The upstream's
 CPU per request is recorded too: if it nears its one core, it is the bottleneck, not the proxies.
 
+Before and after a change: ``--baseline REV`` also runs weft as it was at git revision REV
+(named *-base), from a temporary worktree of this repository, in the same rounds as the current
+one, so the two are compared on the same machine at the same moment instead of across runs
+minutes apart (this machine's noise between runs is about 10 %). The compiled atomics module is
+taken from this checkout; a REV whose ``weft/shm/_atomics.c`` differs is refused.
+
 Output: a table per round, a summary (medians over rounds, and the per-round ratio of req/s of
 each weft variant to nginx with its median), .bench/last.json with every run, the raw wrk output
 in .bench/last-wrk.log, and each process's output in .bench/logs/.
@@ -228,11 +234,37 @@ class Lab:
         self.workdir = Path(tempfile.mkdtemp(prefix="weft-bench-"))
         self.workdir.chmod(0o755)  # nginx workers run as nobody and must reach the bodies
         self.procs: list[Proc] = []
+        self.trees: list[Path] = []  # git worktrees made by baseline_tree
         LOG_DIR.mkdir(parents=True, exist_ok=True)
         for old in LOG_DIR.glob("*.log"):
             old.unlink()
 
-    def spawn(self, name: str, argv: list[str], extra_logs: tuple[Path, ...] = ()) -> Proc:
+    def baseline_tree(self, rev: str) -> Path:
+        """A worktree of `rev` in the temp directory (removed by `close`), with this
+        checkout's compiled atomics module. BenchError if `rev` is unknown or its atomics
+        source differs (the module would not match it)."""
+        tree = self.workdir / "baseline"
+        done = subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), rev],
+            capture_output=True, text=True,
+        )
+        if done.returncode != 0:
+            raise BenchError(f"--baseline {rev}: {done.stderr.strip()}")
+        self.trees.append(tree)
+        source = "weft/shm/_atomics.c"
+        if (tree / source).read_bytes() != (ROOT / source).read_bytes():
+            raise BenchError(f"--baseline {rev}: its {source} differs from this checkout's")
+        for built in (ROOT / "weft" / "shm").glob("_atomics*.so"):
+            shutil.copy2(built, tree / "weft" / "shm" / built.name)
+        return tree
+
+    def spawn(
+        self,
+        name: str,
+        argv: list[str],
+        extra_logs: tuple[Path, ...] = (),
+        cwd: Path = ROOT,
+    ) -> Proc:
         """Start argv in its own session, stdout and stderr to .bench/logs/<name>.log."""
         log = LOG_DIR / f"{name}.log"
         with open(log, "wb") as out:
@@ -241,7 +273,7 @@ class Lab:
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                cwd=ROOT,
+                cwd=cwd,
                 start_new_session=True,
             )
         proc = Proc(name, popen, [log, *extra_logs])
@@ -282,10 +314,13 @@ class Lab:
         metrics: bool = True,
         resilience: bool = False,
         rate_limit: bool = False,
+        tree: Path | None = None,
     ) -> Proc:
+        """weft from this checkout, or from `tree` (a baseline's worktree)."""
         config = self.workdir / f"{name}.toml"
         suffix = ("" if metrics else "-nm") + ("-rs" if resilience else "")
         suffix += "-rl" if rate_limit else ""
+        suffix += "-base" if tree is not None else ""
         instance = f"bench-{os.getpid()}-w{workers}{suffix}"
         config.write_text(
             WEFT_CONFIG.format(
@@ -299,7 +334,9 @@ class Lab:
         )
         # Always explicit: without --workers, `weft run` starts one worker per CPU.
         argv = [sys.executable, "-m", "weft", "run", "-c", str(config), "--workers", str(workers)]
-        return self.spawn(name, argv)
+        # `python -m` puts the working directory first on sys.path: a baseline's tree runs its
+        # own weft package.
+        return self.spawn(name, argv, cwd=tree or ROOT)
 
     def stop(self, proc: Proc) -> None:
         """SIGTERM, wait up to STOP_TIMEOUT_S, then SIGKILL whatever is left of its group."""
@@ -328,6 +365,11 @@ class Lab:
     def close(self) -> None:
         for proc in reversed(list(self.procs)):
             self.stop(proc)
+        for tree in self.trees:
+            subprocess.run(
+                ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)],
+                capture_output=True,
+            )
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
@@ -484,6 +526,17 @@ def start_all(lab: Lab, args: argparse.Namespace) -> tuple[Proc, list[Target], l
         except BenchError:
             lab.stop(weft)
             raise
+    if args.baseline:
+        tree = lab.baseline_tree(args.baseline)
+        for workers in args.workers:
+            name = ("weft" if args.workers == [1] else f"weft-w{workers}") + "-base"
+            port = free_port()
+            weft = lab.start_weft(name, workers, upstream_port, port, tree=tree)
+            try:
+                add(name, weft, port, f"weft at {args.baseline}, {workers} worker(s)")
+            except BenchError:
+                lab.stop(weft)
+                raise
     return upstream, targets, skipped
 
 
@@ -742,6 +795,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="also run each weft with a token bucket on the client IP of the benchmarked "
         "route, at a rate never reached (named *-limited), to measure what a decision costs",
+    )
+    parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also run weft as of git revision REV (named *-base) in the same rounds, to "
+        "compare before and after a change",
     )
     # Harness check: a second nginx proxy stands in for weft.
     parser.add_argument("--self-test", action="store_true", help=argparse.SUPPRESS)

@@ -6,12 +6,14 @@ from __future__ import annotations
 import socket
 from collections.abc import Iterator
 
+import h11
 import pytest
 import trio
 
 from weft.arena_pool import RELAY_SIZE, ArenaPool, BuffersExhausted, ReplayBody, keep_body
 from weft.bufpool import MIN_MEMORY, BufferPool, private_pool
 from weft.http.errors import UpstreamError
+from weft.http.h1 import take_body_start
 from weft.http.h1_client import H1Upstream
 from weft.http.io import Timers
 from weft.http.messages import Body, BytesBody
@@ -252,3 +254,29 @@ async def test_an_upstream_that_closes_mid_body_fails_the_relay(upstream, pool):
     assert info.value.reason == "upstream_reset"
     assert done == [False] and not up.reusable()
     assert in_use(pool) == 0
+
+
+# -- the pinned h11's buffer, as take_body_start uses it -------------------------------------
+
+
+def client_conn_with(data: bytes) -> h11.Connection:
+    conn = h11.Connection(h11.CLIENT)
+    conn.send(h11.Request(method="GET", target="/", headers=[("host", "t")]))
+    conn.send(h11.EndOfMessage())
+    conn.receive_data(data)
+    assert type(conn.next_event()) is h11.Response
+    return conn
+
+
+def test_the_body_start_is_taken_from_h11_uncopied_and_h11_then_needs_data():
+    conn = client_conn_with(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhello")
+    held = conn._receive_buffer._data
+    start = take_body_start(conn, 10)
+    assert start is held and start == b"hello"  # the very buffer h11 had, not a copy
+    assert conn.next_event() is h11.NEED_DATA and conn.trailing_data == (b"", False)
+
+
+def test_bytes_past_the_body_stay_with_h11():
+    conn = client_conn_with(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nhiHTTP/1.1 200 OK\r\n")
+    assert take_body_start(conn, 2) is None
+    assert conn.next_event() == h11.Data(data=b"hi")

@@ -31,8 +31,12 @@ class      share   why                                                  at 64 Mi
 =========  ======  ===================================================  ===========
 
 Half the bytes go to the class the data path uses most, and every class keeps a useful count
-(at 1 MiB: 8, 15, 30, 59 and 235 buffers). The shares are estimates until the data path is
-wired to the pool; they are this one table.
+(at 1 MiB: 8, 15, 30, 59 and 235 buffers). What the data path takes today (`weft.arena_pool`):
+a 64 KiB relay buffer per direction of a body that streams (not complete in the first read),
+held until that body ends, so the 64 KiB count bounds how many bodies stream at once; and the
+retry middleware's replay bodies, in 64 KiB buffers and one of the smallest class that holds
+their tail. Heads go through h11's own buffer, not the pool, and the 16 KiB share waits for
+the TLS transport. The shares are this one table.
 
 ``memory`` counts the buffers' bytes. The segment adds its bookkeeping: a pool header, one
 owner word per buffer and one bitmap bit per buffer (0.3 % at the default), and a page of
@@ -525,7 +529,7 @@ class BufferPool:
 
     def stats(self) -> dict[int, tuple[int, int]]:
         """``{class size: (in use, total)}``, for ``weft_buffers_in_use{class}`` and
-        ``weft_buffers_total{class}``.
+        ``weft_buffers{class}``.
 
         In use is the bitmap's count: one load per 63 buffers. It is a moment's count that
         leaves out buffers between the two steps of a claim or a release in progress, and those

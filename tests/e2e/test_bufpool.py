@@ -2,8 +2,9 @@
 killed worker's buffers go back to the pool, and a reload keeps the pool's size.
 
 The judges are /dev/shm itself and the pool attached from the test, as `weft status` would.
-Nothing in the request path claims buffers yet, so the test tags buffers with a worker's pid
-itself, as that worker's claims would.
+The test tags buffers with a worker's pid itself, as that worker's claims would, so that what
+it holds is known exactly (tests/e2e/test_relay_buffers.py kills a worker whose relay holds
+its buffer).
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ import h11
 
 from weft.http.errors import ClientError, ClientGone
 from weft.http.h1 import METHOD, TARGET_BAD, check_chunk_lines, fields
-from weft.http.messages import Body, BodyTooLarge
+from weft.http.headers import new_request_id, valid_request_id
+from weft.http.messages import Body, BodyTooLarge, Headers, Request
 from weft.schema import Limits
 
 if TYPE_CHECKING:
@@ -35,6 +36,7 @@ _FRAMING_FIELD = re.compile(rb"\n(content-length|transfer-encoding)[ \t]*:([^\n]
 # A line that starts with whitespace: obs-fold (RFC 9112 §5.2), or whitespace before the first
 # field (§2.2).
 _OBS_FOLD = re.compile(rb"\n[ \t]")
+_HOST = re.compile(rb"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]+)(?::[0-9]{0,5})?$")
 
 
 class ClientTimeout(ClientError):
@@ -155,6 +157,74 @@ def check_fields(buf: bytearray, start: int, end: int, version: bytes) -> None:
                 "Transfer-Encoding must be chunked, once and alone",
                 reason="ambiguous_framing",
             )
+
+
+def make_request(
+srv: H1Server,
+conn: h11.Connection,
+    ev: h11.Request,
+    method: bytes,
+    target: bytes,
+    version: bytes,
+    start: float,
+) -> Request:
+    """The `Request` for the head h11 parsed (`ev`), after the checks h11 leaves out: the
+    field count, one valid Host (or the authority of an absolute-form target, which replaces
+    it), the request id. Raises ClientError."""
+    headers = fields(ev.headers)
+    if len(headers) > srv.limits.max_headers:
+        raise ClientError("too many header fields", status=431, reason="too_many_headers")
+    hosts = []
+    has_te = False
+    rid = b""
+    length = 0
+    rid_header = srv.rid_header
+    for k, v in headers:
+        if k == b"host":
+            hosts.append(v)
+        elif k == b"content-length":
+            length = int(v)  # h11 checked the digits, check_fields that it is alone
+        elif k == b"transfer-encoding":
+            has_te = True  # "chunked", alone (check_fields)
+        elif k == rid_header:
+            rid = v
+    if len(hosts) > 1:
+        raise ClientError("more than one Host header", reason="bad_host")
+    if hosts and not _HOST.match(hosts[0]):
+        raise ClientError("malformed Host header", reason="bad_host")
+    if not hosts and version == b"HTTP/1.1":
+        raise ClientError("missing Host header", reason="bad_host")
+    if target[:1] != b"/" and target != b"*":
+        # absolute-form (RFC 9112 §3.2.2): the target's authority replaces Host.
+        rest = target.split(b"://", 1)[1]
+        authority, _, path = rest.partition(b"/")
+        if not authority or not _HOST.match(authority) or b"@" in authority:
+            raise ClientError("malformed absolute-form target", reason="bad_target")
+        headers = [(k, v) for k, v in headers if k != b"host"]
+        headers.insert(0, (b"host", authority))
+        target = b"/" + path
+    if has_te:
+        length = None
+    request_id = rid.decode("ascii") if valid_request_id(rid) else new_request_id()
+    body = H1RequestBody(srv, conn, length)
+    if length == 0:
+        end = conn.next_event()  # no body: h11 has the EndOfMessage ready, take it now
+        assert type(end) is h11.EndOfMessage, end
+    interim = srv._send_interim if version == b"HTTP/1.1" else None
+    req = Request(
+        method.decode("ascii"),
+        target.decode("latin-1"),
+        Headers(headers),
+        body,
+        http_version=version[5:].decode(),
+        client=srv.client,
+        request_id=request_id,
+        start=start,
+        interim=interim,
+    )
+    if srv.state.draining:
+        req.ctx["close"] = True
+    return req
 
 
 class H1RequestBody(Body):

@@ -54,18 +54,18 @@ from weft.http.h1 import (
     READ_SIZE,
     data_bytes,
     end_of_message,
-    fields,
 )
 from weft.http.h1_request import (
     ClientTimeout,
     H1RequestBody,
     check_fields,
     head_length,
+    make_request,
     request_line,
 )
-from weft.http.headers import fields_valid, has_field, new_request_id, valid_request_id
+from weft.http.headers import fields_valid, has_field
 from weft.http.io import SCRATCH
-from weft.http.messages import Headers, Request, Response
+from weft.http.messages import Request, Response
 from weft.http.transport import TCPTransport
 
 if TYPE_CHECKING:
@@ -84,7 +84,6 @@ DISCARD_BYTES = 256 * 1024
 # a request just as the idle time ran out, and a close with its bytes unread would be a reset.
 DRAIN_LINGER_SECONDS = 1.0
 
-_HOST = re.compile(rb"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]+)(?::[0-9]{0,5})?$")
 _REASON = re.compile(rb"[\t \x21-\x7e\x80-\xff]*")  # RFC 9112 §4 reason-phrase
 
 
@@ -336,7 +335,7 @@ class H1Server:
                 # its 501 (Transfer-Encoding) cannot come past check_fields.
                 raise self.malformed("request head", e, "bad_request") from None
             assert type(ev) is h11.Request, ev
-            request = self._make_request(conn, ev, method, target, version, start)
+            request = make_request(self, conn, ev, method, target, version, start)
             request.client_watch = self
             arena = self.arena
             if arena is not None:
@@ -408,70 +407,6 @@ class H1Server:
                 hook(request, response, error, self.client, trio.current_time() - start)
             except Exception:
                 log.exception("access log hook failed")
-
-    def _make_request(
-        self,
-        conn: h11.Connection,
-        ev: h11.Request,
-        method: bytes,
-        target: bytes,
-        version: bytes,
-        start: float,
-    ) -> Request:
-        headers = fields(ev.headers)
-        if len(headers) > self.limits.max_headers:
-            raise ClientError("too many header fields", status=431, reason="too_many_headers")
-        hosts = []
-        has_te = False
-        rid = b""
-        length = 0
-        rid_header = self.rid_header
-        for k, v in headers:
-            if k == b"host":
-                hosts.append(v)
-            elif k == b"content-length":
-                length = int(v)  # h11 checked the digits, check_fields that it is alone
-            elif k == b"transfer-encoding":
-                has_te = True  # "chunked", alone (check_fields)
-            elif k == rid_header:
-                rid = v
-        if len(hosts) > 1:
-            raise ClientError("more than one Host header", reason="bad_host")
-        if hosts and not _HOST.match(hosts[0]):
-            raise ClientError("malformed Host header", reason="bad_host")
-        if not hosts and version == b"HTTP/1.1":
-            raise ClientError("missing Host header", reason="bad_host")
-        if target[:1] != b"/" and target != b"*":
-            # absolute-form (RFC 9112 §3.2.2): the target's authority replaces Host.
-            rest = target.split(b"://", 1)[1]
-            authority, _, path = rest.partition(b"/")
-            if not authority or not _HOST.match(authority) or b"@" in authority:
-                raise ClientError("malformed absolute-form target", reason="bad_target")
-            headers = [(k, v) for k, v in headers if k != b"host"]
-            headers.insert(0, (b"host", authority))
-            target = b"/" + path
-        if has_te:
-            length = None
-        request_id = rid.decode("ascii") if valid_request_id(rid) else new_request_id()
-        body = H1RequestBody(self, conn, length)
-        if length == 0:
-            end = conn.next_event()  # no body: h11 has the EndOfMessage ready, take it now
-            assert type(end) is h11.EndOfMessage, end
-        interim = self._send_interim if version == b"HTTP/1.1" else None
-        req = Request(
-            method.decode("ascii"),
-            target.decode("latin-1"),
-            Headers(headers),
-            body,
-            http_version=version[5:].decode(),
-            client=self.client,
-            request_id=request_id,
-            start=start,
-            interim=interim,
-        )
-        if self.state.draining:
-            req.ctx["close"] = True
-        return req
 
     async def _send_interim(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         """Relay a 1xx (not 101) to the client. Only offered to HTTP/1.1 clients."""
