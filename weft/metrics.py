@@ -349,6 +349,10 @@ class WorkerMetrics:
             if r.rate_limits
             for d in ("admitted", "delayed", "rejected")
         }
+        # Decisions counted here and added to their counters at each `sample`: one dict
+        # increment per request instead of a write to the metrics file (a locked mmap write,
+        # about 1.5 µs) on every request of a limited route.
+        self._rate_pending: collections.Counter[tuple[str, str]] = collections.Counter()
         self.rate_backend_errors = Counter(
             "weft_rate_limit_backend_errors",
             "Rate-limit decisions the Redis backend did not make in time (or failed): "
@@ -491,9 +495,7 @@ class WorkerMetrics:
         # Filled by the rate-limit middleware.
         decision = ctx.get("rate_limit")
         if decision is not None:
-            child = self._rate_limit.get((route, decision))
-            if child is not None:
-                child.inc()
+            self._rate_pending[route, decision] += 1
         if ctx.get("rate_limit_backend_error"):
             child = self._rate_backend_errors.get(route)
             if child is not None:
@@ -572,7 +574,14 @@ class WorkerMetrics:
     # -- sampled gauges --
 
     def sample(self) -> None:
-        """Copy in-flight counts and pool figures to their gauges (only what changed)."""
+        """Copy in-flight counts and pool figures to their gauges (only what changed), and
+        add the rate-limit decisions counted since the last sample to their counters."""
+        if self._rate_pending:
+            for key, n in self._rate_pending.items():
+                child = self._rate_limit.get(key)
+                if child is not None:
+                    child.inc(n)
+            self._rate_pending.clear()
         published = self._inflight_published
         for route, n in self.inflight.items():
             if published.get(route) != n:
@@ -608,9 +617,12 @@ class WorkerMetrics:
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Sample every SAMPLE_INTERVAL until cancelled."""
         task_status.started()
-        while True:
-            await trio.sleep(SAMPLE_INTERVAL)
-            self.sample()
+        try:
+            while True:
+                await trio.sleep(SAMPLE_INTERVAL)
+                self.sample()
+        finally:
+            self.sample()  # what was counted since the last one, at the worker's end
 
 
 def for_worker(

@@ -13,7 +13,9 @@ import threading
 import time
 
 import pytest
+from support.config import table
 from support.procs import wait_for
+from support.prometheus import scrape, total
 from support.ratelimit import get, hammer, rate_limit_config
 
 pytestmark = pytest.mark.e2e
@@ -27,8 +29,10 @@ def test_a_token_bucket_admits_exactly_its_rate_across_workers(upstream, weft, f
     2. The upstream received 1 + 10 + 50 x (the span it saw) requests, within 2 %: the same
        number whatever the number of workers; everything else was answered 429."""
     up = upstream("up")
+    admin_port = free_port()
     proxy = weft(rate_limit_config(free_port(), up.address, workers,
-                         [{"key": "route", "rate": "50/s", "burst": 10}]))
+                         [{"key": "route", "rate": "50/s", "burst": 10}])
+                 + table("[admin]", {"port": admin_port}))
     up.reset_stats()
     counts = hammer(proxy.host, proxy.port, 20, 5.0)
     stats = up.stats()
@@ -39,6 +43,15 @@ def test_a_token_bucket_admits_exactly_its_rate_across_workers(upstream, weft, f
     assert counts[200] == admitted
     assert counts.get(429, 0) > 1000  # the clients really asked for far more
     assert set(counts) == {200, 429}
+    # 3. the decisions, summed over the workers (each adds its own once a second)
+    wanted = {"admitted": counts[200], "rejected": counts[429]}
+
+    def decisions() -> dict[str, float]:
+        got = scrape(admin_port)
+        return {d: total(got, "weft_rate_limit_decisions_total", route="route0", decision=d)
+                for d in wanted}
+
+    wait_for(lambda: decisions() == wanted, 5.0, f"the decision counters to reach {wanted}")
 
 
 def test_a_refusal_carries_retry_after_and_the_ratelimit_fields(upstream, weft, free_port,
