@@ -101,8 +101,10 @@ def chain(middlewares: list[Middleware], terminal: Next) -> Next:
 
 
 def _bind(mw: Middleware, nxt: Next) -> Next:
-    async def handler(request: Request) -> Response:
-        return await mw(request, nxt)
+    # A plain function that returns `mw`'s coroutine, not a coroutine function awaiting it:
+    # one coroutine object and frame fewer per middleware per request (about 1 µs each).
+    def handler(request: Request) -> Awaitable[Response]:
+        return mw(request, nxt)
 
     handler.__qualname__ = getattr(mw, "__qualname__", "middleware")
     return handler

@@ -30,6 +30,7 @@ from __future__ import annotations
 import trio
 
 from weft.backpressure import (
+    NS,
     SharedLimiter,
     Verdict,
     policy_field,
@@ -78,6 +79,19 @@ def make_rate_limit(
                 return b"h\0" + value.encode("latin-1")
         return client_address(request.headers.raw, request.client[0], trusted).encode()
 
+    # The RateLimit field of the last admitted answer, per limit: while a bucket is far from
+    # empty, answer after answer gets the same bytes, which are then not formatted again.
+    last_field: list[tuple[int, int, bytes]] = [(-1, -1, b"")] * len(plan)
+
+    def field_of(i: int, name: str, v: Verdict) -> bytes:
+        r, t = v.remaining, -(-v.reset_ns // NS)  # what the field shows: whole seconds
+        last_r, last_t, data = last_field[i]
+        if r == last_r and t == last_t:
+            return data
+        data = ratelimit_field(name, v)
+        last_field[i] = (r, t, data)
+        return data
+
     def refuse(
         request: Request, status: int, wait_ns: int, name: str, v: Verdict | None
     ) -> Response:
@@ -99,8 +113,9 @@ def make_rate_limit(
         ctx = request.ctx
         least: Verdict | None = None
         least_name = ""
+        least_i = 0
         delay = 0
-        for limit, prefix, name, redis_prefix in plan:
+        for i, (limit, prefix, name, redis_prefix) in enumerate(plan):
             key = key_of(limit.key, request)
             if limit.backend == "redis" and redis is not None:
                 v = await _ask_redis(
@@ -125,7 +140,7 @@ def make_rate_limit(
             if v.delay_ns > delay:
                 delay = v.delay_ns
             if least is None or v.remaining < least.remaining:
-                least, least_name = v, name
+                least, least_name, least_i = v, name, i
         if delay:
             ctx["rate_limit"] = "delayed"
             await _wait(request, delay / 1e9)
@@ -135,7 +150,7 @@ def make_rate_limit(
         raw = response.headers.raw  # names and values are bytes already: no conversion
         raw.append((POLICY, policy))
         if least is not None:
-            raw.append((RATELIMIT, ratelimit_field(least_name, least)))
+            raw.append((RATELIMIT, field_of(least_i, least_name, least)))
         return response
 
     return rate_limited
