@@ -12,10 +12,11 @@ the request's `Arena` (``request.arena``), and the adapter that serves the reque
 
 An arena is **reused**: the h1 server keeps one per connection (requests on a connection are
 served one after another), an h2 connection will take one per stream from the worker's
-`ArenaPool`. What it keeps between requests is memory that is cheap to keep and costly to
-remake: ``head``, the connection's read buffer for request heads (its capacity stays; it is
-connection scratch, not the request's, because it holds pipelined bytes of the next request, so
-`release` leaves it), and the list that holds the leases.
+`ArenaPool`. What it keeps between requests: the list that holds the leases, and ``head``,
+the connection's read buffer for request heads. ``head`` is connection scratch, not the
+request's: it holds the pipelined bytes of the next request, so `release` leaves it, and only
+`ArenaPool.give_back` empties it. Reads land in the worker's shared scratch
+(`weft.http.io.SCRATCH`) and are appended to ``head``, so no read makes a `bytes` of its own.
 
 **Backpressure.** A lease is `BufferPool.claim`: lock-free, no system call. When a class has no
 free buffer, `lease_wait` waits for one (the pool is polled, see `BufferPool.claim_wait`) for at
@@ -137,10 +138,7 @@ class ArenaPool:
     def give_back(self, arena: Arena) -> None:
         """Release what `arena` still holds and keep it for the next `acquire`."""
         arena.release()
-        if len(arena.head) > RELAY_SIZE:
-            arena.head = bytearray()  # a connection that sent a huge head: do not keep it
-        else:
-            arena.head.clear()
+        arena.head.clear()  # (a bytearray's clear() gives its memory back)
         if len(self._free) < KEEP:
             self._free.append(arena)
 
