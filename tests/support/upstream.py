@@ -979,12 +979,21 @@ class Server:
     def _serve_tls(self, sock: socket.socket, connection_id: int, peer: tuple[str, int]) -> None:
         """Handshake (bounded), then serve; a failed handshake closes this connection only."""
         assert self.tls is not None
+        sock.settimeout(10.0)
+        tls_sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         try:
-            sock.settimeout(10.0)
-            tls_sock = self.tls.wrap_socket(sock, server_side=True)
+            tls_sock.do_handshake()
             tls_sock.settimeout(None)
         except (OSError, ValueError):
-            sock.close()
+            # The alert that says why went out; linger so that the peer reads it, and not a
+            # reset (TLS 1.3 clients learn of a refused certificate only when they read).
+            raw = socket.socket(fileno=tls_sock.detach())
+            with contextlib.suppress(OSError):
+                raw.shutdown(socket.SHUT_WR)
+                raw.settimeout(2.0)
+                while raw.recv(BLOCK):
+                    pass
+            raw.close()
             with self.stats.lock:
                 self.stats.open_connections -= 1
             return

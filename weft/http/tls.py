@@ -524,6 +524,20 @@ class UpstreamTLSError(UpstreamError):
         self.public = public
 
 
+def refused(e: OSError | EOFError, server_name: str) -> UpstreamTLSError:
+    """The 502 for a TLS handshake with an upstream that failed, or for a TLS alert that ended
+    the first read (TLS 1.3 refuses a client certificate only after the client's Finished,
+    so weft learns of it when it reads the answer)."""
+    if isinstance(e, ssl.SSLError):
+        words = (e.reason or str(e)).lower().replace("_", " ")
+    else:
+        words = "connection closed"
+    return UpstreamTLSError(
+        f"TLS with {server_name} failed: {e}",
+        f"the TLS handshake with the upstream failed: {words}",
+    )
+
+
 async def connect(tcp: TCPTransport, context: ssl.SSLContext, server_name: str,
                   timeout: float = math.inf) -> TLSTransport:
     """TLS over a connected `tcp` to an upstream, `server_name` sent and verified. Raises
@@ -543,12 +557,7 @@ async def connect(tcp: TCPTransport, context: ssl.SSLContext, server_name: str,
         ) from None
     except (OSError, EOFError) as e:
         transport.close()
-        why = (e.reason or str(e)) if isinstance(e, ssl.SSLError) else "connection closed"
-        words = why.lower().replace("_", " ") if isinstance(e, ssl.SSLError) else why
-        raise UpstreamTLSError(
-            f"TLS handshake with {server_name} failed: {e}",
-            f"the TLS handshake with the upstream failed: {words}",
-        ) from None
+        raise refused(e, server_name) from None
     except BaseException:
         transport.close()
         raise
