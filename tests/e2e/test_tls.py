@@ -24,6 +24,7 @@ from support.config import base_config, destination, route, table, toml_value
 from support.procs import Upstream, start_upstream, unique_instance, wait_for
 from support.prometheus import admin_get
 from support.supervised import start_supervised
+from support.wsclient import WsClient
 
 pytestmark = pytest.mark.e2e
 
@@ -352,6 +353,22 @@ def test_health_probes_go_over_tls(weft, tls_upstream, free_port, ca, tmp_path):
     # the upstream speaks only TLS: a /healthz it records came over a verified TLS probe
     wait_for(lambda: len(up.stats()["healthz_times"]) >= 3, 10.0, "three TLS probes")
     assert get_plain(port, "/echo")[0] == 200
+
+
+def test_a_websocket_tunnels_over_tls_on_both_sides(weft, tls_upstream, free_port, ca, tmp_path):
+    """The tunnel reads and writes each TLS connection from two tasks at once."""
+    up = tls_upstream("wss", ca, ca.leaf("up", ["127.0.0.1"]))
+    port = free_port()
+    site = ca.leaf("site", ["localhost"])
+    weft(tls_listener(port, [cert_entry(site)]) + destination("app", [up.address])
+         + table("[destinations.app.tls]", {"ca": str(ca.pem)}) + route("app"))
+    with WsClient(port, "/ws", tls=https_context(ca)) as ws:
+        assert ws.accepted, ws.rejected_status
+        for i in range(3):
+            big = f"{i}" * 1_500_000  # past the kernel's buffers: short writes both ways
+            ws.send_text(big)
+            assert ws.receive(timeout=20.0) == big
+        assert ws.ping(b"still there") == b"still there"
 
 
 def test_listener_tls_in_toml_as_the_issue_writes_it(tmp_path, ca):
