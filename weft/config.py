@@ -33,6 +33,7 @@ from weft import confread as cr
 from weft.config_buffers import read_buffers
 from weft.config_ratelimit import read_rate_limit_backend, read_rate_limits, read_rate_table
 from weft.config_resilience import read_breaker, read_health, read_outlier, read_retry
+from weft.config_tls import read_listener_tls, read_upstream_tls
 from weft.schema import (
     ROUTE_TIMEOUTS,
     STRATEGIES,
@@ -144,11 +145,12 @@ def _read_listeners(r: cr.Reader, raw: Any) -> tuple[Listener, ...]:
         address = r.take(t, "address", path, cr.ip, "127.0.0.1")
         port = r.take(t, "port", path, cr.port, 0)
         backlog = r.take(t, "backlog", path, lambda v: cr.integer(v, lo=1, hi=65535), 1024)
-        r.unknown(t, path, ("address", "port", "backlog"))
+        tls = read_listener_tls(r, t.pop("tls"), f"{path}.tls") if "tls" in t else None
+        r.unknown(t, path, ("address", "port", "backlog", "tls"))
         if (address, port) in seen:
             r.error(path, f"{address}:{port} is already listeners[{seen[(address, port)]}]")
         seen[(address, port)] = i
-        out.append(Listener(address, port, backlog))
+        out.append(Listener(address, port, backlog, tls))
     return tuple(out)
 
 
@@ -221,6 +223,7 @@ _DEST_KEYS = (
     "health",
     "outlier",
     "breaker",
+    "tls",
 )
 
 
@@ -292,6 +295,7 @@ def _read_destinations(r: cr.Reader, raw: Any) -> dict[str, Destination]:
         health = read_health(r, d.pop("health"), f"{path}.health") if "health" in d else None
         outlier = read_outlier(r, d.pop("outlier"), f"{path}.outlier") if "outlier" in d else None
         breaker = read_breaker(r, d.pop("breaker"), f"{path}.breaker") if "breaker" in d else None
+        tls = read_upstream_tls(r, d.pop("tls"), f"{path}.tls") if "tls" in d else None
         eps: list[Endpoint] = []
         if "endpoints" not in d:
             r.error(path, 'needs "endpoints"')
@@ -330,6 +334,7 @@ def _read_destinations(r: cr.Reader, raw: Any) -> dict[str, Destination]:
             health,
             outlier,
             breaker,
+            tls,
         )
     return out
 

@@ -19,6 +19,10 @@ The rules, in the order a request meets them:
    ``max_idle_per_endpoint`` or older than ``idle_timeout`` are closed by the sweeper.
 5. **Close** (drain): idle connections are closed at once, busy ones when they are released.
 
+A destination with ``[destinations.<name>.tls]`` gets TLS connections (`open_transport`): the
+handshake is part of opening, inside ``upstream_connect`` (Envoy's connect timeout covers it
+too), and a refused certificate is a 502 `upstream_tls` naming the verification error.
+
 The pool counts connections, not requests: in-flight request counts for least-connections
 balancing live in `weft.dst`'s caller (the forwarder).
 """
@@ -31,12 +35,13 @@ from collections.abc import Iterable
 
 import trio
 
+from weft.http import tls as tls_mod
 from weft.http.errors import UpstreamError
 from weft.http.h1_client import H1Upstream
 from weft.http.io import Timers
-from weft.http.transport import open_tcp
+from weft.http.transport import Transport, open_tcp
 from weft.http.upstream import UpstreamConnection
-from weft.schema import Destination, Endpoint, PoolConfig
+from weft.schema import Destination, Endpoint, PoolConfig, UpstreamTLS
 
 log = logging.getLogger("weft.pool")
 
@@ -48,15 +53,35 @@ class PoolFull(UpstreamError):
     reason = "pool_full"
 
 
+async def open_transport(ep: Endpoint, tls: UpstreamTLS | None) -> Transport:
+    """A connection to `ep`: TCP, then TLS when the destination has `tls` (SNI and the name
+    verified: ``server_name``, or the endpoint's host). Unbounded: the caller's scope bounds
+    it. Raises OSError (connect), `weft.http.tls.UpstreamTLSError` (handshake; closed)."""
+    transport = await open_tcp(ep.host, ep.port)
+    if tls is None:
+        return transport
+    try:
+        return await tls_mod.connect(transport, tls.context, tls.server_name or ep.host)
+    except BaseException:
+        transport.close()
+        raise
+
+
 class EndpointPool:
     """Connections to one endpoint."""
 
     def __init__(
-        self, owner: UpstreamPools, endpoint: Endpoint, cfg: PoolConfig, connect_timeout: float
+        self,
+        owner: UpstreamPools,
+        endpoint: Endpoint,
+        cfg: PoolConfig,
+        connect_timeout: float,
+        tls: UpstreamTLS | None = None,
     ) -> None:
         self.owner = owner
         self.endpoint = endpoint
         self.cfg = cfg
+        self.tls = tls  # None: cleartext
         self.connect_timeout = connect_timeout
         self.idle: deque[UpstreamConnection] = deque()
         self.open = 0  # idle + busy + being opened
@@ -156,7 +181,7 @@ class EndpointPool:
             ep = self.endpoint
             with trio.move_on_after(self.connect_timeout) as cs:
                 try:
-                    transport = await open_tcp(ep.host, ep.port)
+                    transport = await open_transport(ep, self.tls)
                 except OSError as e:
                     raise UpstreamError(
                         f"connect to {ep.authority} failed: {e.strerror or e}",
@@ -253,7 +278,7 @@ class UpstreamPools:
         for dest in destinations:
             eps = []
             for ep in dest.endpoints:
-                pool = EndpointPool(self, ep, dest.pool, connect_timeout)
+                pool = EndpointPool(self, ep, dest.pool, connect_timeout, dest.tls)
                 eps.append(pool)
             self.by_destination[dest.name] = eps
 

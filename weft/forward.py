@@ -75,6 +75,7 @@ PUBLIC_REASON = {
     "breaker_open": "the upstream is failing; its circuit breaker is open",
     "draining": "the server is shutting down",
     "buffers_exhausted": BuffersExhausted.public,
+    "upstream_tls": "TLS with the upstream failed",  # UpstreamTLSError.public names why
 }
 
 
@@ -155,7 +156,7 @@ class Forwarder:
             log.info("request %s to %s: %s", request.id, request.ctx.get("endpoint", "-"), e.detail)
             return error_response(
                 e.status,
-                PUBLIC_REASON.get(e.reason, "upstream error"),
+                getattr(e, "public", None) or PUBLIC_REASON.get(e.reason, "upstream error"),
                 request.id,
                 close=False,
                 retry_after=e.retry_after if e.status == 503 else None,

@@ -109,6 +109,7 @@ REASONS = frozenset(
         "upstream_header_timeout",
         "upstream_reset",
         "upstream_send_timeout",
+        "upstream_tls",
         "uri_too_long",
     }
 )
@@ -239,6 +240,7 @@ class WorkerMetrics:
         config: Config,
         pools: UpstreamPools,
         accept_errors: collections.Counter[str] | None = None,
+        tls_failures: collections.Counter[tuple[str, str]] | None = None,
     ) -> None:
         pc = _prometheus_client(forks=False)
         Counter, Gauge, Histogram = pc.Counter, pc.Gauge, pc.Histogram
@@ -317,6 +319,18 @@ class WorkerMetrics:
         # the moment a worker has none to spare).
         self._accept_children = {name: self.accept.labels(name) for name in ACCEPT_ERRNOS}
         self._accept_counted = dict.fromkeys(ACCEPT_ERRNOS, 0)
+        # Failed TLS handshakes, counted by the worker (Worker.tls_failures) and added here at
+        # each sample; reasons are weft.http.tls.HANDSHAKE_REASONS, listeners from the config.
+        self.tls_failures = collections.Counter() if tls_failures is None else tls_failures
+        self._tls_counted: dict[tuple[str, str], int] = {}
+        self.tls_handshake = Counter(
+            "weft_tls_handshake_failures",
+            "TLS handshakes with clients that failed, by listener and reason (timeout, eof, "
+            "http_request, protocol_version, no_shared_cipher, no_alpn, unknown_ca, "
+            "bad_certificate, other).",
+            ["listener", "reason"],
+            registry=None,
+        )
         self.retries = Counter(
             "weft_retries",
             "Retries sent, by route and the reason of the try they replaced: a failure "
@@ -613,6 +627,11 @@ class WorkerMetrics:
                     child = self._accept_children[name] = self.accept.labels(name)
                 child.inc(n - before)
                 counted[name] = n
+        for key, n in self.tls_failures.items():
+            before = self._tls_counted.get(key, 0)
+            if n != before:
+                self.tls_handshake.labels(*key).inc(n - before)
+                self._tls_counted[key] = n
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Sample every SAMPLE_INTERVAL until cancelled."""
@@ -626,14 +645,17 @@ class WorkerMetrics:
 
 
 def for_worker(
-    config: Config, pools: UpstreamPools, accept_errors: collections.Counter[str] | None = None
+    config: Config,
+    pools: UpstreamPools,
+    accept_errors: collections.Counter[str] | None = None,
+    tls_failures: collections.Counter[tuple[str, str]] | None = None,
 ) -> WorkerMetrics | None:
     """The worker's metrics, or None when they are off or nobody collects them (a worker run
-    without a supervisor has no metrics directory). `accept_errors`: the worker's
-    `Worker.accept_errors`, read at every sample."""
+    without a supervisor has no metrics directory). `accept_errors` and `tls_failures`: the
+    worker's `Worker.accept_errors` and `Worker.tls_failures`, read at every sample."""
     if not config.metrics.enabled or not os.environ.get(ENV):
         return None
-    return WorkerMetrics(config, pools, accept_errors)
+    return WorkerMetrics(config, pools, accept_errors, tls_failures)
 
 
 # -- the supervisor ---------------------------------------------------------------------------

@@ -11,7 +11,8 @@ Results:
 ==================  ============================================================
 ``ok``              a response head came back with a status below 500
 ``status``          a response head with a 5xx status (the status is passed too)
-``connect_error``   the connection could not be opened (refused, unreachable, timed out)
+``connect_error``   the connection could not be opened (refused, unreachable, timed out, or
+                    its TLS handshake failed: the certificate refused, say)
 ``reset``           the connection closed or reset before or during the response head
 ``timeout``         no response head, or a body stall, within the configured timeout
 ``protocol_error``  the upstream did not speak HTTP correctly
@@ -37,6 +38,7 @@ PROTOCOL_ERROR = "protocol_error"
 _BY_REASON = {
     "connect_error": CONNECT_ERROR,
     "connect_timeout": CONNECT_ERROR,  # Envoy's connect-failure covers refused and timed out
+    "upstream_tls": CONNECT_ERROR,  # Envoy counts a TLS handshake failure as one too
     "upstream_reset": RESET,
     "upstream_header_timeout": TIMEOUT,
     "upstream_body_timeout": TIMEOUT,

@@ -14,7 +14,8 @@ The theory of operation:
   intervals and is taken within another half: probing goes on within two intervals.
 * A draining worker gives its leases up, so the new generation takes them at its next tick.
 * A probe is ``GET <path>`` on a fresh connection (never a pooled one: a probe must see whether
-  the endpoint accepts connections, and must not take a slot a request could use), with
+  the endpoint accepts connections, and must not take a slot a request could use; over TLS
+  when the destination has ``tls``, verified as the pool's connections are), with
   ``Connection: close``, the destination's Host rule and ``User-Agent: weft-health``. The
   whole probe, connect to last body byte, is bounded by ``timeout``. Its result is classified
   (`weft.health.classify_probe`) and written with one CAS (`DestinationObserver.apply_probe`).
@@ -33,11 +34,10 @@ import random
 import trio
 
 from weft import health
-from weft.connection import UpstreamPools
+from weft.connection import UpstreamPools, open_transport
 from weft.http.errors import ClientError, UpstreamError
 from weft.http.h1_client import H1Upstream
 from weft.http.messages import BytesBody
-from weft.http.transport import open_tcp
 from weft.http.upstream import Outgoing
 from weft.observer import DestinationObserver
 from weft.schema import Destination, Timeouts
@@ -92,7 +92,8 @@ async def probe_once(
     conn: H1Upstream | None = None
     with trio.move_on_at(deadline):
         try:
-            conn = H1Upstream(await open_tcp(ep.host, ep.port), ep, timers)  # type: ignore[arg-type]
+            transport = await open_transport(ep, dest.tls)  # TLS too, as the pool's
+            conn = H1Upstream(transport, ep, timers)  # type: ignore[arg-type]
             response = await conn.exchange(out, timeouts, deadline, None, lambda _reusable: None)
             degraded = response.headers.get(hc.degraded_header) is not None
             await response.body.read(PROBE_BODY_MAX)

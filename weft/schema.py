@@ -52,6 +52,9 @@ class Timeouts:
     # A draining worker closes a keep-alive connection only after it stayed idle this long: a
     # client that sent nothing for 2s is not mid-send (HAProxy's close-spread-time idea).
     drain_idle: float = 2.0
+    # A client must finish its TLS handshake within this (nginx's ssl_handshake_timeout is 60s;
+    # 10s is the issue's: a handshake is two round trips, and a silent client holds a slot).
+    tls_handshake: float = 10.0
 
 
 # Timeouts a route may override: those that apply to one request, not to a connection or process.
@@ -85,10 +88,47 @@ class Limits:
 
 
 @dataclass(frozen=True, slots=True)
+class TLSCertificate:
+    """One ``[listeners.tls] certificates`` entry: PEM paths and the SNI names it answers
+    (none: the listener's default certificate)."""
+
+    cert: str
+    key: str
+    server_names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerTLS:
+    """``[listeners.tls]`` (`weft.config_tls`). `context` is the `ssl.SSLContext` built from the
+    files when the config was loaded (the default certificate's; SNI switches to the others):
+    workers inherit it by fork, so what was checked is what is served."""
+
+    certificates: tuple[TLSCertificate, ...]
+    min_version: str = "1.2"  # "1.2" | "1.3"
+    alpn: tuple[str, ...] = ("h2", "http/1.1")  # advertised only if weft serves it
+    client_ca: str | None = None  # set: client certificates required and verified
+    context: Any = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTLS:
+    """``[destinations.<name>.tls]``: TLS to the upstream (`weft.config_tls`); `context` is
+    the client `ssl.SSLContext` built at load, as for `ListenerTLS`."""
+
+    ca: str | None = None  # None: the system store
+    server_name: str | None = None  # None: each endpoint's host
+    cert: str | None = None  # client certificate (mTLS)
+    key: str | None = None
+    verify: bool = True
+    context: Any = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
 class Listener:
     address: str
     port: int
     backlog: int = 1024
+    tls: ListenerTLS | None = None  # None: cleartext
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +250,7 @@ class Destination:
     health: HealthCheck | None = None  # None: no active probes
     outlier: OutlierConfig | None = None  # None: no passive ejection
     breaker: BreakerConfig | None = None  # None: no circuit breaker
+    tls: UpstreamTLS | None = None  # None: cleartext to the endpoints
 
     @property
     def observed(self) -> bool:

@@ -25,6 +25,7 @@ import os
 import select
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -165,6 +166,9 @@ class Upstream:
     port: int
     proc: subprocess.Popen[bytes]
     stderr_path: Path
+    # Set for a TLS upstream: how a control request reaches it (trusting its CA, with a
+    # client certificate when it requires one).
+    tls: ssl.SSLContext | None = None
 
     @property
     def address(self) -> str:
@@ -178,7 +182,11 @@ class Upstream:
     def _control_get(self, target: str) -> dict[str, Any]:
         """GET a control path on a fresh connection (a control connection: not counted) and
         return its JSON; AssertionError with the server's words if it refuses."""
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=5.0)
+        conn = (
+            http.client.HTTPConnection(self.host, self.port, timeout=5.0)
+            if self.tls is None
+            else http.client.HTTPSConnection(self.host, self.port, timeout=5.0, context=self.tls)
+        )
         try:
             conn.request("GET", target, headers={"connection": "close"})
             response = conn.getresponse()
@@ -224,9 +232,15 @@ class Upstream:
 
 
 def start_upstream(name: str, log_dir: Path, *, host: str = "127.0.0.1", port: int = 0,
-                   timeout: float = READY_TIMEOUT) -> Upstream:
+                   timeout: float = READY_TIMEOUT, tls: tuple[Path, Path] | None = None,
+                   client_ca: Path | None = None,
+                   control_tls: ssl.SSLContext | None = None) -> Upstream:
     """Start an upstream server named ``name``; return once it listens (on `port`, or on a
     free one; a test restarts a stopped upstream on its old port with it).
+
+    `tls`: (certificate, key) PEM files to serve TLS with; `client_ca`: then require client
+    certificates signed by it; `control_tls`: the context `Upstream.stats` and `control` use
+    to reach a TLS upstream.
 
     Its stderr goes to ``log_dir/upstream-<name>.stderr``. Raises AssertionError (with that
     stderr) if it does not report ``LISTENING <port>`` within ``timeout`` seconds.
@@ -235,7 +249,9 @@ def start_upstream(name: str, log_dir: Path, *, host: str = "127.0.0.1", port: i
     with open(stderr_path, "ab") as stderr:
         proc = subprocess.Popen(
             [sys.executable, str(UPSTREAM_SCRIPT), "--port", str(port), "--name", name,
-             "--host", host],
+             "--host", host,
+             *(["--tls-cert", str(tls[0]), "--tls-key", str(tls[1])] if tls else []),
+             *(["--tls-client-ca", str(client_ca)] if client_ca else [])],
             stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL,
         )
     assert proc.stdout is not None
@@ -259,7 +275,7 @@ def start_upstream(name: str, log_dir: Path, *, host: str = "127.0.0.1", port: i
     proc.stdout.close()
     word, port = line.decode().split()
     assert word == "LISTENING", line
-    return Upstream(name, host, int(port), proc, stderr_path)
+    return Upstream(name, host, int(port), proc, stderr_path, control_tls)
 
 
 # -- weft ---------------------------------------------------------------------------------------

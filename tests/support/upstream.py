@@ -51,6 +51,11 @@ arrives within S seconds (a keep-alive timeout, not announced in the response).
 ``?idle_408=S`` does the same, but first writes an unsolicited ``408 Request Timeout`` response
 (as some servers do on their idle timeout).
 
+TLS (``--tls-cert PEM --tls-key PEM``, and ``--tls-client-ca PEM`` to require client
+certificates): every accepted connection is wrapped before it is served, its handshake in its
+own thread (a failed one closes that connection only); ``/echo`` then also reports
+``tls_client``, the common name of the client's certificate (null without one).
+
 A request that carries ``Expect: 100-continue`` gets ``100 Continue`` before its body is read,
 on every path. ``Connection: close`` from the client (or ``?close=1``) closes after the
 response; otherwise the connection is kept alive.
@@ -115,12 +120,14 @@ import argparse
 import base64
 import contextlib
 import ctypes
+import functools
 import hashlib
 import json
 import os
 import select
 import signal
 import socket
+import ssl
 import struct
 import sys
 import threading
@@ -685,6 +692,7 @@ class Conn:
             "body_sha256": body_sha,
             "connection_id": self.connection_id,
             "request_index_on_connection": self.request_index,
+            "tls_client": _client_cn(self.sock),
         }
 
     def _hash_body(self) -> tuple[int, str]:
@@ -919,9 +927,32 @@ ROUTES: dict[str, Callable[[Conn], bool | None]] = {
 }
 
 
+def _client_cn(sock: socket.socket) -> str | None:
+    """The common name of a TLS client's certificate, None without TLS or certificate."""
+    if not isinstance(sock, ssl.SSLSocket):
+        return None
+    cert = sock.getpeercert()
+    for rdn in (cert or {}).get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return None
+
+
+def _tls_context(cert: str, key: str, client_ca: str | None) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    if client_ca:
+        ctx.load_verify_locations(cafile=client_ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
 class Server:
-    def __init__(self, name: str, host: str, port: int) -> None:
+    def __init__(self, name: str, host: str, port: int,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.name = name
+        self.tls = tls
         self.stats = Stats()
         self.faults = Faults()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -940,8 +971,33 @@ class Server:
             with self.stats.lock:
                 self.stats.raw_accepted += 1
                 self.stats.open_connections += 1
-            conn = Conn(self, sock, next_id, (addr[0], addr[1]))
-            threading.Thread(target=conn.serve, name=f"conn-{next_id}", daemon=True).start()
+            target = Conn(self, sock, next_id, (addr[0], addr[1])).serve
+            if self.tls is not None:
+                target = functools.partial(self._serve_tls, sock, next_id, (addr[0], addr[1]))
+            threading.Thread(target=target, name=f"conn-{next_id}", daemon=True).start()
+
+    def _serve_tls(self, sock: socket.socket, connection_id: int, peer: tuple[str, int]) -> None:
+        """Handshake (bounded), then serve; a failed handshake closes this connection only."""
+        assert self.tls is not None
+        sock.settimeout(10.0)
+        tls_sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        try:
+            tls_sock.do_handshake()
+            tls_sock.settimeout(None)
+        except (OSError, ValueError):
+            # The alert that says why went out; linger so that the peer reads it, and not a
+            # reset (TLS 1.3 clients learn of a refused certificate only when they read).
+            raw = socket.socket(fileno=tls_sock.detach())
+            with contextlib.suppress(OSError):
+                raw.shutdown(socket.SHUT_WR)
+                raw.settimeout(2.0)
+                while raw.recv(BLOCK):
+                    pass
+            raw.close()
+            with self.stats.lock:
+                self.stats.open_connections -= 1
+            return
+        Conn(self, tls_sock, connection_id, peer).serve()
 
 
 def _die_with_parent() -> None:
@@ -957,6 +1013,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--name", default="upstream")
+    parser.add_argument("--tls-cert", help="serve TLS with this PEM certificate")
+    parser.add_argument("--tls-key", help="... and this PEM key")
+    parser.add_argument("--tls-client-ca", help="require client certificates signed by this CA")
     args = parser.parse_args(argv)
 
     parent = os.getppid()
@@ -971,7 +1030,8 @@ def main(argv: list[str] | None = None) -> None:
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
-    server = Server(args.name, args.host, args.port)
+    tls = _tls_context(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+    server = Server(args.name, args.host, args.port, tls)
     print(f"LISTENING {server.port}", flush=True)
     server.serve_forever()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 import time
 
 from wsproto import ConnectionType, WSConnection
@@ -33,9 +34,12 @@ from wsproto.events import (
 class WsClient:
     def __init__(self, port: int, path: str = "/ws", *, host: str = "127.0.0.1",
                  host_header: str | None = None, timeout: float = 5.0,
-                 extra_headers: list[tuple[str, str]] | None = None) -> None:
+                 extra_headers: list[tuple[str, str]] | None = None,
+                 tls: ssl.SSLContext | None = None, server_name: str = "localhost") -> None:
         self.timeout = timeout
         self.sock = socket.create_connection((host, port), timeout=timeout)
+        if tls is not None:  # wss: TLS to `server_name` first
+            self.sock = tls.wrap_socket(self.sock, server_hostname=server_name)
         self.ws = WSConnection(ConnectionType.CLIENT)
         self.accepted_headers: list[tuple[bytes, bytes]] | None = None
         self.rejected_status: int | None = None

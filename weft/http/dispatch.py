@@ -11,6 +11,10 @@ HTTP/1.1. The rules the TLS and HTTP/2 issue adds, in this order:
 
 Until then the h1 adapter answers a preface with 505 itself. The dispatcher owns nothing after
 it handed the connection over: the adapter closes the transport when it is done.
+
+`SERVED_ALPN` is what a TLS listener may advertise: the protocols an adapter here serves. A
+listener's ``alpn`` may name ``h2`` before it is served (`weft.config_tls` filters the list
+through this set), so that a config written for h2 keeps working and gets h2 once it lands.
 """
 
 from __future__ import annotations
@@ -18,14 +22,17 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from weft.http.h1_server import H1Server
-from weft.http.transport import TCPTransport
+from weft.http.transport import Transport
 
 if TYPE_CHECKING:
     from weft.workers.state import ServerState
 
+#: ALPN protocol ids a connection can be served with (the adapter that serves each is above)
+SERVED_ALPN = frozenset({"http/1.1"})
+
 
 async def serve_connection(
-    transport: TCPTransport, state: ServerState, client: tuple[str, int]
+    transport: Transport, state: ServerState, client: tuple[str, int]
 ) -> None:
     """Serve one client connection with the adapter its protocol needs; never raises for
     anything the client did, and closes the transport when done."""

@@ -44,6 +44,7 @@ and the one that explains the failure is raised after the nursery closes.
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -51,6 +52,7 @@ import h11
 import trio
 
 from weft.arena_pool import RELAY_SIZE
+from weft.http import tls
 from weft.http.errors import ClientError, ClientGone, UpstreamError
 from weft.http.h1 import (
     END,
@@ -451,6 +453,8 @@ class H1Upstream:
             except (OSError, trio.ClosedResourceError) as e:
                 if self.client_left:
                     raise ClientGone("client closed while its response was awaited") from None
+                if isinstance(e, ssl.SSLError) and not self.received:
+                    raise tls.refused(e, self.endpoint.host) from None  # an alert, no answer
                 raise UpstreamError(
                     f"upstream connection reset: {e}", reason="upstream_reset"
                 ) from None

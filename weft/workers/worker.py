@@ -9,8 +9,10 @@ Inside `trio.run`, shaped like hypercorn's `worker_serve`:
 
 * the **accept nursery** runs one accept loop per listener; a semaphore of
   ``limits.max_connections`` makes excess connections wait in the kernel backlog;
-* the **connection nursery** runs one task per client connection, served by the adapter the
-  protocol dispatcher (`weft.http.dispatch`) picks;
+* the **connection nursery** runs one task per client connection: on a TLS listener it first
+  runs the handshake (`weft.http.tls.accept`, bounded by ``timeouts.tls_handshake``; a
+  failure is counted by reason in `Worker.tls_failures` and logged at info, without a
+  traceback), then the adapter the protocol dispatcher (`weft.http.dispatch`) picks serves it;
 * the **service nursery** runs the pool sweeper and the access-log writer.
 
 accept() errors: running out of a resource (descriptors, memory, buffers) backs the accept loop
@@ -49,16 +51,17 @@ from weft.connection import UpstreamPools
 from weft.dst import Position
 from weft.forward import Inflight
 from weft.handler import App, Middleware
+from weft.http import tls
 from weft.http.dispatch import serve_connection
 from weft.http.io import accept
 from weft.http.messages import Request, Response
-from weft.http.transport import TCPTransport
+from weft.http.transport import TCPTransport, Transport
 from weft.observer import DestinationObserver, LocalRecords
 from weft.outcome import Observer
 from weft.prober import Prober
 from weft.redis_limiter import RedisLimiter
 from weft.retry_middleware import RetryBudget
-from weft.schema import Config, Destination, RateLimitBackend, Route
+from weft.schema import Config, Destination, Listener, RateLimitBackend, Route
 from weft.workers.state import ServerState
 
 log = logging.getLogger("weft.worker")
@@ -213,8 +216,12 @@ class Worker:
         # The accept warning's rate limit: when it was last logged, and errors since then.
         self._accept_warned_at: float | None = None
         self._accept_unlogged = 0
+        #: failed TLS handshakes, by (listener "address:port", reason in tls.HANDSHAKE_REASONS)
+        self.tls_failures: Counter[tuple[str, str]] = Counter()
         # Metrics (weft.metrics): None when off, or when no supervisor collects them.
-        self.metrics = metrics_mod.for_worker(config, self.pools, self.accept_errors)
+        self.metrics = metrics_mod.for_worker(
+            config, self.pools, self.accept_errors, self.tls_failures
+        )
         if self.metrics is not None:
             self._install_metrics(self.metrics)
 
@@ -244,8 +251,11 @@ class Worker:
 
         self.state.on_exchange = both
 
-    async def accept_loop(self, listener: socket.socket, nursery: trio.Nursery) -> None:
+    async def accept_loop(
+        self, listener: socket.socket, nursery: trio.Nursery, config: Listener | None = None
+    ) -> None:
         """Accept connections on `listener` and serve each in a task of `nursery`, forever.
+        `config`: the listener's section (its TLS), None for a cleartext one.
 
         Waits for a `connections` token before each accept (the excess waits in the kernel
         backlog). Out of a resource (EMFILE, ENFILE, ENOMEM, ENOBUFS): count, warn (rate
@@ -279,7 +289,7 @@ class Worker:
             except BaseException:
                 self.connections.release()
                 raise
-            nursery.start_soon(self.handle, sock, peer)
+            nursery.start_soon(self.handle, sock, peer, config)
 
     def _accept_warning(self, e: OSError) -> None:
         """Log a resource error of accept() now, or count it for the next line if one was
@@ -295,11 +305,39 @@ class Worker:
         since = f" ({more} more since the last message)" if more else ""
         log.warning("accept: %s%s; backing off %.1fs", e.strerror, since, ACCEPT_BACKOFF)
 
-    async def handle(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+    async def handle(
+        self, sock: socket.socket, peer: tuple[str, int], listener: Listener | None = None
+    ) -> None:
         try:
-            await serve_connection(TCPTransport(sock), self.state, peer)
+            transport: Transport
+            if listener is None or listener.tls is None:
+                transport = TCPTransport(sock)
+            else:
+                try:
+                    transport = await tls.accept(
+                        sock, listener.tls.context, self.config.timeouts.tls_handshake
+                    )
+                except tls.HandshakeFailed as e:
+                    name = f"{listener.address}:{listener.port}"
+                    self.tls_failures[(name, e.reason)] += 1
+                    log.info("TLS handshake from %s:%d on %s failed: %s (%s)",
+                             *peer, name, e.reason, e.detail)
+                    return
+            await serve_connection(transport, self.state, peer)
         finally:
             self.connections.release()
+
+
+def listener_of(sock: socket.socket, config: Config) -> Listener | None:
+    """The [[listeners]] entry `sock` was bound for (by its address and port), or None."""
+    try:
+        address, port = sock.getsockname()[:2]
+    except OSError:
+        return None
+    for lst in config.listeners:
+        if lst.port == port and lst.address == address:
+            return lst
+    return None
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -424,7 +462,9 @@ async def _serve(
                     service.start_soon(_watch_signals, worker, signals, conns.cancel_scope)
                 async with trio.open_nursery() as acceptors:
                     for listener in listeners:
-                        acceptors.start_soon(worker.accept_loop, listener, conns)
+                        acceptors.start_soon(
+                            worker.accept_loop, listener, conns, listener_of(listener, config)
+                        )
                     hooks.ready()
                     if on_ready is not None:
                         on_ready()
