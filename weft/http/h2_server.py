@@ -453,6 +453,7 @@ class H2Server:
     async def wait_space(self) -> None:
         """Wait while more than `HIGH_WATER` bytes wait for the socket."""
         if len(self._out) > HIGH_WATER:
+            self.flush()
             await self._wait_below(HIGH_WATER)
 
     async def _wait_below(self, level: int) -> None:

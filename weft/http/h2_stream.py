@@ -284,6 +284,8 @@ class H2Stream:
         window = conn.local_flow_control_window(self.id)
         if window > 0:
             return window
+        # What went into h2 so far must reach the client, or its credit never comes back.
+        srv.flush()
         with trio.move_on_after(srv.send_idle):
             while window <= 0:
                 if self.reset:
