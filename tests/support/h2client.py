@@ -132,7 +132,10 @@ class H2Client:
                 self.closed = True
                 raise Closed(f"server closed the connection (goaway={self.goaway})")
             self.handle(self.conn.receive_data(data))
-            self.flush()
+            try:
+                self.flush()
+            except OSError:
+                pass  # the server is closing: what it sent is still read, up to its EOF
             if until is None:
                 return
 

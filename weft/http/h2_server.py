@@ -278,7 +278,13 @@ class H2Server:
                     return self._calm()
                 encoder = self.conn.encoder
                 if encoder.header_table_size > ENCODER_TABLE:
+                    # h2 took the client's size; keep ours, and signal (RFC 7541 §6.3) only
+                    # sizes our table really had, never the one it never used (hpack is
+                    # pinned: its pending updates are `table_size_changes`).
                     encoder.header_table_size = ENCODER_TABLE
+                    changes = [n for n in encoder.table_size_changes if n <= ENCODER_TABLE]
+                    encoder.table_size_changes = changes
+                    encoder.header_table.resized = bool(changes)
                 if SettingCodes.INITIAL_WINDOW_SIZE in ev.changed_settings:
                     for stream in list(self.window_waiters):
                         stream.wake_window()
@@ -299,11 +305,11 @@ class H2Server:
     def _new_stream(self, stream_id: int, head: HeaderList) -> None:
         if self._drain_step >= 2 and stream_id > self._last_id:
             # After the final GOAWAY (RFC 9113 §6.8): not processed, the client may retry it.
-            self.conn.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+            self._refuse(stream_id)
             return
         if len(self.streams) >= self.max_streams:
             # h2 freed the slot of a reset stream whose task still runs (rapid reset).
-            self.conn.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+            self._refuse(stream_id)
             if not self.guard.allow("reset", trio.current_time()):
                 self._calm()
             return
@@ -312,6 +318,12 @@ class H2Server:
         self._read_scope.deadline = math.inf
         assert self._nursery is not None
         self._nursery.start_soon(serve_stream, self, stream)
+
+    def _refuse(self, stream_id: int) -> None:
+        try:
+            self.conn.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+        except ProtocolError:
+            pass  # the client reset it already, in the same read
 
     def stream_done(self, stream: H2Stream) -> None:
         """A stream's task ended: give back the connection credit of the body it never took,
