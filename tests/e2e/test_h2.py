@@ -207,3 +207,14 @@ def test_a_stalled_stream_holds_back_its_upstream_only(proxied):
         # the stalled stream got only its window, and weft did not buffer the upstream body
         assert len(client.responses[stalled].body) <= 65535
         assert proxy.rss_bytes() - baseline < 16 * MiB
+
+
+def test_a_preface_and_then_silence_is_closed_with_goaway_after_client_header(
+        upstream, weft, free_port):
+    up = upstream("quiet")
+    proxy = weft(simple_config(free_port(), [up.address], timeouts={"client_header": "1s"}))
+    with H2Client(proxy.port) as client:
+        start = time.monotonic()
+        goaway = client.wait_closed(timeout=10.0)
+        assert goaway == (0, 0)  # NO_ERROR, no stream taken
+        assert 0.8 < time.monotonic() - start < 5.0

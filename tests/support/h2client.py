@@ -60,6 +60,7 @@ class H2Client:
         self.pings_acked = 0
         self.closed = False
         self.authority = f"{host}:{port}".encode()
+        self._frames = bytearray()  # received bytes not yet a whole frame (_take_goaway)
         self.flush()
 
     def close(self) -> None:
@@ -131,13 +132,36 @@ class H2Client:
             if not data:
                 self.closed = True
                 raise Closed(f"server closed the connection (goaway={self.goaway})")
-            self.handle(self.conn.receive_data(data))
+            self.handle(self.conn.receive_data(self._take_goaway(data)))
             try:
                 self.flush()
             except OSError:
                 pass  # the server is closing: what it sent is still read, up to its EOF
             if until is None:
                 return
+
+    def _take_goaway(self, data: bytes) -> bytes:
+        """`data` without its GOAWAY frames, which are recorded in `goaway`.
+
+        The h2 library moves a client to CLOSED at a GOAWAY, after which it refuses the frames
+        of streams still in flight (which RFC 9113 §6.8 says are answered). Real clients
+        (nghttp2's curl and h2load) do read them; so does this one, by keeping GOAWAY from h2.
+        """
+        self._frames += data
+        out = bytearray()
+        buf = self._frames
+        while len(buf) >= 9:
+            length = int.from_bytes(buf[:3], "big")
+            if len(buf) < 9 + length:
+                break
+            frame, buf = bytes(buf[: 9 + length]), buf[9 + length :]
+            if frame[3] == 0x7:
+                self.goaway = (int.from_bytes(frame[13:17], "big"),
+                               int.from_bytes(frame[9:13], "big") & 0x7FFFFFFF)
+            else:
+                out += frame
+        self._frames = bytearray(buf)
+        return bytes(out)
 
     def handle(self, events: list[h2.events.Event]) -> None:
         for ev in events:
