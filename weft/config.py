@@ -31,6 +31,7 @@ from typing import Any
 
 from weft import confread as cr
 from weft.config_buffers import read_buffers
+from weft.config_h2 import read_h2_limits
 from weft.config_ratelimit import read_rate_limit_backend, read_rate_limits, read_rate_table
 from weft.config_resilience import read_breaker, read_health, read_outlier, read_retry
 from weft.config_tls import read_listener_tls, read_upstream_tls
@@ -120,7 +121,9 @@ def _read_limits(r: cr.Reader, raw: Any) -> Limits:
         if "rate_table" in t
         else d.rate_table,
     )
+    h2 = t.pop("h2", None)
     r.unknown(t, "limits", _LIMIT_KEYS)
+    lim = replace(lim, h2=read_h2_limits(r, h2, "limits.h2", lim.max_header_bytes))
     if lim.max_request_line > lim.max_header_bytes:
         r.error(
             "limits.max_request_line",

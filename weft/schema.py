@@ -78,6 +78,19 @@ class RateTable:
 
 
 @dataclass(frozen=True, slots=True)
+class H2Limits:
+    """``[limits.h2]``: what the HTTP/2 server announces in its SETTINGS (`weft.http.h2_server`).
+    The reader (`weft.config_h2`) resolves ``max_header_list_size`` to ``[limits]``
+    ``max_header_bytes`` when it is not set."""
+
+    max_concurrent_streams: int = 128  # nginx http2_max_concurrent_streams
+    max_header_list_size: int = 32 * 1024  # RFC 7541 §4.1 sizes; = Limits.max_header_bytes
+    # RFC 9113's default (65535) and nginx's 64k body preread: a stream's buffered request body
+    # is bounded by its window, so this times max_concurrent_streams is a connection's worst case.
+    initial_window_size: int = 65535
+
+
+@dataclass(frozen=True, slots=True)
 class Limits:
     max_request_line: int = 8 * 1024  # nginx large_client_header_buffers 4 8k
     max_header_bytes: int = 32 * 1024  # 4 x 8k, as nginx
@@ -85,6 +98,7 @@ class Limits:
     max_body_bytes: int = 100 * 1024 * 1024
     max_connections: int = 10000
     rate_table: RateTable = field(default_factory=RateTable)
+    h2: H2Limits = field(default_factory=H2Limits)
 
 
 @dataclass(frozen=True, slots=True)

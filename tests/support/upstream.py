@@ -457,6 +457,8 @@ class Conn:
                 self.body_hash.update(data)
                 yield data
             elif isinstance(event, h11.EndOfMessage):
+                self.request_trailers = [(k.decode("latin-1"), v.decode("latin-1"))
+                                         for k, v in event.headers.raw_items()]
                 if self.body_len and not self.control_request:
                     self.server.stats.record_body(self.path, self.body_len,
                                                   self.body_hash.hexdigest())
@@ -574,6 +576,7 @@ class Conn:
         self.control_request = control
         self.degraded = False
         self.body_len = 0
+        self.request_trailers: list[tuple[str, str]] = []
         self.body_hash = hashlib.sha256()
         stats = self.server.stats
         with stats.lock:
@@ -690,6 +693,7 @@ class Conn:
                         self.request.headers.raw_items()],
             "body_len": body_len,
             "body_sha256": body_sha,
+            "trailers": [list(t) for t in self.request_trailers],
             "connection_id": self.connection_id,
             "request_index_on_connection": self.request_index,
             "tls_client": _client_cn(self.sock),

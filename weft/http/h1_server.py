@@ -66,7 +66,7 @@ from weft.http.h1_request import (
 from weft.http.headers import fields_valid, has_field
 from weft.http.io import SCRATCH
 from weft.http.messages import Request, Response
-from weft.http.transport import TCPTransport
+from weft.http.transport import Transport
 
 if TYPE_CHECKING:
     from weft.bufpool import Buffer
@@ -95,8 +95,15 @@ class H1Server:
     """Serves one client connection until it closes, fails, or the worker drains."""
 
     def __init__(
-        self, transport: TCPTransport, state: ServerState, client: tuple[str, int]
+        self,
+        transport: Transport,
+        state: ServerState,
+        client: tuple[str, int],
+        *,
+        accepted: float | None = None,
     ) -> None:
+        """`accepted`: when the connection was accepted (trio time), if earlier than now: the
+        first head's ``client_header`` counts from then (the dispatcher sniffed meanwhile)."""
         self.transport = transport
         self.state = state
         self.client = client
@@ -116,7 +123,7 @@ class H1Server:
         self.requests = 0
         # When the connection last finished something (accepted, or a response sent): keep-alive
         # and drain idle times count from here. `_waiting`: blocked in `_wait_first_byte`.
-        self._idle_since = trio.current_time()
+        self._idle_since = accepted if accepted is not None else trio.current_time()
         self._waiting = False
         self._watched = -1  # the fd registered by watch_gone
 
