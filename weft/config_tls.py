@@ -24,7 +24,7 @@ default: the one clients without SNI, or with a name nobody lists, get. Exactly 
 required. The default context's ``sni_callback`` switches the connection to the context whose
 ``server_names`` holds the requested name (exact, or ``*.suffix`` for one label). ALPN
 advertises the listener's ``alpn`` list filtered through what weft serves
-(`weft.http.dispatch.SERVED_ALPN`); ``h2`` is accepted in the file before it is served.
+(`weft.http.protocols.SERVED_ALPN`: ``h2`` and ``http/1.1``).
 
 Client side (origination), one context per destination: verification on unless ``verify =
 false`` (logged as a warning at every load), against ``ca`` or the system store; ``cert`` and
@@ -39,6 +39,7 @@ import ssl
 from typing import Any
 
 from weft import confread as cr
+from weft.http.protocols import SERVED_ALPN
 from weft.schema import ListenerTLS, TLSCertificate, UpstreamTLS
 
 log = logging.getLogger("weft.config")
@@ -71,11 +72,9 @@ def _server_name(v: Any) -> str:
 
 
 def _alpn(v: Any) -> tuple[str, ...]:
-    from weft.http.dispatch import SERVED_ALPN  # the dispatcher pulls in the adapters
-
     if not isinstance(v, list) or not v:
         raise cr.Bad('expected a non-empty list like ["h2", "http/1.1"]')
-    known_alpn = sorted(SERVED_ALPN | {"h2"})  # h2: accepted before it is served
+    known_alpn = sorted(SERVED_ALPN)
     out: list[str] = []
     for p in v:
         s = cr.string(p)
@@ -228,8 +227,6 @@ def _check_names(r: cr.Reader, certs: list[TLSCertificate], path: str) -> None:
 
 def _server_contexts(r: cr.Reader, tls: ListenerTLS, path: str) -> ssl.SSLContext | None:
     """One context per certificate; the default's, with the SNI switch to the others."""
-    from weft.http.dispatch import SERVED_ALPN  # the dispatcher pulls in the adapters
-
     alpn = [p for p in tls.alpn if p in SERVED_ALPN]
     by_name: dict[str, ssl.SSLContext] = {}
     default: ssl.SSLContext | None = None

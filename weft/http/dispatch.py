@@ -17,8 +17,8 @@ sniff's end, so a slow first head gets one ``client_header`` in all, not two. Th
 owns nothing after it handed the connection over: the adapter closes the transport when it is
 done.
 
-`SERVED_ALPN` is what a TLS listener may advertise: the protocols an adapter here serves
-(`weft.config_tls` filters a listener's ``alpn`` through this set).
+`weft.http.protocols.SERVED_ALPN` is what a TLS listener may advertise: the protocols an
+adapter here serves (`weft.config_tls` checks a listener's ``alpn`` against it).
 """
 
 from __future__ import annotations
@@ -34,8 +34,6 @@ from weft.http.transport import Transport
 if TYPE_CHECKING:
     from weft.workers.state import ServerState
 
-#: ALPN protocol ids a connection can be served with (the adapter that serves each is above)
-SERVED_ALPN = frozenset({"h2", "http/1.1"})
 
 
 async def serve_connection(
