@@ -264,29 +264,11 @@ async def recv_until(
     91 % EAGAIN under load), the failed call and its exception cost more than the rare extra
     scheduler round. After a TimeoutError the socket is marked closing: close it.
     """
-    if try_first:
-        try:
-            data = sock.recv(size)
-        except BlockingIOError:
-            pass
-        else:
-            await checkpoint()
-            return data
-    entry = timers.arm(deadline, sock)
-    try:
-        while True:
-            try:
-                await wait_readable(sock)
-            except trio.ClosedResourceError:
-                if entry[2] is None:
-                    raise TimeoutError("nothing received by the deadline") from None
-                raise
-            try:
-                return sock.recv(size)
-            except BlockingIOError:
-                continue
-    finally:
-        timers.disarm(entry)
+    # Off the data path now (it reads into SCRATCH or pool buffers with `recv_into_until`):
+    # the same wait, into a buffer of its own.
+    buf = bytearray(size)
+    n = await recv_into_until(sock, memoryview(buf), deadline, timers, try_first=try_first)
+    return bytes(buf[:n])
 
 
 async def recv_into_until(
