@@ -24,6 +24,10 @@ from support.certs import CA
 from support.config import base_config, destination, route, table
 from support.procs import Weft
 
+from weft.http.io import Timers
+from weft.prober import probe_once
+from weft.schema import Destination, Endpoint, HealthCheck
+
 pytestmark = pytest.mark.e2e
 
 H2_UPSTREAM = Path(__file__).resolve().parent.parent / "support" / "h2_upstream.py"
@@ -251,3 +255,13 @@ def test_a_100_mib_response_streams_with_bounded_rss(weft, free_port, h2_upstrea
     assert got == size
     # the body is never held whole: weft grows by far less than the 100 MiB it relays
     assert peak - baseline < 40 * 1024 * 1024, (baseline, peak)
+
+
+async def test_health_probes_speak_h2c(h2_upstream):
+    up = h2_upstream()
+    timers = Timers()
+    for path, expected in (("/echo", 200), ("/missing", 404)):
+        dest = Destination("app", (Endpoint("127.0.0.1", up.port),), protocol="h2c",
+                           health=HealthCheck(path=path, timeout=5.0))
+        status, _, _ = await probe_once(dest, 0, timers)
+        assert status == expected
