@@ -211,6 +211,13 @@ def _read_pool(r: cr.Reader, raw: Any, path: str) -> PoolConfig:
             t, "queue_size", path, lambda v: cr.integer(v, lo=0, hi=1 << 20), d.queue_size
         ),
         queue_timeout=r.take(t, "queue_timeout", path, cr.duration, d.queue_timeout),
+        max_streams_per_connection=r.take(
+            t,
+            "max_streams_per_connection",
+            path,
+            lambda v: cr.integer(v, lo=1, hi=1 << 31),
+            d.max_streams_per_connection,
+        ),
     )
     r.unknown(t, path, _POOL_KEYS)
     return pool
@@ -227,7 +234,19 @@ _DEST_KEYS = (
     "outlier",
     "breaker",
     "tls",
+    "protocol",
 )
+
+PROTOCOLS = ("http1.1", "h2", "h2c", "auto")
+# What each protocol offers by ALPN when the destination has [tls].
+_ALPN_OF = {"http1.1": ("http/1.1",), "h2": ("h2",), "auto": ("h2", "http/1.1")}
+
+
+def _protocol(v: Any) -> str:
+    s = cr.string(v)
+    if s not in PROTOCOLS:
+        raise cr.Bad(f"unknown protocol {s!r} (known: {', '.join(map(repr, PROTOCOLS))})")
+    return s
 
 
 def _hash_key(v: Any) -> str:
@@ -298,7 +317,20 @@ def _read_destinations(r: cr.Reader, raw: Any) -> dict[str, Destination]:
         health = read_health(r, d.pop("health"), f"{path}.health") if "health" in d else None
         outlier = read_outlier(r, d.pop("outlier"), f"{path}.outlier") if "outlier" in d else None
         breaker = read_breaker(r, d.pop("breaker"), f"{path}.breaker") if "breaker" in d else None
-        tls = read_upstream_tls(r, d.pop("tls"), f"{path}.tls") if "tls" in d else None
+        protocol = r.take(d, "protocol", path, _protocol, "http1.1")
+        if protocol == "h2" and "tls" not in d:
+            r.error(
+                cr.join(path, "protocol"),
+                f'"h2" is HTTP/2 over TLS and needs [{path}.tls]; '
+                'use "h2c" for cleartext HTTP/2 (prior knowledge)',
+            )
+        if protocol == "h2c" and "tls" in d:
+            r.error(
+                cr.join(path, "protocol"),
+                f'"h2c" is cleartext HTTP/2; with [{path}.tls] use "h2" (or "auto")',
+            )
+        alpn = _ALPN_OF.get(protocol, ("http/1.1",))
+        tls = read_upstream_tls(r, d.pop("tls"), f"{path}.tls", alpn) if "tls" in d else None
         eps: list[Endpoint] = []
         if "endpoints" not in d:
             r.error(path, 'needs "endpoints"')
@@ -338,6 +370,7 @@ def _read_destinations(r: cr.Reader, raw: Any) -> dict[str, Destination]:
             outlier,
             breaker,
             tls,
+            protocol,
         )
     return out
 

@@ -278,9 +278,12 @@ def _sni_switch(by_name: dict[str, ssl.SSLContext]) -> Any:
 # -- [destinations.<name>.tls] ------------------------------------------------------------------
 
 
-def read_upstream_tls(r: cr.Reader, raw: Any, path: str) -> UpstreamTLS | None:
-    """``[destinations.<name>.tls]`` at `path`, with its client context built; None (errors
-    recorded) when it cannot be used."""
+def read_upstream_tls(
+    r: cr.Reader, raw: Any, path: str, alpn: tuple[str, ...] = ("http/1.1",)
+) -> UpstreamTLS | None:
+    """``[destinations.<name>.tls]`` at `path`, with its client context built, offering `alpn`
+    (the destination's ``protocol`` decides: ``h2`` offers h2 only, ``auto`` h2 then
+    http/1.1); None (errors recorded) when it cannot be used."""
     t = r.table(raw, path)
     if t is None:
         return None
@@ -300,7 +303,7 @@ def read_upstream_tls(r: cr.Reader, raw: Any, path: str) -> UpstreamTLS | None:
         return None
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED, check_hostname
     ctx.options |= ssl.OP_NO_RENEGOTIATION
-    ctx.set_alpn_protocols(["http/1.1"])  # the pool's upstream adapter is h1
+    ctx.set_alpn_protocols(list(alpn))
     ok = True
     if ca is not None:
         ok = _load_ca(r, ctx, ca, cr.join(path, "ca"))

@@ -25,6 +25,26 @@ too), and a refused certificate is a 502 `upstream_tls` naming the verification 
 
 The pool counts connections, not requests: in-flight request counts for least-connections
 balancing live in `weft.dst`'s caller (the forwarder).
+
+**HTTP/2 endpoints** (``protocol = "h2"``/``"h2c"``, or ``"auto"`` once ALPN chose h2) share
+connections: `acquire` hands out a **stream slot** (`weft.http.h2_client.H2Upstream`) on an
+open connection with room, newest connection first, and opens a new connection only when every
+one is full (or going away). While one connection to the endpoint is being opened, other
+requests wait for it instead of opening their own. What each cap counts for them:
+
+* ``max_per_endpoint`` and ``[upstream] max_connections``: **connections** (sockets), as for h1;
+* streams per connection: at most ``max_streams_per_connection``, lowered by the upstream's
+  SETTINGS_MAX_CONCURRENT_STREAMS, so an endpoint carries at most ``max_per_endpoint`` times
+  that many requests at once; past it requests wait in the same queue (``queue_size``,
+  ``queue_timeout``), woken as slots free up;
+* ``max_requests``: **streams** per connection; a connection that reached it takes no new
+  stream and closes when its last one ends;
+* ``max_idle_per_endpoint`` and ``idle_timeout``: connections without a stream in flight.
+  An idle h2 connection is not closed to make room for another endpoint at the worker cap
+  (only idle h1 connections are).
+
+Each h2 connection has its own task (reader and writer), started in the pool's nursery
+(`UpstreamPools.run`); a connection that dies or is told GOAWAY leaves the pool by itself.
 """
 
 from __future__ import annotations
@@ -38,6 +58,7 @@ import trio
 from weft.http import tls as tls_mod
 from weft.http.errors import UpstreamError
 from weft.http.h1_client import H1Upstream
+from weft.http.h2_client import H2Connection, H2Upstream
 from weft.http.io import Timers
 from weft.http.transport import Transport, open_tcp
 from weft.http.upstream import UpstreamConnection
@@ -77,8 +98,14 @@ class EndpointPool:
         cfg: PoolConfig,
         connect_timeout: float,
         tls: UpstreamTLS | None = None,
+        protocol: str = "http1.1",
     ) -> None:
         self.owner = owner
+        self.protocol = protocol
+        # Streams on shared connections (h2, h2c; auto once ALPN said h2): see the module doc.
+        self.speaks_h2 = protocol in ("h2", "h2c")
+        self.h2conns: list[H2Connection] = []
+        self.h2_opening = 0  # h2 connections being opened (others wait for them)
         self.endpoint = endpoint
         self.cfg = cfg
         self.tls = tls  # None: cleartext
@@ -106,14 +133,42 @@ class EndpointPool:
         owner = self.owner
         if owner.closing:
             raise UpstreamError("worker is shutting down", status=503, reason="draining")
-        conn = None if fresh else self._take_idle()
+        conn = self._ready(fresh)
         if conn is not None:
             return conn, True
-        if fresh and self.open >= self.cfg.max_per_endpoint:
-            self.close_idle(1)  # a fresh connection is wanted: an idle one gives up its place
-        if self.open < self.cfg.max_per_endpoint and owner.make_room():
+        if self._may_open(fresh):
             return await self._open(), False
         return await self._wait(fresh)
+
+    def _ready(self, fresh: bool) -> UpstreamConnection | None:
+        """What can be handed out at once: a stream slot on an h2 connection with room, or an
+        idle h1 connection (none when `fresh`)."""
+        if self.speaks_h2:
+            for c in reversed(self.h2conns):
+                if c.has_room():
+                    return c.take_slot(self)
+            return None
+        return None if fresh else self._take_idle()
+
+    def _may_open(self, fresh: bool) -> bool:
+        """Whether a connection may be opened now (within the caps; for h2, not while another
+        is being opened: its streams are for the waiters)."""
+        if self.speaks_h2:
+            if self.h2_opening:
+                return False
+        elif fresh and self.open >= self.cfg.max_per_endpoint:
+            self.close_idle(1)  # a fresh connection is wanted: an idle one gives up its place
+        return self.open < self.cfg.max_per_endpoint and self.owner.make_room()
+
+    async def move(self, slot: H2Upstream) -> None:
+        """Give `slot`'s stream back and put it on another slot (an unprocessed h2 stream is
+        sent again there; `weft.http.h2_client`). Raises as `acquire`."""
+        slot.conn.finish(slot)
+        other, _ = await self.acquire()
+        assert isinstance(other, H2Upstream)
+        other.held = False
+        slot.conn = other.conn
+        slot.held = True
 
     def _take_idle(self) -> UpstreamConnection | None:
         idle = self.idle
@@ -146,12 +201,10 @@ class EndpointPool:
                         raise UpstreamError(
                             "worker is shutting down", status=503, reason="draining"
                         )
-                    conn = None if fresh else self._take_idle()
+                    conn = self._ready(fresh)
                     if conn is not None:
                         return conn, True
-                    if fresh and self.open >= self.cfg.max_per_endpoint:
-                        self.close_idle(1)
-                    if self.open < self.cfg.max_per_endpoint and owner.make_room():
+                    if self._may_open(fresh):
                         return await self._open(), False
                     # Someone was quicker: wait again at the head of the queue.
                     event = trio.Event()
@@ -174,9 +227,14 @@ class EndpointPool:
             return True
         return False
 
-    async def _open(self) -> H1Upstream:
+    async def _open(self) -> UpstreamConnection:
+        """A new connection: an H1Upstream, or for h2 a slot on a new H2Connection (its
+        preface and SETTINGS exchanged within ``upstream_connect`` too)."""
         self.open += 1
         self.owner.total += 1
+        h2conn: H2Connection | None = None
+        opening = self.speaks_h2
+        self.h2_opening += opening
         try:
             ep = self.endpoint
             with trio.move_on_after(self.connect_timeout) as cs:
@@ -187,6 +245,20 @@ class EndpointPool:
                         f"connect to {ep.authority} failed: {e.strerror or e}",
                         reason="connect_error",
                     ) from None
+                if self._wants_h2(transport):
+                    h2conn = H2Connection(
+                        transport,
+                        ep,
+                        tls=self.tls is not None,
+                        max_streams=self.cfg.max_streams_per_connection,
+                        on_change=self._h2_changed,
+                    )
+                    try:
+                        await h2conn.handshake()
+                    except OSError as e:
+                        raise UpstreamError(
+                            f"h2 preface with {ep.authority} failed: {e}", reason="connect_error"
+                        ) from None
             if cs.cancelled_caught:
                 raise UpstreamError(
                     f"connect to {ep.authority} timed out", status=504, reason="connect_timeout"
@@ -194,13 +266,73 @@ class EndpointPool:
         except BaseException:
             self.open -= 1
             self.owner.total -= 1
+            self.h2_opening -= opening
+            if h2conn is not None:
+                h2conn.transport.close()
             self.wake_one() or self.owner.wake_any()
             raise
+        self.h2_opening -= opening
         self.created += 1
-        return H1Upstream(transport, ep, self.owner.timers)
+        if h2conn is None:
+            return H1Upstream(transport, ep, self.owner.timers)
+        self.speaks_h2 = True  # "auto": ALPN said h2; from now on streams are handed out
+        nursery = self.owner.nursery
+        assert nursery is not None, "h2 connections need UpstreamPools.run"
+        self.h2conns.append(h2conn)
+        nursery.start_soon(h2conn.run)
+        slot = h2conn.take_slot(self)
+        self._wake_h2()
+        return slot
+
+    def _wants_h2(self, transport: Transport) -> bool:
+        """Whether a connection just opened speaks h2. ``h2`` insists on ALPN h2 (a 502 when
+        the upstream chose anything else); ``auto`` follows ALPN."""
+        if self.protocol == "h2c":
+            return True
+        if self.protocol == "h2":
+            if transport.alpn != "h2":
+                transport.close()
+                raise UpstreamError(
+                    f"{self.endpoint.authority} did not choose h2 by ALPN "
+                    f"(chose {transport.alpn or 'nothing'})",
+                    reason="bad_response",
+                )
+            return True
+        return self.protocol == "auto" and transport.alpn == "h2"
+
+    def _h2_changed(self, conn: H2Connection) -> None:
+        """An h2 connection's room or life changed (a slot given back, new SETTINGS, GOAWAY,
+        death): apply the caps, close it when it is done, and wake as many waiters as fit."""
+        if conn in self.h2conns:
+            cfg = self.cfg
+            if cfg.max_requests and conn.requests >= cfg.max_requests:
+                conn.goaway = True  # retired: no new stream; closed once the last one ends
+            done = conn.dead is not None or conn.closed
+            if conn.active == 0 and not done:
+                idle = sum(1 for c in self.h2conns if c.active == 0)
+                done = conn.goaway or self.owner.closing or idle > cfg.max_idle_per_endpoint
+            if done:
+                self.h2conns.remove(conn)
+                conn.close()
+                self.open -= 1
+                self.owner.total -= 1
+                if not self.waiters:
+                    self.owner.wake_any()
+        self._wake_h2()
+
+    def _wake_h2(self) -> None:
+        room = sum(c.capacity() - c.active for c in self.h2conns if c.has_room())
+        if not self.h2_opening and self.open < self.cfg.max_per_endpoint:
+            room += 1  # one waiter may open a connection
+        for _ in range(min(room, len(self.waiters))):
+            self.wake_one()
 
     def release(self, conn: UpstreamConnection) -> None:
-        """Give a connection back after an exchange (closed unless cleanly reusable)."""
+        """Give a connection back after an exchange (closed unless cleanly reusable); an h2
+        slot goes back to its connection (its stream reset unless it ended cleanly)."""
+        if type(conn) is H2Upstream:
+            conn.conn.finish(conn)
+            return
         conn.requests += 1
         cfg = self.cfg
         if not conn.reusable():
@@ -233,7 +365,11 @@ class EndpointPool:
         )
 
     def discard(self, conn: UpstreamConnection) -> None:
-        """Close a connection that must not be reused (broken or abandoned exchange)."""
+        """Close a connection that must not be reused (broken or abandoned exchange); for an h2
+        slot, reset its stream (the connection goes on)."""
+        if type(conn) is H2Upstream:
+            conn.conn.finish(conn)
+            return
         self._discard(conn)
 
     def _discard(self, conn: UpstreamConnection) -> None:
@@ -243,6 +379,10 @@ class EndpointPool:
         self.wake_one() or self.owner.wake_any()
 
     def sweep(self, now: float) -> None:
+        for c in [c for c in self.h2conns if c.active == 0]:
+            if now - c.idle_since > self.cfg.idle_timeout:
+                c.goaway = True
+                self._h2_changed(c)
         idle = self.idle
         while idle and now - idle[0].idle_since > self.cfg.idle_timeout:
             self.owner.idle_count -= 1
@@ -253,6 +393,12 @@ class EndpointPool:
         while self.idle and (n is None or closed < n):
             self.owner.idle_count -= 1
             self._discard(self.idle.popleft())
+            closed += 1
+        for c in [c for c in self.h2conns if c.active == 0]:
+            if n is not None and closed >= n:
+                break
+            c.goaway = True
+            self._h2_changed(c)
             closed += 1
         return closed
 
@@ -274,11 +420,15 @@ class UpstreamPools:
         self.idle_count = 0
         self.closing = False
         self.waiting = 0
+        # Where h2 connections run their task (`run` opens it); None until then.
+        self.nursery: trio.Nursery | None = None
         self.by_destination: dict[str, list[EndpointPool]] = {}
         for dest in destinations:
             eps = []
             for ep in dest.endpoints:
-                pool = EndpointPool(self, ep, dest.pool, connect_timeout, dest.tls)
+                pool = EndpointPool(
+                    self, ep, dest.pool, connect_timeout, dest.tls, dest.protocol
+                )
                 eps.append(pool)
             self.by_destination[dest.name] = eps
 
@@ -310,18 +460,21 @@ class UpstreamPools:
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The worker's timers: socket deadlines every `Timers.TICK`, idle upstream
-        connections past their idle timeout every SWEEP_INTERVAL; until cancelled."""
-        task_status.started()
-        next_sweep = trio.current_time() + SWEEP_INTERVAL
-        while True:
-            await trio.sleep(Timers.TICK)
-            now = trio.current_time()
-            self.timers.expire(now)
-            if now >= next_sweep:
-                next_sweep = now + SWEEP_INTERVAL
-                for pools in self.by_destination.values():
-                    for p in pools:
-                        p.sweep(now)
+        connections past their idle timeout every SWEEP_INTERVAL; until cancelled. The h2
+        connections' tasks run in its nursery (cancelled with it)."""
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            task_status.started()
+            next_sweep = trio.current_time() + SWEEP_INTERVAL
+            while True:
+                await trio.sleep(Timers.TICK)
+                now = trio.current_time()
+                self.timers.expire(now)
+                if now >= next_sweep:
+                    next_sweep = now + SWEEP_INTERVAL
+                    for pools in self.by_destination.values():
+                        for p in pools:
+                            p.sweep(now)
 
     async def aclose(self) -> None:
         """Graceful close: idle connections now; busy ones are closed when released."""
@@ -342,6 +495,8 @@ class UpstreamPools:
                     "idle": len(p.idle),
                     "waiting": p.waiting,
                     "created": p.created,
+                    # h2 endpoints only: streams in flight over the `open` connections
+                    **({"streams": sum(c.active for c in p.h2conns)} if p.speaks_h2 else {}),
                     "stray_responses": p.stray_responses,
                 }
                 for p in pools

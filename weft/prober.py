@@ -16,7 +16,9 @@ The theory of operation:
 * A probe is ``GET <path>`` on a fresh connection (never a pooled one: a probe must see whether
   the endpoint accepts connections, and must not take a slot a request could use; over TLS
   when the destination has ``tls``, verified as the pool's connections are), with
-  ``Connection: close``, the destination's Host rule and ``User-Agent: weft-health``. The
+  ``Connection: close``, the destination's Host rule and ``User-Agent: weft-health``; for an
+  h2 destination (``h2``, ``h2c``, or ``auto`` when ALPN says h2) one stream on a connection
+  of its own, the Host rule as ``:authority``. The
   whole probe, connect to last body byte, is bounded by ``timeout``. Its result is classified
   (`weft.health.classify_probe`) and written with one CAS (`DestinationObserver.apply_probe`).
 * **Pool eviction**: every worker (not just the holder) looks at the health words of its
@@ -37,6 +39,7 @@ from weft import health
 from weft.connection import UpstreamPools, open_transport
 from weft.http.errors import ClientError, UpstreamError
 from weft.http.h1_client import H1Upstream
+from weft.http.h2_client import H2Connection
 from weft.http.messages import BytesBody
 from weft.http.upstream import Outgoing
 from weft.observer import DestinationObserver
@@ -52,6 +55,10 @@ EVICT_TICK = 0.25  # seconds between looks at the health words for eviction
 PROBE_BODY_MAX = (
     64 * 1024
 )  # a probe's body is read (to reuse nothing, but to see it end) up to this
+
+
+def _ignore(_reusable: bool) -> None:
+    """A probe's connection is never reused: its `on_done` has nothing to do."""
 
 
 def _jittered(seconds: float) -> float:
@@ -89,15 +96,34 @@ async def probe_once(
     )
     status: int | None = None
     degraded = False
-    conn: H1Upstream | None = None
+    conn: H1Upstream | H2Connection | None = None
     with trio.move_on_at(deadline):
         try:
             transport = await open_transport(ep, dest.tls)  # TLS too, as the pool's
-            conn = H1Upstream(transport, ep, timers)  # type: ignore[arg-type]
-            response = await conn.exchange(out, timeouts, deadline, None, lambda _reusable: None)
-            degraded = response.headers.get(hc.degraded_header) is not None
-            await response.body.read(PROBE_BODY_MAX)
-            status = response.status
+            h2 = dest.protocol in ("h2", "h2c") or (
+                dest.protocol == "auto" and transport.alpn == "h2"
+            )
+            if not h2:
+                conn = H1Upstream(transport, ep, timers)  # type: ignore[arg-type]
+                response = await conn.exchange(out, timeouts, deadline, None, _ignore)
+                degraded = response.headers.get(hc.degraded_header) is not None
+                await response.body.read(PROBE_BODY_MAX)
+                status = response.status
+            else:
+                # An h2 probe: a connection of its own (as for h1), one stream on it.
+                conn = H2Connection(transport, ep, tls=dest.tls is not None, max_streams=1)
+                await conn.handshake()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(conn.run)
+                    try:
+                        response = await conn.take_slot(None).exchange(
+                            out, timeouts, deadline, None, _ignore
+                        )
+                        degraded = response.headers.get(hc.degraded_header) is not None
+                        await response.body.read(PROBE_BODY_MAX)
+                        status = response.status
+                    finally:
+                        nursery.cancel_scope.cancel()
         except (OSError, UpstreamError, ClientError) as e:
             log.debug("probe of %s: %s", ep.authority, e)
     if conn is not None:

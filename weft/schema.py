@@ -147,12 +147,17 @@ class Listener:
 
 @dataclass(frozen=True, slots=True)
 class PoolConfig:
+    # Connections to one endpoint (h1 and h2 alike: sockets, not streams).
     max_per_endpoint: int = 256
     max_idle_per_endpoint: int = 64
     idle_timeout: float = 60.0
     max_requests: int = 10000  # 0 = unlimited
     queue_size: int = 1024
     queue_timeout: float = 5.0
+    # h2 only: streams in flight on one connection, at most; the upstream's
+    # SETTINGS_MAX_CONCURRENT_STREAMS lowers it further. 100 is RFC 9113 §6.5.2's recommended
+    # minimum for that setting, so a server that sends none still gets no more than that.
+    max_streams_per_connection: int = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,6 +270,9 @@ class Destination:
     outlier: OutlierConfig | None = None  # None: no passive ejection
     breaker: BreakerConfig | None = None  # None: no circuit breaker
     tls: UpstreamTLS | None = None  # None: cleartext to the endpoints
+    # "http1.1" | "h2" (over tls, ALPN h2) | "h2c" (cleartext, prior knowledge) | "auto" (ALPN
+    # over tls, HTTP/1.1 in cleartext); see weft.http.h2_client and weft.connection.
+    protocol: str = "http1.1"
 
     @property
     def observed(self) -> bool:
