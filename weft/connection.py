@@ -58,7 +58,8 @@ import trio
 from weft.http import tls as tls_mod
 from weft.http.errors import UpstreamError
 from weft.http.h1_client import H1Upstream
-from weft.http.h2_client import H2Connection, H2Upstream
+from weft.http.h2_client import H2Upstream, take_slot
+from weft.http.h2_conn import H2Connection
 from weft.http.io import Timers
 from weft.http.transport import Transport, open_tcp
 from weft.http.upstream import UpstreamConnection
@@ -146,7 +147,7 @@ class EndpointPool:
         if self.speaks_h2:
             for c in reversed(self.h2conns):
                 if c.has_room():
-                    return c.take_slot(self)
+                    return take_slot(c, self)
             return None
         return None if fresh else self._take_idle()
 
@@ -280,7 +281,7 @@ class EndpointPool:
         assert nursery is not None, "h2 connections need UpstreamPools.run"
         self.h2conns.append(h2conn)
         nursery.start_soon(h2conn.run)
-        slot = h2conn.take_slot(self)
+        slot = take_slot(h2conn, self)
         self._wake_h2()
         return slot
 

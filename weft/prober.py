@@ -39,7 +39,8 @@ from weft import health
 from weft.connection import UpstreamPools, open_transport
 from weft.http.errors import ClientError, UpstreamError
 from weft.http.h1_client import H1Upstream
-from weft.http.h2_client import H2Connection
+from weft.http.h2_client import take_slot
+from weft.http.h2_conn import H2Connection
 from weft.http.messages import BytesBody
 from weft.http.upstream import Outgoing
 from weft.observer import DestinationObserver
@@ -116,7 +117,7 @@ async def probe_once(
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(conn.run)
                     try:
-                        response = await conn.take_slot(None).exchange(
+                        response = await take_slot(conn, None).exchange(
                             out, timeouts, deadline, None, _ignore
                         )
                         degraded = response.headers.get(hc.degraded_header) is not None
