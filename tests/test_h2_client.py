@@ -452,3 +452,28 @@ async def test_the_upstreams_stream_limit_lowers_weft_s(nursery: trio.Nursery) -
     take_slot(conn, None)
     assert not conn.has_room()
     assert STREAM_WINDOW == conn.h2.local_settings.initial_window_size
+
+
+async def test_a_goaway_with_an_error_fails_the_streams_it_had_processed(
+    nursery: trio.Nursery,
+) -> None:
+    conn, peer = await _pair(nursery)
+    conn2, _peer2 = await _pair(nursery)
+    slot = take_slot(conn, Source([conn, conn2]))
+    errors: list[UpstreamError] = []
+
+    async def go() -> None:
+        try:
+            await slot.exchange(_get(), Timeouts(), trio.current_time() + 30, None, _noop)
+        except UpstreamError as e:
+            errors.append(e)
+
+    with trio.fail_after(WAIT):
+        async with trio.open_nursery() as n:
+            n.start_soon(go)
+            await peer.read_until(lambda: 1 in peer.requests)
+            # Stream 1 was processed (it is not above the last id): it is not sent again.
+            frame = hyperframe.frame.GoAwayFrame(0, last_stream_id=1, error_code=2)
+            peer.sock.sendall(frame.serialize())
+    assert errors[0].status == 502 and "INTERNAL_ERROR" in errors[0].detail
+    assert conn.dead is not None and not conn2.streams

@@ -188,7 +188,9 @@ class EndpointPool:
         owner = self.owner
         if self.waiting >= self.cfg.queue_size:
             raise PoolFull(
-                f"{self.endpoint.authority}: {self.waiting} requests already wait", retry_after=1
+                f"{self.endpoint.authority}: {self.waiting} requests already wait "
+                f"({self._in_use()})",
+                retry_after=1,
             )
         event = trio.Event()
         self.waiters.append(event)
@@ -211,7 +213,8 @@ class EndpointPool:
                     event = trio.Event()
                     self.waiters.appendleft(event)
             raise PoolFull(
-                f"{self.endpoint.authority}: no connection within {self.cfg.queue_timeout:g}s",
+                f"{self.endpoint.authority}: no {'stream' if self.speaks_h2 else 'connection'} "
+                f"within {self.cfg.queue_timeout:g}s ({self._in_use()})",
                 retry_after=1,
             )
         finally:
@@ -221,6 +224,16 @@ class EndpointPool:
                 self.waiters.remove(event)
             except ValueError:
                 pass
+
+    def _in_use(self) -> str:
+        """What the caps count, for a PoolFull message: connections, and for h2 the streams."""
+        cap = f"{self.open} of max_per_endpoint {self.cfg.max_per_endpoint} connections open"
+        if not self.speaks_h2:
+            return cap
+        streams = sum(c.active for c in self.h2conns)
+        room = sum(c.capacity() for c in self.h2conns)
+        opening = ", one being opened" if self.h2_opening else ""
+        return f"{streams} of {room} streams in use on {cap}{opening}"
 
     def wake_one(self) -> bool:
         if self.waiters:

@@ -267,3 +267,49 @@ async def test_health_probes_speak_h2c(h2_upstream):
                            health=HealthCheck(path=path, timeout=5.0))
         status, _, _ = await probe_once(dest, 0, timers)
         assert status == expected
+
+
+def test_h2_client_to_h2c_upstream_keeps_trailers_and_the_request_body(
+        weft, free_port, h2_upstream):
+    assert CURL
+    up = h2_upstream()
+    port = free_port()
+    weft(config(port, up, "h2c"))
+    # 1. h2 on both sides: the response trailers pass through as a trailing HEADERS frame.
+    done = subprocess.run([CURL, "-sS", "--http2-prior-knowledge", "-i",
+                           f"http://127.0.0.1:{port}/trailers"], capture_output=True, timeout=20.0)
+    out = done.stdout.lower()
+    assert done.returncode == 0, done.stderr
+    assert out.startswith(b"http/2 200") and b"hello" in out
+    assert b"x-checksum: abc" in out and b"grpc-status: 0" in out
+    # 2. a request body of many DATA frames arrives whole.
+    body = bytes(range(256)) * 4096  # 1 MiB
+    done = subprocess.run([CURL, "-sS", "--http2-prior-knowledge", "--data-binary", "@-",
+                           f"http://127.0.0.1:{port}/sink"], input=body, capture_output=True,
+                          timeout=20.0)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["body_len"] == len(body)
+
+
+def test_a_full_h2_pool_answers_503_and_the_log_says_streams_were_the_limit(
+        weft, free_port, h2_upstream):
+    up = h2_upstream()
+    port = free_port()
+    w = weft(config(port, up, "h2c", pool={"max_per_endpoint": 1,
+                                           "max_streams_per_connection": 2, "queue_size": 1,
+                                           "queue_timeout": "0.3s"}))
+    assert request(port, "GET", "/echo")[0] == 200  # the connection is open (and idle)
+    statuses: list[int] = []
+
+    def one() -> None:
+        statuses.append(request(port, "GET", "/slow?delay=1.5")[0])
+
+    threads = [threading.Thread(target=one) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    # Two streams on the one connection; one waits and gives up, one finds the queue full.
+    assert sorted(statuses) == [200, 200, 503, 503], statuses
+    log = w.stderr_text()
+    assert "2 of 2 streams in use on 1 of max_per_endpoint 1 connections open" in log, log
