@@ -218,3 +218,19 @@ def test_a_preface_and_then_silence_is_closed_with_goaway_after_client_header(
         goaway = client.wait_closed(timeout=10.0)
         assert goaway == (0, 0)  # NO_ERROR, no stream taken
         assert 0.8 < time.monotonic() - start < 5.0
+
+
+def test_the_header_limits_apply_per_stream(upstream, weft, free_port):
+    up = upstream("h2limits")
+    w = weft(simple_config(free_port(), [up.address],
+                           limits={"max_headers": 20, "max_header_bytes": "8KiB"}))
+    with H2Client(w.port) as c:
+        # 1. Too many fields on one stream: that stream gets 431, the connection goes on.
+        many = [(f"x-f{i}".encode(), b"v") for i in range(30)]
+        assert c.request("GET", "/fixed?size=10", headers=many).status == 431
+        # 2. A header list past max_header_bytes (but under the connection's hard bound) too.
+        big = [(b"x-big", b"b" * 6000), (b"x-big2", b"b" * 3000)]
+        assert c.request("GET", "/fixed?size=10", headers=big).status == 431
+        # 3. The next stream on the same connection is served.
+        ok = c.request("GET", "/fixed?size=10")
+        assert ok.status == 200 and len(ok.body) == 10
