@@ -16,7 +16,7 @@ import pytest
 import trio
 from support.certs import CA
 
-from weft.http import tls
+from weft.http import tls, tls_errors
 from weft.http.io import Timers
 from weft.http.tls import HandshakeFailed, TLSTransport
 from weft.http.transport import TCPTransport
@@ -198,7 +198,7 @@ async def fail_server(server_ctx, client_side) -> HandshakeFailed:
             nursery.start_soon(serve)
             try:
                 await client_side(c)
-            except (OSError, tls.UpstreamTLSError):
+            except (OSError, tls_errors.UpstreamTLSError):
                 pass
     c.close()
     assert s.fileno() == -1, "a failed handshake closes the socket"
@@ -236,7 +236,7 @@ async def test_each_handshake_failure_has_its_reason(pki):
     for server_ctx, client_side, reason in cases:
         failure = await fail_server(server_ctx, client_side)
         assert failure.reason == reason, (reason, failure)
-        assert failure.reason in tls.HANDSHAKE_REASONS
+        assert failure.reason in tls_errors.HANDSHAKE_REASONS
 
 
 async def test_an_untrusted_upstream_certificate_names_the_verification_error(pki, tmp_path):
@@ -254,7 +254,7 @@ async def test_an_untrusted_upstream_certificate_names_the_verification_error(pk
     with trio.fail_after(BOUND):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(serve)
-            with pytest.raises(tls.UpstreamTLSError) as info:
+            with pytest.raises(tls_errors.UpstreamTLSError) as info:
                 await tls.connect(TCPTransport(c), ctx, "localhost")
     assert info.value.reason == "upstream_tls" and info.value.status == 502
     assert info.value.public == (

@@ -78,7 +78,7 @@ class PoolFull(UpstreamError):
 async def open_transport(ep: Endpoint, tls: UpstreamTLS | None) -> Transport:
     """A connection to `ep`: TCP, then TLS when the destination has `tls` (SNI and the name
     verified: ``server_name``, or the endpoint's host). Unbounded: the caller's scope bounds
-    it. Raises OSError (connect), `weft.http.tls.UpstreamTLSError` (handshake; closed)."""
+    it. Raises OSError (connect), `weft.http.tls_errors.UpstreamTLSError` (handshake; closed)."""
     transport = await open_tcp(ep.host, ep.port)
     if tls is None:
         return transport

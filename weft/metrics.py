@@ -320,7 +320,8 @@ class WorkerMetrics:
         self._accept_children = {name: self.accept.labels(name) for name in ACCEPT_ERRNOS}
         self._accept_counted = dict.fromkeys(ACCEPT_ERRNOS, 0)
         # Failed TLS handshakes, counted by the worker (Worker.tls_failures) and added here at
-        # each sample; reasons are weft.http.tls.HANDSHAKE_REASONS, listeners from the config.
+        # each sample; reasons are weft.http.tls_errors.HANDSHAKE_REASONS, listeners from the
+        # config.
         self.tls_failures = collections.Counter() if tls_failures is None else tls_failures
         self._tls_counted: dict[tuple[str, str], int] = {}
         self.tls_handshake = Counter(

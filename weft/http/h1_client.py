@@ -52,7 +52,7 @@ import h11
 import trio
 
 from weft.arena_pool import RELAY_SIZE
-from weft.http import tls
+from weft.http import tls_errors
 from weft.http.errors import ClientError, ClientGone, UpstreamError
 from weft.http.h1 import (
     END,
@@ -454,7 +454,7 @@ class H1Upstream:
                 if self.client_left:
                     raise ClientGone("client closed while its response was awaited") from None
                 if isinstance(e, ssl.SSLError) and not self.received:
-                    raise tls.refused(e, self.endpoint.host) from None  # an alert, no answer
+                    raise tls_errors.refused(e, self.endpoint.host) from None  # an alert, no answer
                 raise UpstreamError(
                     f"upstream connection reset: {e}", reason="upstream_reset"
                 ) from None

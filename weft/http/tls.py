@@ -38,7 +38,7 @@ The rules that keep it equivalent to TCP for the adapters:
   sends close_notify if it can without waiting.
 
 Handshakes run with a deadline (`handshake`), in the connection's task. A failure is one
-`HandshakeFailed` with a `reason` word from a fixed list (`HANDSHAKE_REASONS`, the label values
+`HandshakeFailed` with a `reason` word from a fixed list (`weft.http.tls_errors`, the label values
 of ``weft_tls_handshake_failures_total``) and OpenSSL's text as the detail, for an info log line
 without a traceback: a client that cannot do TLS is routine on a public port.
 
@@ -56,73 +56,14 @@ import ssl
 import trio
 from trio.lowlevel import checkpoint, notify_closing, wait_readable, wait_writable
 
-from weft.http.errors import UpstreamError
 from weft.http.io import SCRATCH, Timers, close
+from weft.http.tls_errors import HandshakeFailed, UpstreamTLSError, failure_reason, refused
 from weft.http.transport import TCPTransport, Transport
 
 # Plaintext encrypted per step of a write: four full TLS records (16 KiB each, RFC 8446 §5.1).
 # It bounds the ciphertext a connection holds when the kernel's buffer is full.
 WRITE_CHUNK = 64 * 1024
 RECV_SIZE = len(SCRATCH)  # ciphertext read per recv: the worker's scratch buffer
-
-# The reason words a failed handshake is counted under (a fixed list: metric label values).
-HANDSHAKE_REASONS = (
-    "timeout",  # nothing, or not enough, within timeouts.tls_handshake
-    "eof",  # the client closed or reset the connection mid-handshake
-    "http_request",  # plain HTTP sent to a TLS port
-    "protocol_version",  # no TLS version in common (min_version), or not TLS at all
-    "no_shared_cipher",  # no cipher suite, group or signature algorithm in common
-    "no_alpn",  # the client insisted on an ALPN protocol weft does not serve
-    "unknown_ca",  # the client does not trust weft's certificate
-    "bad_certificate",  # a client certificate missing, or refused (mTLS)
-    "other",
-)
-_REASON_OF = {
-    "HTTP_REQUEST": "http_request",
-    "HTTPS_PROXY_REQUEST": "http_request",
-    "WRONG_VERSION_NUMBER": "protocol_version",
-    "UNSUPPORTED_PROTOCOL": "protocol_version",
-    "VERSION_TOO_LOW": "protocol_version",
-    "NO_PROTOCOLS_AVAILABLE": "protocol_version",
-    "TLSV1_ALERT_PROTOCOL_VERSION": "protocol_version",
-    "UNKNOWN_PROTOCOL": "protocol_version",
-    "NO_SHARED_CIPHER": "no_shared_cipher",
-    "NO_SUITABLE_SIGNATURE_ALGORITHM": "no_shared_cipher",
-    "NO_SHARED_GROUPS": "no_shared_cipher",
-    "SSLV3_ALERT_HANDSHAKE_FAILURE": "no_shared_cipher",
-    "NO_APPLICATION_PROTOCOL": "no_alpn",
-    "TLSV1_ALERT_NO_APPLICATION_PROTOCOL": "no_alpn",
-    "TLSV1_ALERT_UNKNOWN_CA": "unknown_ca",
-    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "unknown_ca",
-    "SSLV3_ALERT_BAD_CERTIFICATE": "unknown_ca",
-    "PEER_DID_NOT_RETURN_A_CERTIFICATE": "bad_certificate",
-    "CERTIFICATE_VERIFY_FAILED": "bad_certificate",
-    "TLSV13_ALERT_CERTIFICATE_REQUIRED": "bad_certificate",
-    "UNEXPECTED_EOF_WHILE_READING": "eof",
-}
-
-
-class HandshakeFailed(Exception):
-    """A TLS handshake did not complete: `reason` (one of HANDSHAKE_REASONS) and OpenSSL's
-    words in `detail`. The transport is closed already."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
-
-
-def failure_reason(exc: BaseException) -> str:
-    """The HANDSHAKE_REASONS word for an exception a handshake ended with."""
-    if isinstance(exc, TimeoutError):
-        return "timeout"
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return "bad_certificate"
-    if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionError, EOFError)):
-        return "eof"
-    if isinstance(exc, ssl.SSLError):
-        return _REASON_OF.get(exc.reason or "", "other")
-    return "other"
 
 
 class TLSTransport(Transport):
@@ -511,31 +452,6 @@ async def accept(sock: socket.socket, context: ssl.SSLContext, timeout: float) -
         transport.close()
         raise
     return transport
-
-
-class UpstreamTLSError(UpstreamError):
-    """TLS with an upstream failed (its certificate refused, or the handshake). `public` is
-    the client's sentence: what went wrong, without addresses."""
-
-    reason = "upstream_tls"
-
-    def __init__(self, detail: str, public: str) -> None:
-        super().__init__(detail)
-        self.public = public
-
-
-def refused(e: OSError | EOFError, server_name: str) -> UpstreamTLSError:
-    """The 502 for a TLS handshake with an upstream that failed, or for a TLS alert that ended
-    the first read (TLS 1.3 refuses a client certificate only after the client's Finished,
-    so weft learns of it when it reads the answer)."""
-    if isinstance(e, ssl.SSLError):
-        words = (e.reason or str(e)).lower().replace("_", " ")
-    else:
-        words = "connection closed"
-    return UpstreamTLSError(
-        f"TLS with {server_name} failed: {e}",
-        f"the TLS handshake with the upstream failed: {words}",
-    )
 
 
 async def connect(tcp: TCPTransport, context: ssl.SSLContext, server_name: str,

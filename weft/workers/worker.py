@@ -51,7 +51,7 @@ from weft.connection import UpstreamPools
 from weft.dst import Position
 from weft.forward import Inflight
 from weft.handler import App, Middleware
-from weft.http import tls
+from weft.http import tls, tls_errors
 from weft.http.dispatch import serve_connection
 from weft.http.io import accept
 from weft.http.messages import Request, Response
@@ -216,7 +216,8 @@ class Worker:
         # The accept warning's rate limit: when it was last logged, and errors since then.
         self._accept_warned_at: float | None = None
         self._accept_unlogged = 0
-        #: failed TLS handshakes, by (listener "address:port", reason in tls.HANDSHAKE_REASONS)
+        #: failed TLS handshakes, by (listener "address:port", reason): the reasons are
+        #: tls_errors.HANDSHAKE_REASONS
         self.tls_failures: Counter[tuple[str, str]] = Counter()
         # Metrics (weft.metrics): None when off, or when no supervisor collects them.
         self.metrics = metrics_mod.for_worker(
@@ -317,7 +318,7 @@ class Worker:
                     transport = await tls.accept(
                         sock, listener.tls.context, self.config.timeouts.tls_handshake
                     )
-                except tls.HandshakeFailed as e:
+                except tls_errors.HandshakeFailed as e:
                     name = f"{listener.address}:{listener.port}"
                     self.tls_failures[(name, e.reason)] += 1
                     log.info("TLS handshake from %s:%d on %s failed: %s (%s)",
