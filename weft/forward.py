@@ -258,6 +258,7 @@ class Forwarder:
             upgrade=upgrade,
             client_watch=request.client_watch,
             arena=request.arena,
+            duplex=request.http_version == "2",
         )
 
     def _releaser(

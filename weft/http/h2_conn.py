@@ -122,6 +122,9 @@ class H2Connection:
         self.dead: UpstreamError | None = None
         self.closed = False
         self.on_change = on_change  # the pool: capacity or liveness changed
+        # The pool's nursery, set by the pool: a stream's request body is pumped in a task
+        # there, since a full-duplex one goes on after the exchange returned the response.
+        self.nursery: trio.Nursery | None = None
         self._wake_writer = trio.Event()
         self._window = trio.Event()  # set (and replaced) whenever send windows grow
         self._written = 0  # batches the writer finished
@@ -396,6 +399,7 @@ class H2Connection:
         if not stream.held:
             return
         stream.held = False
+        stream.stop_pump()
         sid = stream.sid
         known = sid is not None and self.streams.pop(sid, None) is not None
         if known and self.dead is None:
