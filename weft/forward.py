@@ -36,7 +36,7 @@ from typing import Protocol
 
 import trio
 
-from weft import outcome
+from weft import grpc, outcome
 from weft.arena_pool import BuffersExhausted
 from weft.connection import EndpointPool
 from weft.dst import HashKeySource, Position, make_balancer
@@ -154,9 +154,12 @@ class Forwarder:
                 e.reason = "per_try_timeout"
             request.ctx["error"] = e.reason
             log.info("request %s to %s: %s", request.id, request.ctx.get("endpoint", "-"), e.detail)
+            public = getattr(e, "public", None) or PUBLIC_REASON.get(e.reason, "upstream error")
+            if e.reason == "request_timeout" and request.ctx.get("deadline_source"):
+                public = grpc.DEADLINE_REASON
             return error_response(
                 e.status,
-                getattr(e, "public", None) or PUBLIC_REASON.get(e.reason, "upstream error"),
+                public,
                 request.id,
                 close=False,
                 retry_after=e.retry_after if e.status == 503 else None,
