@@ -10,7 +10,9 @@ connection.
 One exchange: the request head becomes a HEADERS frame (`weft.http.h2_translate` maps h1
 fields to h2 and back); a body all in memory is sent whole, one that is still arriving is
 pumped from the client while the response head is awaited, so an upstream that answers early
-(413, 401) is heard. The response body is read from the stream's received DATA, each chunk
+(413, 401) is heard. When the client side is h2 too (`Outgoing.duplex`) the pump goes on after
+the head, while the response streams back, as a gRPC bidirectional call needs; it stops when
+the slot is given back. The response body is read from the stream's received DATA, each chunk
 acknowledged as it is taken (the backpressure, see `weft.http.h2_conn`).
 
 **Unprocessed streams** (a GOAWAY above the stream's id, RST_STREAM REFUSED_STREAM; RFC 9113
@@ -37,6 +39,7 @@ from typing import TYPE_CHECKING
 
 import h2.errors
 import h2.events
+import h2.exceptions
 import trio
 
 from weft.http.errors import ClientError, ClientGone, ProxyError, UpstreamError
@@ -298,8 +301,14 @@ class H2Upstream:
                     head_limit[0] = min(deadline, trio.current_time() + timeouts.upstream_header)
             except (ClientError, UpstreamError) as e:
                 pump_error = e
-                if isinstance(e, ClientError) or e.reason == "upstream_send_timeout":
-                    self.fail(_PumpFailed())  # no answer is awaited any more
+                if isinstance(e, ClientError) or (
+                    # Before the head no answer is awaited any more; after it (duplex) the
+                    # response may still come whole while the upstream reads no more.
+                    e.reason == "upstream_send_timeout" and self.head is None
+                ):
+                    self.fail(_PumpFailed())
+            except h2.exceptions.StreamClosedError:
+                pass  # the upstream closed its side (it answered): nothing more to send
             except Exception as e:
                 # A bug, or the stream closed under a late send: never the pool's nursery's
                 # problem (that would end every connection of the worker).
