@@ -15,6 +15,7 @@ import trio
 from weft import config
 from weft.builtins import BuiltinContext
 from weft.connection import UpstreamPools
+from weft.forward import GrpcEnd
 from weft.handler import App
 from weft.http.messages import BytesBody, Headers, Request, Response
 from weft.outcome import CONNECT_ERROR, OK, RESET, STATUS, TIMEOUT
@@ -203,3 +204,53 @@ async def test_the_balancer_skips_what_the_observer_excludes(nursery):
     response = await run(app, request)
     assert response.status == 503 and request.ctx["error"] == "no_endpoint"
     await pools.aclose()
+
+
+class TrialObserver(RecordingObserver):
+    """Also records the trial flag and the abandons (what GrpcEnd must get right)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trials: list[bool] = []
+        self.abandoned: list[int] = []
+
+    def report(
+        self, index: int, result: str, status: int, latency: float, degraded: bool = False,
+        *, trial: bool = False,
+    ) -> None:
+        super().report(index, result, status, latency, degraded, trial=trial)
+        self.trials.append(trial)
+
+    def abandon(self, index: int) -> None:
+        self.abandoned.append(index)
+
+
+def test_a_grpc_call_is_reported_when_its_trailers_say_how_it_went() -> None:
+    """`GrpcEnd`: UNAVAILABLE in the trailers is a 503 to the observer, any other status a
+    200; a body cut short is the head's 200; the report comes once, whether the body ended
+    before or after the forwarder armed it; a half-open trial is reported as the trial and
+    then freed."""
+    obs = TrialObserver()
+
+    def response(trailers: list[tuple[bytes, bytes]]) -> Response:
+        r = Response(200, Headers([(b"content-type", b"application/grpc")]), BytesBody(b""))
+        r.body.trailers = trailers
+        return r
+
+    end = GrpcEnd()
+    end.arm(obs, 0, response([(b"grpc-status", b"14")]), 0.01, False)
+    assert obs.reports == []
+    end.ended(True)
+    end.ended(True)  # once only
+    assert obs.reports == [(0, STATUS, 503)]
+
+    end = GrpcEnd()
+    end.ended(True)  # the body ended with the head, before the forwarder armed it
+    end.arm(obs, 1, response([(b"grpc-status", b"5")]), 0.01, False)
+    assert obs.reports[-1] == (1, OK, 200)
+
+    end = GrpcEnd()
+    end.arm(obs, 2, response([(b"grpc-status", b"14")]), 0.01, True)
+    end.ended(False)  # cut short: its trailers say nothing
+    assert obs.reports[-1] == (2, OK, 200)
+    assert obs.trials[-1] is True and obs.abandoned == [2]

@@ -70,6 +70,9 @@ class AccessLog:
                 # tries sent by [routes.retry] (1 without it, None before routing)
                 "attempts": ctx.get("attempts", 1) if route is not None else None,
                 "error": error,
+                # the gRPC status weft answered with itself (weft.grpc.local_reply), else None;
+                # "status" stays the HTTP status weft meant (503, 429, 504)
+                "grpc_status": ctx.get("grpc_status"),
             },
             separators=(",", ":"),
         )

@@ -293,6 +293,7 @@ class EndpointPool:
         nursery = self.owner.nursery
         assert nursery is not None, "h2 connections need UpstreamPools.run"
         self.h2conns.append(h2conn)
+        h2conn.nursery = nursery  # where request bodies stream after the head (h2_client)
         nursery.start_soon(h2conn.run)
         slot = take_slot(h2conn, self)
         self._wake_h2()

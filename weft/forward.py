@@ -36,7 +36,7 @@ from typing import Protocol
 
 import trio
 
-from weft import outcome
+from weft import grpc, outcome
 from weft.arena_pool import BuffersExhausted
 from weft.connection import EndpointPool
 from weft.dst import HashKeySource, Position, make_balancer
@@ -49,7 +49,7 @@ from weft.http.headers import (
     is_trusted,
     is_upgrade_request,
 )
-from weft.http.messages import HeaderList, Request, Response
+from weft.http.messages import Body, HeaderList, Request, Response
 from weft.http.upstream import Outgoing, UpstreamConnection
 from weft.outcome import Observer
 from weft.schema import Config, Destination
@@ -154,9 +154,12 @@ class Forwarder:
                 e.reason = "per_try_timeout"
             request.ctx["error"] = e.reason
             log.info("request %s to %s: %s", request.id, request.ctx.get("endpoint", "-"), e.detail)
+            public = getattr(e, "public", None) or PUBLIC_REASON.get(e.reason, "upstream error")
+            if e.reason == "request_timeout" and request.ctx.get("deadline_source"):
+                public = grpc.DEADLINE_REASON
             return error_response(
                 e.status,
-                getattr(e, "public", None) or PUBLIC_REASON.get(e.reason, "upstream error"),
+                public,
                 request.id,
                 close=False,
                 retry_after=e.retry_after if e.status == 503 else None,
@@ -258,13 +261,14 @@ class Forwarder:
             upgrade=upgrade,
             client_watch=request.client_watch,
             arena=request.arena,
+            duplex=request.http_version == "2",
         )
 
     def _releaser(
-        self, idx: int, pool: EndpointPool, up: UpstreamConnection
+        self, idx: int, pool: EndpointPool, up: UpstreamConnection, end: GrpcEnd | None = None
     ) -> Callable[[bool], None]:
         """The `on_done` of one attempt: the endpoint's in-flight count ends, the connection
-        goes back to the pool (or is closed)."""
+        goes back to the pool (or is closed), and a gRPC call's outcome is reported (`end`)."""
         counts = self.counts
 
         def done(reusable: bool) -> None:
@@ -273,6 +277,8 @@ class Forwarder:
                 pool.release(up)
             else:
                 pool.discard(up)
+            if end is not None:
+                end.ended(reusable)
 
         return done
 
@@ -295,12 +301,20 @@ class Forwarder:
         status: int,
         started: float,
         response: Response | None = None,
+        *,
+        observed: int | None = None,
     ) -> None:
+        """Record one attempt's head-phase outcome: for the retry middleware always, for the
+        observer unless the outcome of a gRPC call waits for its trailers (`GrpcEnd`).
+        `observed`: the status the observer hears instead of `status` (an upstream's gRPC
+        UNAVAILABLE counts as a 503; the retry middleware still sees the HTTP status)."""
         # What the retry middleware decides on (weft.retry_middleware): the attempt's result
         # word (None: not the endpoint's doing, never retried) and status.
         request.ctx["result"] = (result, status)
         obs = self.observer
         if result is not None and obs is not None:
+            if observed is not None:
+                result, status = outcome.result_of_status(observed), observed
             degraded = (
                 response is not None
                 and obs.degraded_header is not None
@@ -337,9 +351,11 @@ class Forwarder:
                 return await self._attempt(request, idx)
             finally:
                 # Reported (the trial decided) or not (the client left, the pool was full):
-                # either way this process no longer holds the trial.
+                # either way this process no longer holds the trial, unless a gRPC call's
+                # outcome waits for its trailers: its `GrpcEnd` reports and frees it then.
                 del request.ctx["trial"]
-                self.observer.abandon(idx)
+                if not request.ctx.pop("trial_pending", False):
+                    self.observer.abandon(idx)
         return await self._attempt(request, idx)
 
     async def _attempt(self, request: Request, idx: int) -> Response:
@@ -355,8 +371,11 @@ class Forwarder:
         retryable = not out.has_body and request.method in IDEMPOTENT
         interim = self._interim(request)
         started = trio.current_time()
+        # A gRPC call's outcome is in its grpc-status, which may come only in the trailers.
+        grpc_call = self.observer is not None and request.ctx.get("grpc", False)
         attempt = 0
         while True:
+            end = GrpcEnd() if grpc_call else None
             self.counts.add(idx, 1)
             try:
                 up, reused = await pool.acquire(fresh=attempt > 0)
@@ -369,7 +388,7 @@ class Forwarder:
                 raise
             try:
                 response = await up.exchange(
-                    out, timeouts, deadline, interim, self._releaser(idx, pool, up)
+                    out, timeouts, deadline, interim, self._releaser(idx, pool, up, end)
                 )
             except UpstreamError as e:
                 # The exchange freed the connection (closed) and ended the in-flight count.
@@ -388,6 +407,19 @@ class Forwarder:
             break
         now = trio.current_time()
         request.ctx["upstream_time"] = now - started
+        observed = None
+        if end is not None and response.status == 200:
+            code = grpc.status_of(response.headers.raw)  # a Trailers-Only response
+            if code is None:
+                # The status comes with the trailers: the observer hears of it then.
+                request.ctx["result"] = (outcome.OK, 200)
+                trial = request.ctx.get("trial") == idx
+                if trial:
+                    request.ctx["trial_pending"] = True
+                end.arm(self.observer, idx, response, now - started, trial)  # type: ignore[arg-type]
+                return self._finish(request, out, response)
+            if code == grpc.UNAVAILABLE:
+                observed = grpc.UNAVAILABLE_AS_HTTP
         self._report(
             request,
             idx,
@@ -395,7 +427,12 @@ class Forwarder:
             response.status,
             started,
             response,
+            observed=observed,
         )
+        return self._finish(request, out, response)
+
+    def _finish(self, request: Request, out: Outgoing, response: Response) -> Response:
+        """The response head as the client gets it (the header policy applied)."""
         if out.close_client:
             request.ctx["close"] = True
         if response.tunnel is not None:
@@ -408,3 +445,48 @@ class Forwarder:
             headers.append((self.rid_header, request.id.encode()))
         response.headers.raw = headers
         return response
+
+
+class GrpcEnd:
+    """Reports a gRPC call's outcome to the observer when its response body ends, where the
+    trailers bring ``grpc-status``: UNAVAILABLE counts as an upstream 503 (`weft.grpc`), any
+    other status, or a body cut short, as the head's 200 would have. The body may end before
+    the forwarder has the response in hand (its end came with the head): `arm` then reports
+    at once."""
+
+    __slots__ = ("_args", "_clean")
+
+    def __init__(self) -> None:
+        self._args: tuple[Observer, int, Body, float, bool, bool] | None = None
+        self._clean: bool | None = None
+
+    def arm(
+        self, observer: Observer, idx: int, response: Response, latency: float, trial: bool
+    ) -> None:
+        """The head came (`latency` seconds after the send); report once the body ends."""
+        degraded = observer.degraded_header is not None and has_field(
+            response.headers.raw, observer.degraded_header
+        )
+        self._args = (observer, idx, response.body, latency, degraded, trial)
+        if self._clean is not None:
+            self._report(self._clean)
+
+    def ended(self, clean: bool) -> None:
+        """The body ended (`clean`: with END_STREAM, its trailers in) or was abandoned."""
+        if self._clean is None:
+            self._clean = clean
+            if self._args is not None:
+                self._report(clean)
+
+    def _report(self, clean: bool) -> None:
+        args, self._args = self._args, None
+        if args is None:
+            return
+        observer, idx, body, latency, degraded, trial = args
+        code = grpc.status_of(body.trailers) if clean else None
+        status = grpc.UNAVAILABLE_AS_HTTP if code == grpc.UNAVAILABLE else 200
+        observer.report(
+            idx, outcome.result_of_status(status), status, latency, degraded, trial=trial
+        )
+        if trial:
+            observer.abandon(idx)  # (a no-op when the report ended the trial)

@@ -37,6 +37,7 @@ import trio
 
 import weft.rate_limit_middleware
 import weft.retry_middleware  # noqa: F401  (registers the retry built-in)
+from weft import grpc
 from weft.builtins import BuiltinContext, BuiltinFactory, builtin_chain
 from weft.connection import UpstreamPools
 from weft.forward import Forwarder
@@ -185,11 +186,18 @@ class App:
                 request.path = "/" + rest.lstrip("/") if not rest.startswith("/") else rest
         total = route.timeouts.request_total
         deadline = request.start + total if total > 0 else float("inf")
+        if request.http_version == "2" and grpc.is_grpc(request.headers.raw):
+            # gRPC needs HTTP/2; the call's own deadline caps the route's (weft.grpc).
+            request.ctx["grpc"] = True
+            timeout = grpc.timeout_of(request.headers.raw)
+            if timeout is not None and request.start + timeout < deadline:
+                deadline = request.start + timeout
+                request.ctx["deadline_source"] = "grpc-timeout"
         request.ctx["deadline"] = deadline
         plain = route.name not in self.with_middleware
         request.validated = plain
         try:
-            if total <= 0 or plain:
+            if deadline == float("inf") or plain:
                 # The forwarder enforces the deadline on each of its own waits; a cancel scope
                 # (17 µs here) is needed only to bound user middleware.
                 return await handler(request)
@@ -203,4 +211,9 @@ class App:
             return error_response(500, "internal error", request.id, close=False)
         assert scope.cancelled_caught
         request.ctx["error"] = "request_timeout"
-        return error_response(504, "request_total exceeded", request.id, close=False)
+        reason = (
+            grpc.DEADLINE_REASON
+            if request.ctx.get("deadline_source") == "grpc-timeout"
+            else "request_total exceeded"
+        )
+        return error_response(504, reason, request.id, close=False)

@@ -81,14 +81,20 @@ def error_response(
 
     `reason` is what the client is told; it must be a plain sentence without internal detail
     (the detail goes to the log). `close` adds ``Connection: close``; `retry_after` (seconds)
-    adds Retry-After, as 503 and 429 answers carry.
+    adds Retry-After, as 503 and 429 answers carry. The response is marked as weft's own
+    (``Response.local``), so that the h2 adapter answers a gRPC request with the same meaning
+    as a gRPC status instead (`weft.grpc.local_reply`).
     """
     extra = [("x-request-id", request_id)] if request_id else []
     if retry_after is not None:
         extra.append(("retry-after", str(retry_after)))
     if close:
         extra.append(("connection", "close"))
-    return messages.Response.text(status, f"{status} {reason_phrase(status)}: {reason}\n", extra)
+    response = messages.Response.text(
+        status, f"{status} {reason_phrase(status)}: {reason}\n", extra
+    )
+    response.local = reason
+    return response
 
 
 # At the end: messages imports this module's ClientError, and error_response only needs

@@ -10,7 +10,9 @@ connection.
 One exchange: the request head becomes a HEADERS frame (`weft.http.h2_translate` maps h1
 fields to h2 and back); a body all in memory is sent whole, one that is still arriving is
 pumped from the client while the response head is awaited, so an upstream that answers early
-(413, 401) is heard. The response body is read from the stream's received DATA, each chunk
+(413, 401) is heard. When the client side is h2 too (`Outgoing.duplex`) the pump goes on after
+the head, while the response streams back, as a gRPC bidirectional call needs; it stops when
+the slot is given back. The response body is read from the stream's received DATA, each chunk
 acknowledged as it is taken (the backpressure, see `weft.http.h2_conn`).
 
 **Unprocessed streams** (a GOAWAY above the stream's id, RST_STREAM REFUSED_STREAM; RFC 9113
@@ -37,6 +39,7 @@ from typing import TYPE_CHECKING
 
 import h2.errors
 import h2.events
+import h2.exceptions
 import trio
 
 from weft.http.errors import ClientError, ClientGone, ProxyError, UpstreamError
@@ -82,6 +85,7 @@ class H2Upstream:
         "idle_since",
         "interims",
         "local_ended",
+        "pump",
         "requests",
         "reset",
         "sid",
@@ -97,6 +101,7 @@ class H2Upstream:
         self.idle_since = 0.0
         self.stray = 0  # h2 frames every message: nothing can arrive past a response
         self.held = True  # it holds a slot on `conn` (given back once, by `conn.finish`)
+        self.pump: trio.CancelScope | None = None  # the request body's task, while it runs
         self._clear()
 
     def _clear(self) -> None:
@@ -273,50 +278,75 @@ class H2Upstream:
             head_limit[0] = min(deadline, trio.current_time() + timeouts.upstream_header)
             return await self._response(out, timeouts, deadline, interim, on_done, head_limit)
         # The rest streams from the client while the head is awaited: an upstream that
-        # answers early (413, 401) is heard. Outcomes are collected and raised after the
-        # nursery closes, so that none leaves wrapped in an ExceptionGroup.
+        # answers early (413, 401) is heard. The pump is a task in the pool's nursery: for a
+        # duplex request (`Outgoing.duplex`) it goes on after the head came, while the
+        # response streams back, until the body ends or the slot is given back
+        # (`stop_pump`); otherwise it stops at the head. Its outcome is kept, not raised.
         head_limit[0] = deadline
         pump_error: ClientError | UpstreamError | None = None
+        scope = self.pump = trio.CancelScope()
+        pumped = trio.Event()
 
         async def pump() -> None:
             nonlocal pump_error
             try:
-                for c in chunks:
-                    await conn.send_data(self, c, send_idle)
-                body = out.body
-                while chunk := await body.receive():
-                    sent.streamed = True
-                    await conn.send_data(self, chunk, send_idle)
-                await conn.wait_written(conn.end_stream(self, sent.trailers()), send_idle)
+                with scope:
+                    for c in chunks:
+                        await conn.send_data(self, c, send_idle)
+                    body = out.body
+                    while chunk := await body.receive():
+                        sent.streamed = True
+                        await conn.send_data(self, chunk, send_idle)
+                    await conn.wait_written(conn.end_stream(self, sent.trailers()), send_idle)
+                    head_limit[0] = min(deadline, trio.current_time() + timeouts.upstream_header)
             except (ClientError, UpstreamError) as e:
                 pump_error = e
-                if isinstance(e, ClientError) or e.reason == "upstream_send_timeout":
-                    self.fail(_PumpFailed())  # no answer is awaited any more
+                if isinstance(e, ClientError) or (
+                    # Before the head no answer is awaited any more; after it (duplex) the
+                    # response may still come whole while the upstream reads no more.
+                    e.reason == "upstream_send_timeout" and self.head is None
+                ):
+                    self.fail(_PumpFailed())
+            except h2.exceptions.StreamClosedError:
+                pass  # the upstream closed its side (it answered): nothing more to send
+            except Exception as e:
+                # A bug, or the stream closed under a late send: never the pool's nursery's
+                # problem (that would end every connection of the worker).
+                log.warning("request body to %s failed: %r", self.endpoint.authority, e)
+                self.fail(UpstreamError(f"request body failed: {e!r}", reason="upstream_reset"))
+            finally:
+                pumped.set()
                 self.event.set()
-                return
-            head_limit[0] = min(deadline, trio.current_time() + timeouts.upstream_header)
-            self.event.set()
 
+        assert conn.nursery is not None, "h2 streams need the pool's nursery"
+        conn.nursery.start_soon(pump)
         response: Response | None = None
         error: ProxyError | None = None
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(pump)
-            try:
-                response = await self._response(
-                    out, timeouts, deadline, interim, on_done, head_limit, pumping=True
-                )
-            except ProxyError as e:
-                error = e
-            nursery.cancel_scope.cancel()
+        try:
+            response = await self._response(
+                out, timeouts, deadline, interim, on_done, head_limit, pumping=True
+            )
+        except ProxyError as e:
+            error = e
+        finally:
+            if response is None or not out.duplex:
+                scope.cancel()
         if response is not None:
-            if not self.local_ended:
+            if not self.local_ended and not out.duplex:
                 out.close_client = True  # answered before the whole body was taken
             return response
+        await pumped.wait()  # cancelled above: it ends at its next checkpoint
         if isinstance(error, _PumpFailed):
             assert pump_error is not None
             raise pump_error
         assert error is not None
         raise error
+
+    def stop_pump(self) -> None:
+        """The slot is given back: a request body still streaming to it stops."""
+        if self.pump is not None:
+            self.pump.cancel()
+            self.pump = None
 
     async def _response(
         self,

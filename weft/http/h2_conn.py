@@ -122,6 +122,9 @@ class H2Connection:
         self.dead: UpstreamError | None = None
         self.closed = False
         self.on_change = on_change  # the pool: capacity or liveness changed
+        # The pool's nursery, set by the pool: a stream's request body is pumped in a task
+        # there, since a full-duplex one goes on after the exchange returned the response.
+        self.nursery: trio.Nursery | None = None
         self._wake_writer = trio.Event()
         self._window = trio.Event()  # set (and replaced) whenever send windows grow
         self._written = 0  # batches the writer finished
@@ -362,6 +365,8 @@ class H2Connection:
         view = memoryview(data)
         while view:
             stream.check()
+            if stream.reset:
+                return  # reset without an error: the upstream answered and wants no more
             window = c.local_flow_control_window(stream.sid)
             n = min(window, c.max_outbound_frame_size, len(view))
             if n <= 0:
@@ -376,7 +381,13 @@ class H2Connection:
             await self.wait_written(self.kick(), idle)
 
     def end_stream(self, stream: H2Upstream, trailers: list[tuple[bytes, bytes]]) -> int:
+        """End weft's side of `stream` (with `trailers`); the writer's batch number. A stream
+        the upstream already reset without an error (it answered, RFC 9113 §8.1) is left as
+        it is. Raises the stream's error."""
         stream.check()
+        if stream.reset:
+            stream.local_ended = True
+            return self._written  # nothing to wait for
         if trailers:
             self.h2.send_headers(stream.sid, trailers, end_stream=True)
         else:
@@ -396,6 +407,7 @@ class H2Connection:
         if not stream.held:
             return
         stream.held = False
+        stream.stop_pump()
         sid = stream.sid
         known = sid is not None and self.streams.pop(sid, None) is not None
         if known and self.dead is None:

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 from h2.errors import ErrorCodes
 
+from weft import grpc
 from weft.arena_pool import RELAY_SIZE, BuffersExhausted
 from weft.http.errors import ClientError, ClientGone, UpstreamError, error_response
 from weft.http.h1 import METHOD, TARGET_BAD
@@ -457,10 +458,10 @@ async def serve_stream(srv: H2Server, stream: H2Stream) -> None:
                 response = error_response(
                     e.status, e.detail, request.id if request is not None else "", close=False
                 )
-                response.bytes_out = response.body.length or 0
+                reply = _local_reply(request, response)
                 logged = True
                 srv.log_exchange(request, response, e.reason, start)
-                await _write_whole(stream, response, request)
+                await _write_whole(stream, response, request, reply)
                 return
             try:
                 await _write_response(srv, stream, request, response)
@@ -471,8 +472,7 @@ async def serve_stream(srv: H2Server, stream: H2Stream) -> None:
                 response = error_response(
                     503, BuffersExhausted.public, request.id, close=False, retry_after=1
                 )
-                response.bytes_out = response.body.length or 0
-                await _write_whole(stream, response, request)
+                await _write_whole(stream, response, request, _local_reply(request, response))
             except (ClientError, UpstreamError) as e:
                 request.ctx["error"] = e.reason
                 if isinstance(e, UpstreamError):
@@ -499,10 +499,25 @@ async def serve_stream(srv: H2Server, stream: H2Stream) -> None:
         srv.stream_done(stream)
 
 
-async def _write_whole(stream: H2Stream, response: Response, request: Request | None) -> None:
-    """A response weft made (an error page), written whole; a request body not read to its
-    end is then cut with RST_STREAM NO_ERROR."""
+def _local_reply(request: Request | None, response: Response) -> HeaderList | None:
+    """The Trailers-Only head that replaces weft's own answer to a gRPC request
+    (`weft.grpc.local_reply`), None for any other; sets what the access log counts as sent."""
+    reply = grpc.local_reply(request, response)
+    response.bytes_out = 0 if reply is not None else response.body.length or 0
+    return reply
+
+
+async def _write_whole(
+    stream: H2Stream, response: Response, request: Request | None, reply: HeaderList | None
+) -> None:
+    """A response weft made (an error page, or `reply`: its gRPC form), written whole; a
+    request body not read to its end is then cut with RST_STREAM NO_ERROR."""
     srv = stream.srv
+    if reply is not None:
+        await srv.send_headers(stream, reply, end=True)
+        if not stream.ended:
+            srv.reset_stream(stream, ErrorCodes.NO_ERROR, for_cause=False)
+        return
     chunks, _ = response.body.prefetched()
     body = b"".join(chunks)
     if request is not None and request.method == "HEAD":
@@ -525,6 +540,11 @@ async def _write_response(
     has not gone out)."""
     if response.tunnel is not None:
         raise UpstreamError("an upstream switched protocols on an h2 stream", reason="bad_response")
+    if response.local is not None:
+        reply = grpc.local_reply(request, response)
+        if reply is not None:
+            await _write_whole(stream, response, request, reply)
+            return
     headers = response.headers.raw
     if not request.validated and not fields_valid(headers):
         raise UpstreamError(

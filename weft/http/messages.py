@@ -261,10 +261,12 @@ class Response:
     """One HTTP response. `tunnel` is set only for a 101 that switches protocols.
 
     `bytes_out` is what the protocol adapter wrote of the body to the client (the access log's
-    and the metrics' figure), for relayed responses and weft's own alike.
+    and the metrics' figure), for relayed responses and weft's own alike. `local` is set on
+    the answers weft makes itself (`weft.http.errors.error_response`): the sentence the client
+    is told, which an adapter may put another way (a gRPC status, `weft.grpc.local_reply`).
     """
 
-    __slots__ = ("body", "bytes_out", "headers", "reason", "status", "tunnel")
+    __slots__ = ("body", "bytes_out", "headers", "local", "reason", "status", "tunnel")
 
     def __init__(
         self,
@@ -281,6 +283,7 @@ class Response:
         self.reason = reason
         self.tunnel = tunnel
         self.bytes_out = 0
+        self.local: str | None = None
 
     @classmethod
     def text(cls, status: int, text: str, headers: Iterable[tuple[str, str]] = ()) -> Response:

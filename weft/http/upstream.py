@@ -46,6 +46,7 @@ class Outgoing:
         "body",
         "client_watch",
         "close_client",
+        "duplex",
         "fields_checked",
         "has_body",
         "headers",
@@ -66,6 +67,7 @@ class Outgoing:
         upgrade: bool = False,
         client_watch: ClientWatch | None = None,
         arena: Any = None,
+        duplex: bool = False,
     ) -> None:
         self.method = method
         self.target = target
@@ -83,6 +85,11 @@ class Outgoing:
         # The request's `weft.arena_pool.Arena`: a streamed body is relayed through a buffer
         # leased from it. None (a request made outside an adapter): relayed as `bytes`.
         self.arena = arena
+        # The client side lets the request body go on streaming while the response streams
+        # back (h2: another stream's task reads it). An h2 upstream then keeps sending it
+        # after the response head came (gRPC bidirectional calls need that); otherwise the
+        # rest of the body is dropped once the response starts (`close_client`).
+        self.duplex = duplex
         # Set by the adapter: the upstream answered before the whole body was sent, so the
         # client connection must close after the response (its body's rest is unread).
         self.close_client = False
