@@ -274,17 +274,23 @@ async def test_max_requests_zero_means_unlimited(upstreams, make_pools):
     assert (up.requests, up.accepted) == (20, 1)
 
 
-async def test_idle_connections_beyond_max_idle_are_closed_on_release(upstreams, make_pools):
+async def test_idle_connections_beyond_max_idle_are_closed_by_the_sweep_oldest_first(
+    upstreams, make_pools, autojump_clock
+):
     up, pools, pool = await one_pool(upstreams, make_pools, max_idle_per_endpoint=1)
     a, _ = await pool.acquire()
     b, _ = await pool.acquire()
     await exchange(a)
     await exchange(b)
 
+    # 1. Both go idle: a burst of releases keeps its connections for the next burst.
     pool.release(a)
     pool.release(b)
+    assert list(pool.idle) == [a, b]
 
-    assert list(pool.idle) == [a]
+    # 2. The next sweep closes the oldest one past the cap.
+    await trio.sleep(1.5)
+    assert list(pool.idle) == [b]
     assert (pool.open, pools.total, pools.idle_count) == (1, 1, 1)
     await up.wait_gone(1)
 

@@ -16,7 +16,13 @@ The rules, in the order a request meets them:
    Every released or closed connection wakes the first waiter, which retries from step 1.
 4. **Release** returns a connection only if its exchange ended cleanly on both sides and it has
    served fewer than ``max_requests``; everything else is closed. Idle connections beyond
-   ``max_idle_per_endpoint`` or older than ``idle_timeout`` are closed by the sweeper.
+   ``max_idle_per_endpoint`` or older than ``idle_timeout`` are closed by the sweeper (every
+   `SWEEP_INTERVAL`), oldest first. Not at release: requests that arrive in bursts (h2
+   clients multiplexing, one read bringing many streams) release their connections in
+   bursts, and a cap applied at release closed every connection past it only for the next
+   burst to open new ones: with h2load -m10 (640 streams in flight) 43 % of requests paid a
+   connect and a close. The sweeper trims what stays idle for a second; the sockets open stay
+   bounded by ``max_per_endpoint`` all the time.
 5. **Close** (drain): idle connections are closed at once, busy ones when they are released.
 
 A destination with ``[destinations.<name>.tls]`` gets TLS connections (`open_transport`): the
@@ -208,11 +214,7 @@ class EndpointPool:
                 self._stray(conn, "past the end of a response")
             self._discard(conn)
             return
-        if (
-            self.owner.closing
-            or (cfg.max_requests and conn.requests >= cfg.max_requests)
-            or len(self.idle) >= cfg.max_idle_per_endpoint
-        ):
+        if self.owner.closing or (cfg.max_requests and conn.requests >= cfg.max_requests):
             self._discard(conn)
             return
         conn.recycle()
@@ -243,8 +245,13 @@ class EndpointPool:
         self.wake_one() or self.owner.wake_any()
 
     def sweep(self, now: float) -> None:
+        """Close idle connections older than ``idle_timeout``, then the oldest idle ones past
+        ``max_idle_per_endpoint`` (see the module docstring for why not at release)."""
         idle = self.idle
-        while idle and now - idle[0].idle_since > self.cfg.idle_timeout:
+        cfg = self.cfg
+        while idle and (
+            now - idle[0].idle_since > cfg.idle_timeout or len(idle) > cfg.max_idle_per_endpoint
+        ):
             self.owner.idle_count -= 1
             self._discard(idle.popleft())
 
