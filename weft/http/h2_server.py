@@ -13,7 +13,10 @@ task per frame (hypercorn's shape):
   but the socket, so a slow stream never delays the frames of the others;
 * a *stream task* (`serve_stream`) builds the `Request`, runs the App and writes the response;
 * the *writer* owns the socket's send side. Everyone else only calls h2 and `flush`, which
-  writes at once what the kernel takes and leaves the rest to the writer, in order. Whoever is
+  queues the bytes for the writer, in order, and wakes it; the writer runs after the tasks
+  runnable at that moment, so what every stream answered in one scheduler batch goes out in
+  one send (batching, the way nginx writes a connection's frames once per event loop turn,
+  rather than one syscall per stream). Whoever is
   about to produce DATA first waits while more than `HIGH_WATER` bytes are queued
   (`wait_space`), and the reader stops reading while that is so: a client that does not read
   stops being read (its PINGs and SETTINGS would otherwise queue answers without end), and a
@@ -413,21 +416,16 @@ class H2Server:
     # -- writing -----------------------------------------------------------------------------
 
     def flush(self) -> None:
-        """Send what h2 has queued: at once what the kernel takes, the rest by the writer."""
+        """Queue what h2 has to send, for the writer."""
         data = self.conn.data_to_send()
         if data:
             self._queue(data)
 
     def _queue(self, data: bytes) -> None:
-        if not self._out and not self._writing:
-            try:
-                n = self.transport.send_some(data)
-            except OSError:
-                self._broken()
-                return
-            if n == len(data):
-                return
-            data = memoryview(data)[n:]
+        """Append to the writer's buffer and wake it. The writer runs after the tasks that
+        are runnable now, so the frames of every stream that answered in this scheduler
+        batch go out in one send: per-stream sends cost a syscall each (12 % of a worker's
+        CPU with h2load -m10, 1 KiB bodies)."""
         self._out += data
         ev = self._out_event
         if ev is not None:
@@ -446,8 +444,7 @@ class H2Server:
             while not self._out:
                 ev = self._out_event = trio.Event()
                 await ev.wait()
-            data = bytes(self._out)
-            self._out.clear()
+            data, self._out = self._out, bytearray()
             self._writing = True
             try:
                 await transport.send_all(data, self.send_idle)
