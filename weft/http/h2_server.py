@@ -44,10 +44,11 @@ protocol errors get h2's GOAWAY with its error code. Besides those:
   exchange; resets are rate-limited; and a new stream is refused (REFUSED_STREAM, counted as a
   reset) while ``max_concurrent_streams`` stream *tasks* still run, because a reset frees h2's
   stream slot before the task under it has stopped;
-* HPACK: the client may allow our encoder a table of any size; weft's stays at 4096 (RFC 7541
-  §4.2 lets the encoder pick less), so no client makes a worker keep megabytes of our own
-  response headers. The decoder's list limit (h2's) is twice the advertised
-  ``max_header_list_size``: past that, ENHANCE_YOUR_CALM; between the two, the stream's 431.
+* HPACK: the client may allow our encoder a table of any size; weft's encoder keeps none
+  (`weft.http.h2_hpack`: static table and memoized literals, as nginx encodes), so no client
+  makes a worker keep megabytes of our own response headers. The decoder's list limit (h2's)
+  is twice the advertised ``max_header_list_size``: past that, ENHANCE_YOUR_CALM; between the
+  two, the stream's 431.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ from h2.settings import SettingCodes, Settings
 from hyperframe.frame import GoAwayFrame
 
 from weft.http.h2_guard import BoundedFrameBuffer, FloodGuard
+from weft.http.h2_hpack import StaticEncoder
 from weft.http.h2_stream import H2Stream, serve_stream, trailer_fields
 from weft.http.h2_stream import StreamReset as StreamGone
 from weft.http.io import SCRATCH
@@ -92,8 +94,6 @@ log = logging.getLogger("weft.h2")
 
 # Bytes queued for the socket past which producers wait and the reader stops reading.
 HIGH_WATER = 256 * 1024
-# The encoder's dynamic table, whatever the client allows (RFC 7541's default size).
-ENCODER_TABLE = 4096
 # The connection-level receive window: every stream's window fits in it (see h2_stream).
 MAX_WINDOW = 2**31 - 1
 # How long the last bytes (a GOAWAY) may take to go out before the close, and how long the
@@ -133,6 +133,7 @@ class H2Server:
             )
         )
         conn.incoming_buffer = BoundedFrameBuffer(h2lim.max_header_list_size)
+        conn.encoder = StaticEncoder()  # type: ignore[assignment]
         conn.local_settings = Settings(
             client=False,
             initial_values={
@@ -279,15 +280,6 @@ class H2Server:
             elif t is RemoteSettingsChanged:
                 if not guard.allow("settings", now):
                     return self._calm()
-                encoder = self.conn.encoder
-                if encoder.header_table_size > ENCODER_TABLE:
-                    # h2 took the client's size; keep ours, and signal (RFC 7541 §6.3) only
-                    # sizes our table really had, never the one it never used (hpack is
-                    # pinned: its pending updates are `table_size_changes`).
-                    encoder.header_table_size = ENCODER_TABLE
-                    changes = [n for n in encoder.table_size_changes if n <= ENCODER_TABLE]
-                    encoder.table_size_changes = changes
-                    encoder.header_table.resized = bool(changes)
                 if SettingCodes.INITIAL_WINDOW_SIZE in ev.changed_settings:
                     for stream in list(self.window_waiters):
                         stream.wake_window()

@@ -1,0 +1,69 @@
+"""The server's HPACK encoder (`weft.http.h2_hpack`), judged by the `hpack` library's decoder:
+every block decodes to the fields given, leaves the decoder's dynamic table empty, and starts
+with a table size update exactly when the client lowered its table size."""
+
+from __future__ import annotations
+
+from hpack import Decoder, NeverIndexedHeaderTuple
+
+from weft.http import h2_hpack
+from weft.http.h2_hpack import StaticEncoder, encode_field
+
+RESPONSE = [
+    (b":status", b"200"),  # static, name and value
+    (b"content-length", b"1024"),  # static name
+    (b"x-request-id", b"d91a0713-8756-4984-9ba2-5af508a04fd6"),  # new name
+    (b"via", b"1.1 weft"),
+]
+
+
+def test_blocks_decode_to_the_fields_and_leave_the_decoders_table_empty():
+    enc, dec = StaticEncoder(), Decoder()
+    for i in range(3):
+        fields = [*RESPONSE, (b"x-n", b"%d" % i)]
+        assert dec.decode(enc.encode(fields), raw=True) == fields
+    assert len(dec.header_table.dynamic_entries) == 0
+
+
+def test_a_static_entry_is_one_byte_and_a_repeated_field_is_memoized():
+    assert encode_field(b":status", b"200") == b"\x88"  # index 8 (RFC 7541 Appendix A)
+    enc = StaticEncoder()
+    first = enc.encode(RESPONSE)
+    assert enc.encode(RESPONSE) == first
+    assert enc._memo[b"via"][b"1.1 weft"] == encode_field(b"via", b"1.1 weft")
+
+
+def test_sensitive_fields_are_never_indexed_literals_and_not_memoized():
+    enc, dec = StaticEncoder(), Decoder()
+    field = NeverIndexedHeaderTuple(b"set-cookie", b"secret=1")
+    block = enc.encode([field])
+    assert block[0] & 0xF0 == 0x10  # literal never indexed (RFC 7541 §6.2.3)
+    decoded = dec.decode(block, raw=True)
+    assert decoded == [(b"set-cookie", b"secret=1")]
+    assert isinstance(decoded[0], NeverIndexedHeaderTuple)
+    assert b"set-cookie" not in enc._memo
+
+
+def test_a_lowered_table_size_is_signalled_once_and_a_raised_one_never():
+    enc, dec = StaticEncoder(), Decoder()
+    enc.header_table_size = 2**31 - 1  # the client allows more: nothing to say
+    assert enc.encode(RESPONSE)[0] == 0x88
+    enc.header_table_size = 100
+    enc.header_table_size = 0  # two changes before a block: the smallest is signalled
+    block = enc.encode(RESPONSE)
+    assert block[0] == 0x20  # dynamic table size update to 0 (§6.3)
+    dec.max_allowed_table_size = 0  # what the client's SETTINGS said
+    assert dec.decode(block, raw=True) == RESPONSE
+    assert dec.header_table.maxsize == 0
+    assert enc.encode(RESPONSE)[0] == 0x88
+
+
+def test_the_memo_is_bounded_per_name_and_in_names(monkeypatch):
+    monkeypatch.setattr(h2_hpack, "PER_NAME", 4)
+    monkeypatch.setattr(h2_hpack, "NAMES", 3)
+    enc, dec = StaticEncoder(), Decoder()
+    for i in range(10):
+        fields = [(b"x-id", b"%d" % i), (b"x-%d" % (i % 5), b"v")]
+        assert dec.decode(enc.encode(fields), raw=True) == fields
+        assert len(enc._memo) <= 3
+        assert all(len(values) <= 4 for values in enc._memo.values())

@@ -1,0 +1,125 @@
+"""The HPACK encoder of the HTTP/2 server: the static table only, and a memo of encoded fields.
+
+`h2` encodes every header block with `hpack.Encoder`, which keeps a dynamic table: each field
+is searched for in it (a linear scan), inserted, and older entries evicted, all in Python. A
+proxy's responses carry fields that are new in every response (``x-request-id``, ``date`` once
+a second, ``etag``), so the table churns and the search costs more than it saves: with h2load
+(1 KiB bodies, ten fields a response) the encoder took 12 % of a worker's CPU.
+
+`StaticEncoder` encodes each field on its own, as nginx (1.22) does its responses: an entry of
+the static table by index (``:status: 200``), else a literal *without indexing* whose name is a
+static index when it has one (RFC 7541 §6.2.2), the strings Huffman-coded (§5.2). With no
+dynamic table, a field's bytes depend on the field alone, so they are memoized: a header block
+is the concatenation of memo hits. The memo is bounded per name and in names (`PER_NAME`,
+`NAMES`): a name whose values never repeat (a request id) clears its own memo often, nothing
+else. Fields marked sensitive (`hpack.NeverIndexedHeaderTuple`) are literals *never indexed*
+(§6.2.3) and never memoized.
+
+What this gives up: the bytes a dynamic table saves on repeated fields (about 100 per response
+here); loopback and LAN links do not miss them. What it gains besides CPU: the client's
+SETTINGS_HEADER_TABLE_SIZE cannot make a worker hold any table of ours, whatever its size.
+
+Table size updates (RFC 7541 §4.2, §6.3): the decoder starts at 4096 bytes. When the client
+lowers SETTINGS_HEADER_TABLE_SIZE below the size last signalled, the next block starts with a
+size update to the new value (strict decoders, nghttp2's, require one); a raise needs none, as
+the table stays unused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from hpack import NeverIndexedHeaderTuple
+from hpack.hpack import encode_integer
+from hpack.huffman import HuffmanEncoder
+from hpack.huffman_constants import REQUEST_CODES, REQUEST_CODES_LENGTH
+from hpack.table import HeaderTable
+
+__all__ = ["StaticEncoder"]
+
+DEFAULT_TABLE_SIZE = 4096  # RFC 7541 §4.2 / RFC 9113 §6.5.2: SETTINGS_HEADER_TABLE_SIZE
+# Memo bounds: values kept per name, names kept. Past either, that memo is cleared (cheap, and
+# no eviction order to keep). 64 covers the statuses and content lengths a site repeats.
+PER_NAME = 64
+NAMES = 256
+
+_STATIC = HeaderTable.STATIC_TABLE_MAPPING  # name -> (first index, {value: index})
+_huffman = HuffmanEncoder(REQUEST_CODES, REQUEST_CODES_LENGTH)
+
+
+def _string(data: bytes) -> bytes:
+    """An HPACK string literal (§5.2), Huffman-coded when that is shorter."""
+    coded = _huffman.encode(data)
+    if len(coded) < len(data):
+        head = encode_integer(len(coded), 7)
+        head[0] |= 0x80
+        return bytes(head) + coded
+    return bytes(encode_integer(len(data), 7)) + data
+
+
+def encode_field(name: bytes, value: bytes, never_indexed: bool = False) -> bytes:
+    """One field's representation, without the dynamic table (see the module docstring)."""
+    static = _STATIC.get(name)
+    if static is not None and not never_indexed:
+        index = static[1].get(value)
+        if index is not None:
+            out = encode_integer(index, 7)
+            out[0] |= 0x80
+            return bytes(out)
+    flag = 0x10 if never_indexed else 0x00
+    if static is not None:
+        prefix = encode_integer(static[0], 4)
+        prefix[0] |= flag
+        return bytes(prefix) + _string(value)
+    return bytes([flag]) + _string(name) + _string(value)
+
+
+class StaticEncoder:
+    """Stands in for `hpack.Encoder` as ``H2Connection.encoder``: h2 calls `encode` for each
+    header block it sends and sets `header_table_size` from the client's SETTINGS."""
+
+    __slots__ = ("_memo", "_signalled", "_update")
+
+    def __init__(self) -> None:
+        self._memo: dict[bytes, dict[bytes, bytes]] = {}
+        self._signalled = DEFAULT_TABLE_SIZE  # the table size the client's decoder assumes
+        self._update: int | None = None  # a size update owed at the next block's start
+
+    @property
+    def header_table_size(self) -> int:
+        return self._signalled
+
+    @header_table_size.setter
+    def header_table_size(self, size: int) -> None:
+        if size < self._signalled:
+            self._signalled = size
+            self._update = size
+
+    def encode(self, headers: Iterable[tuple[bytes, bytes]], huffman: bool = True) -> bytes:
+        """The header block of `headers` (bytes names, lowercase, and bytes values: h2 has
+        encoded them). `huffman` is accepted for `hpack.Encoder`'s signature; strings are
+        Huffman-coded when that is shorter."""
+        parts: list[bytes] = []
+        if self._update is not None:
+            head = encode_integer(self._update, 5)
+            head[0] |= 0x20
+            parts.append(bytes(head))
+            self._update = None
+        memo = self._memo
+        for field in headers:
+            name, value = field[0], field[1]
+            if isinstance(field, NeverIndexedHeaderTuple):
+                parts.append(encode_field(name, value, never_indexed=True))
+                continue
+            values = memo.get(name)
+            if values is None:
+                if len(memo) >= NAMES:
+                    memo.clear()
+                values = memo[name] = {}
+            encoded = values.get(value)
+            if encoded is None:
+                if len(values) >= PER_NAME:
+                    values.clear()
+                encoded = values[value] = encode_field(name, value)
+            parts.append(encoded)
+        return b"".join(parts)
