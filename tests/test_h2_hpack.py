@@ -65,5 +65,18 @@ def test_the_memo_is_bounded_per_name_and_in_names(monkeypatch):
     for i in range(10):
         fields = [(b"x-id", b"%d" % i), (b"x-%d" % (i % 5), b"v")]
         assert dec.decode(enc.encode(fields), raw=True) == fields
-        assert len(enc._memo) <= 3
+        assert len(enc._memo) <= 3 and len(enc._churning) <= 3
         assert all(len(values) <= 4 for values in enc._memo.values())
+
+
+def test_a_name_whose_values_never_repeat_is_neither_memoized_nor_huffman_coded(monkeypatch):
+    monkeypatch.setattr(h2_hpack, "PER_NAME", 4)
+    enc, dec = StaticEncoder(), Decoder()
+    for i in range(6):
+        rid = b"d91a0713-8756-4984-9ba2-%012d" % i
+        fields = [(b":status", b"200"), (b"x-request-id", rid)]
+        block = enc.encode(fields)
+        assert dec.decode(block, raw=True) == fields
+    assert b"x-request-id" not in enc._memo and b"x-request-id" in enc._churning
+    assert rid in block  # a plain string literal (§5.2, H bit clear)
+    assert enc._memo[b":status"]  # the others are still memoized

@@ -11,9 +11,11 @@ the static table by index (``:status: 200``), else a literal *without indexing* 
 static index when it has one (RFC 7541 §6.2.2), the strings Huffman-coded (§5.2). With no
 dynamic table, a field's bytes depend on the field alone, so they are memoized: a header block
 is the concatenation of memo hits. The memo is bounded per name and in names (`PER_NAME`,
-`NAMES`): a name whose values never repeat (a request id) clears its own memo often, nothing
-else. Fields marked sensitive (`hpack.NeverIndexedHeaderTuple`) are literals *never indexed*
-(§6.2.3) and never memoized.
+`NAMES`). A name whose values outgrew its memo once (a request id, new in every response) is
+*churning*: its values are neither memoized nor Huffman-coded from then on, since neither pays
+for itself on a value sent once (Huffman-coding a request id cost 3 % of a worker's CPU to
+save 10 bytes). Fields marked sensitive (`hpack.NeverIndexedHeaderTuple`) are literals *never
+indexed* (§6.2.3) and never memoized.
 
 What this gives up: the bytes a dynamic table saves on repeated fields (about 100 per response
 here); loopback and LAN links do not miss them. What it gains besides CPU: the client's
@@ -47,18 +49,22 @@ _STATIC = HeaderTable.STATIC_TABLE_MAPPING  # name -> (first index, {value: inde
 _huffman = HuffmanEncoder(REQUEST_CODES, REQUEST_CODES_LENGTH)
 
 
-def _string(data: bytes) -> bytes:
-    """An HPACK string literal (§5.2), Huffman-coded when that is shorter."""
-    coded = _huffman.encode(data)
-    if len(coded) < len(data):
-        head = encode_integer(len(coded), 7)
-        head[0] |= 0x80
-        return bytes(head) + coded
+def _string(data: bytes, huffman: bool = True) -> bytes:
+    """An HPACK string literal (§5.2), Huffman-coded when asked and that is shorter."""
+    if huffman:
+        coded = _huffman.encode(data)
+        if len(coded) < len(data):
+            head = encode_integer(len(coded), 7)
+            head[0] |= 0x80
+            return bytes(head) + coded
     return bytes(encode_integer(len(data), 7)) + data
 
 
-def encode_field(name: bytes, value: bytes, never_indexed: bool = False) -> bytes:
-    """One field's representation, without the dynamic table (see the module docstring)."""
+def encode_field(
+    name: bytes, value: bytes, never_indexed: bool = False, huffman: bool = True
+) -> bytes:
+    """One field's representation, without the dynamic table (see the module docstring);
+    `huffman` false leaves the value's string as it is (the name's is memoized apart)."""
     static = _STATIC.get(name)
     if static is not None and not never_indexed:
         index = static[1].get(value)
@@ -70,18 +76,19 @@ def encode_field(name: bytes, value: bytes, never_indexed: bool = False) -> byte
     if static is not None:
         prefix = encode_integer(static[0], 4)
         prefix[0] |= flag
-        return bytes(prefix) + _string(value)
-    return bytes([flag]) + _string(name) + _string(value)
+        return bytes(prefix) + _string(value, huffman)
+    return bytes([flag]) + _string(name) + _string(value, huffman)
 
 
 class StaticEncoder:
     """Stands in for `hpack.Encoder` as ``H2Connection.encoder``: h2 calls `encode` for each
     header block it sends and sets `header_table_size` from the client's SETTINGS."""
 
-    __slots__ = ("_memo", "_signalled", "_update")
+    __slots__ = ("_churning", "_memo", "_signalled", "_update")
 
     def __init__(self) -> None:
         self._memo: dict[bytes, dict[bytes, bytes]] = {}
+        self._churning: set[bytes] = set()  # names whose values do not repeat (bounded: NAMES)
         self._signalled = DEFAULT_TABLE_SIZE  # the table size the client's decoder assumes
         self._update: int | None = None  # a size update owed at the next block's start
 
@@ -106,10 +113,14 @@ class StaticEncoder:
             parts.append(bytes(head))
             self._update = None
         memo = self._memo
+        churning = self._churning
         for field in headers:
             name, value = field[0], field[1]
             if isinstance(field, NeverIndexedHeaderTuple):
                 parts.append(encode_field(name, value, never_indexed=True))
+                continue
+            if name in churning:
+                parts.append(encode_field(name, value, huffman=False))
                 continue
             values = memo.get(name)
             if values is None:
@@ -119,7 +130,12 @@ class StaticEncoder:
             encoded = values.get(value)
             if encoded is None:
                 if len(values) >= PER_NAME:
-                    values.clear()
+                    del memo[name]
+                    if len(churning) >= NAMES:
+                        churning.clear()
+                    churning.add(name)
+                    parts.append(encode_field(name, value, huffman=False))
+                    continue
                 encoded = values[value] = encode_field(name, value)
             parts.append(encoded)
         return b"".join(parts)
