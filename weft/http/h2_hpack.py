@@ -9,13 +9,14 @@ a second, ``etag``), so the table churns and the search costs more than it saves
 `StaticEncoder` encodes each field on its own, as nginx (1.22) does its responses: an entry of
 the static table by index (``:status: 200``), else a literal *without indexing* whose name is a
 static index when it has one (RFC 7541 §6.2.2), the strings Huffman-coded (§5.2). With no
-dynamic table, a field's bytes depend on the field alone, so they are memoized: a header block
-is the concatenation of memo hits. The memo is bounded per name and in names (`PER_NAME`,
-`NAMES`). A name whose values outgrew its memo once (a request id, new in every response) is
-*churning*: its values are neither memoized nor Huffman-coded from then on, since neither pays
-for itself on a value sent once (Huffman-coding a request id cost 3 % of a worker's CPU to
-save 10 bytes). Fields marked sensitive (`hpack.NeverIndexedHeaderTuple`) are literals *never
-indexed* (§6.2.3) and never memoized.
+dynamic table, a field's bytes depend on the field alone, so they are memoized, once per
+worker for all its connections (`FieldMemo`): a header block is the concatenation of memo hits.
+The memo is bounded (`PER_NAME`, `NAMES`, `MAX_BYTES`). A name whose values outgrew its memo
+once (a request id, new in every response) is *churning*: its values are neither memoized nor
+Huffman-coded from then on, since neither pays for itself on a value sent once (Huffman-coding
+a request id cost 3 % of a worker's CPU to save 10 bytes); nor is a value over `MAX_VALUE`.
+Fields marked sensitive (`hpack.NeverIndexedHeaderTuple`) are literals *never indexed*
+(§6.2.3) and never memoized.
 
 What this gives up: the bytes a dynamic table saves on repeated fields (about 100 per response
 here); loopback and LAN links do not miss them. What it gains besides CPU: the client's
@@ -40,10 +41,15 @@ from hpack.table import HeaderTable
 __all__ = ["StaticEncoder"]
 
 DEFAULT_TABLE_SIZE = 4096  # RFC 7541 §4.2 / RFC 9113 §6.5.2: SETTINGS_HEADER_TABLE_SIZE
-# Memo bounds: values kept per name, names kept. Past either, that memo is cleared (cheap, and
-# no eviction order to keep). 64 covers the statuses and content lengths a site repeats.
+# Memo bounds: values kept per name, names kept, encoded bytes kept. Past one, that memo is
+# cleared (cheap, and no eviction order to keep). 64 covers the statuses and content lengths a
+# site repeats; 1 MiB a worker is far above what 256 names of ordinary fields take.
 PER_NAME = 64
 NAMES = 256
+MAX_BYTES = 1 << 20
+# A longer value is sent as it is: not memoized (the memo's bytes), not Huffman-coded (its
+# cost grows with the length; hpack's encoder would not index it either, past its 4096 table).
+MAX_VALUE = 4096
 
 _STATIC = HeaderTable.STATIC_TABLE_MAPPING  # name -> (first index, {value: index})
 _huffman = HuffmanEncoder(REQUEST_CODES, REQUEST_CODES_LENGTH)
@@ -80,15 +86,53 @@ def encode_field(
     return bytes([flag]) + _string(name) + _string(value, huffman)
 
 
+class FieldMemo:
+    """Encoded fields by name and value, shared by every connection of the worker (a field's
+    bytes do not depend on the connection), within `PER_NAME`, `NAMES` and `MAX_BYTES`; past
+    a bound that part is cleared. Names whose values do not repeat are `churning`."""
+
+    __slots__ = ("bytes", "churning", "values")
+
+    def __init__(self) -> None:
+        self.values: dict[bytes, dict[bytes, bytes]] = {}
+        self.churning: set[bytes] = set()
+        self.bytes = 0  # encoded bytes held (MAX_BYTES)
+
+    def field(self, name: bytes, value: bytes) -> bytes:
+        """`name: value` encoded (see the module docstring for what is memoized)."""
+        if name in self.churning or len(value) > MAX_VALUE:
+            return encode_field(name, value, huffman=False)
+        memo = self.values
+        values = memo.get(name)
+        if values is not None and len(values) >= PER_NAME:
+            del memo[name]
+            self.bytes -= sum(map(len, values.values()))
+            if len(self.churning) >= NAMES:
+                self.churning.clear()
+            self.churning.add(name)
+            return encode_field(name, value, huffman=False)
+        if self.bytes >= MAX_BYTES or (values is None and len(memo) >= NAMES):
+            memo.clear()
+            self.bytes = 0
+            values = None
+        if values is None:
+            values = memo[name] = {}
+        encoded = values[value] = encode_field(name, value)
+        self.bytes += len(encoded)
+        return encoded
+
+
+SHARED = FieldMemo()  # the worker's (each worker process has its own copy after the fork)
+
+
 class StaticEncoder:
     """Stands in for `hpack.Encoder` as ``H2Connection.encoder``: h2 calls `encode` for each
     header block it sends and sets `header_table_size` from the client's SETTINGS."""
 
-    __slots__ = ("_churning", "_memo", "_signalled", "_update")
+    __slots__ = ("_memo", "_signalled", "_update")
 
-    def __init__(self) -> None:
-        self._memo: dict[bytes, dict[bytes, bytes]] = {}
-        self._churning: set[bytes] = set()  # names whose values do not repeat (bounded: NAMES)
+    def __init__(self, memo: FieldMemo = SHARED) -> None:
+        self._memo = memo
         self._signalled = DEFAULT_TABLE_SIZE  # the table size the client's decoder assumes
         self._update: int | None = None  # a size update owed at the next block's start
 
@@ -113,29 +157,13 @@ class StaticEncoder:
             parts.append(bytes(head))
             self._update = None
         memo = self._memo
-        churning = self._churning
+        values = memo.values
         for field in headers:
             name, value = field[0], field[1]
             if isinstance(field, NeverIndexedHeaderTuple):
                 parts.append(encode_field(name, value, never_indexed=True))
                 continue
-            if name in churning:
-                parts.append(encode_field(name, value, huffman=False))
-                continue
-            values = memo.get(name)
-            if values is None:
-                if len(memo) >= NAMES:
-                    memo.clear()
-                values = memo[name] = {}
-            encoded = values.get(value)
-            if encoded is None:
-                if len(values) >= PER_NAME:
-                    del memo[name]
-                    if len(churning) >= NAMES:
-                        churning.clear()
-                    churning.add(name)
-                    parts.append(encode_field(name, value, huffman=False))
-                    continue
-                encoded = values[value] = encode_field(name, value)
-            parts.append(encoded)
+            known = values.get(name)
+            encoded = known.get(value) if known is not None else None
+            parts.append(encoded if encoded is not None else memo.field(name, value))
         return b"".join(parts)
