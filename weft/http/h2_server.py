@@ -126,7 +126,8 @@ class H2Server:
                 client_side=False,
                 header_encoding=None,
                 validate_inbound_headers=True,
-                normalize_inbound_headers=True,
+                # h2's normalizing only joins split cookies, which build_request does.
+                normalize_inbound_headers=False,
                 # Response fields are lowercase and checked (`fields_valid`, `response_fields`).
                 validate_outbound_headers=False,
                 normalize_outbound_headers=False,
@@ -310,7 +311,8 @@ class H2Server:
             return
         stream = H2Stream(self, stream_id, list(head))
         self.streams[stream_id] = stream
-        self._read_scope.deadline = math.inf
+        if self._read_scope.deadline != math.inf:  # setting it costs even when unchanged
+            self._read_scope.deadline = math.inf
         assert self._nursery is not None
         self._nursery.start_soon(serve_stream, self, stream)
 
@@ -495,6 +497,27 @@ class H2Server:
         stream.responded = True
         if flush:
             self.flush()
+
+    def send_small(self, stream: H2Stream, fields: HeaderList, data: bytes | memoryview) -> bool:
+        """HEADERS and one DATA frame with END_STREAM on `stream`, at once, if the client's
+        windows, the frame size and the write buffer all take `data` now; False (nothing
+        sent) otherwise, and the caller goes the way that waits (`send_headers`,
+        `H2Stream.send_body`). Raises StreamGone if the stream or the connection ended."""
+        if stream.reset or self._closing:
+            raise StreamGone("the stream or its connection ended")
+        conn = self.conn
+        n = len(data)
+        if (
+            len(self._out) > HIGH_WATER
+            or n > conn.max_outbound_frame_size
+            or n > conn.local_flow_control_window(stream.id)
+        ):
+            return False
+        conn.send_headers(stream.id, fields)
+        stream.responded = True
+        conn.send_data(stream.id, data, end_stream=True)
+        self.flush()
+        return True
 
     async def send_interim(self, stream: H2Stream, status: int, fields: HeaderList) -> None:
         """A 1xx response on `stream` (``100 Continue``, or a relayed 103)."""

@@ -545,7 +545,11 @@ async def _write_response(
     pending = [c for c in chunks if c]
     chunks.clear()
     if complete and not body.trailers:
-        # The usual small response: HEADERS and DATA with END_STREAM in one write.
+        # The usual small response: HEADERS and DATA with END_STREAM in one write, at once
+        # when the windows allow (no wait to set up), else in turn.
+        if len(pending) == 1 and srv.send_small(stream, fields, pending[0]):
+            response.bytes_out += len(pending[0])
+            return
         await srv.send_headers(stream, fields, end=not pending, flush=not pending)
         for i, c in enumerate(pending):
             await stream.send_body(c, end=i == len(pending) - 1)
