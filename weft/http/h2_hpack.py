@@ -53,6 +53,9 @@ MAX_VALUE = 4096
 
 _STATIC = HeaderTable.STATIC_TABLE_MAPPING  # name -> (first index, {value: index})
 _huffman = HuffmanEncoder(REQUEST_CODES, REQUEST_CODES_LENGTH)
+# Names outside the static table, as string literals: a churning name's values are encoded
+# anew each time, its name need not be (bounded by NAMES, cleared when full).
+_names: dict[bytes, bytes] = {}
 
 
 def _string(data: bytes, huffman: bool = True) -> bytes:
@@ -83,7 +86,12 @@ def encode_field(
         prefix = encode_integer(static[0], 4)
         prefix[0] |= flag
         return bytes(prefix) + _string(value, huffman)
-    return bytes([flag]) + _string(name) + _string(value, huffman)
+    name_string = _names.get(name)
+    if name_string is None:
+        if len(_names) >= NAMES:
+            _names.clear()
+        name_string = _names[name] = _string(name)
+    return bytes([flag]) + name_string + _string(value, huffman)
 
 
 class FieldMemo:

@@ -325,6 +325,10 @@ class H2Stream:
         srv.flush()
 
 
+# The request fields build_request treats apart (besides the configured request id header).
+_SPECIAL = frozenset((b"host", b"cookie", b"content-length", b"expect"))
+
+
 def build_request(srv: H2Server, stream: H2Stream) -> Request:
     """The `Request` for a stream's header block. Raises ClientError (its status and reason)
     for what an h1 head would be refused for (see the module docstring)."""
@@ -347,20 +351,21 @@ def build_request(srv: H2Server, stream: H2Stream) -> Request:
             elif k == b":authority":
                 authority = v
             continue  # :scheme is the listener's to say
-        if k == b"host":
-            host = v
-            continue
-        if k == b"cookie":
-            cookies.append(v)
-            continue
-        if k == b"content-length":
-            if length is not None or not v.isdigit():
-                raise ClientError("malformed Content-Length", reason="bad_request")
-            length = int(v)
-        elif k == b"expect":
-            stream.expect_continue = v.lower() == b"100-continue"
-        elif k == rid_header:
-            rid = v
+        if k in _SPECIAL or k == rid_header:  # one set lookup for the ordinary field
+            if k == b"host":
+                host = v
+                continue
+            if k == b"cookie":
+                cookies.append(v)
+                continue
+            if k == b"content-length":
+                if length is not None or not v.isdigit():
+                    raise ClientError("malformed Content-Length", reason="bad_request")
+                length = int(v)
+            elif k == b"expect":
+                stream.expect_continue = v.lower() == b"100-continue"
+            elif k == rid_header:
+                rid = v
         headers.append((k, v))
     if cookies:
         headers.append((b"cookie", b"; ".join(cookies)))
