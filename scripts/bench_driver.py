@@ -498,7 +498,7 @@ def start_all(
         "upstream", "upstream.conf", {"PORT": str(upstream_port), "WWW": str(www)}
     )
     wait_ready(upstream, upstream_port)
-    print(f"upstream    nginx, 1 worker      127.0.0.1:{upstream_port}  pid {upstream.pid}")
+    print(f"{'upstream':<12} {'nginx, 1 worker':<21} 127.0.0.1:{upstream_port}  pid {upstream.pid}")
 
     targets: list[Target] = []
     skipped: list[dict] = []
@@ -533,7 +533,7 @@ def start_all(
                 bench_h2.verify(name, bench_h2.url(protocol, ports, size), length, raw_log)
         targets.append(Target(name, ports["h1"], proc, ports))
         shown = " ".join(f"{p}:{n}" for p, n in ports.items() if p in args.protocols)
-        print(f"{name:<12}{what:<21}127.0.0.1 {shown}  pid {proc.pid}")
+        print(f"{name:<12} {what:<21} 127.0.0.1 {shown}  pid {proc.pid}")
 
     proxy, ports = nginx_proxy(REFERENCE)
     add(REFERENCE, proxy, ports, "nginx, 2 workers")
@@ -930,13 +930,13 @@ def main(argv: list[str] | None = None) -> int:
         lua.write_text(WRK_DONE_LUA)
         cases = [(p, s) for p in args.protocols for s in args.sizes]
         estimate = len(cases) * len(targets) * (args.warmup + 1 + args.rounds * (args.duration + 1))
+        clients = [f"wrk -t{WRK_THREADS} -c{WRK_CONNECTIONS} -d{args.duration}s --latency"]
+        if args.protocols != ["h1"]:
+            clients.append(f"h2load {H2LOAD_ARGS} -D{args.duration}")
         print(
-            f"wrk -t{WRK_THREADS} -c{WRK_CONNECTIONS} -d{args.duration}s --latency, "
-            f"{args.rounds} round(s), sizes {', '.join(args.sizes)}, "
+            f"{' and '.join(clients)}, {args.rounds} round(s), sizes {', '.join(args.sizes)}, "
             f"protocols {', '.join(args.protocols)}: about {estimate} s"
         )
-        if args.protocols != ["h1"]:
-            print(f"h2load {H2LOAD_ARGS} -D{args.duration} for h2c and h2tls")
         for protocol, size in cases:
             if args.warmup:
                 for target in targets:

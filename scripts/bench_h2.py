@@ -172,7 +172,8 @@ def _run(argv: list[str], timeout: float, raw_log: TextIO) -> dict[str, Any]:
     expected = "h2" if argv[-1].startswith("https:") else "h2c"
     if result["protocol"] != expected:
         raise H2BenchError(
-            f"h2load spoke {result['protocol']} to {argv[-1]}, not {expected}:\n{done.stdout}"
+            f"h2load did not speak {expected} with {argv[-1]} (it reports "
+            f"{result['protocol'] or 'no connection made'}):\n{done.stdout}"
         )
     bad = {k: result[k] for k in ("failed", "errored", "timeout", "non_2xx") if result[k]}
     if bad or result["requests"] != result["done"]:
