@@ -20,6 +20,11 @@ one, so the two are compared on the same machine at the same moment instead of a
 minutes apart (this machine's noise between runs is about 10 %). The compiled atomics module is
 taken from this checkout; a REV whose ``weft/shm/_atomics.c`` differs is refused.
 
+HTTP/2: ``--protocols h1,h2c,h2tls`` (default h1) adds h2c (prior knowledge) and h2-over-TLS
+cases driven by h2load, against the same proxies, upstream and rounds; scripts/bench_h2.py owns
+their listeners and the h2load run, and says why its parameters are ``-t2 -c64 -m10 -D<s>``.
+Each (protocol, size) is measured as above: a warm-up, then rounds in alternating order.
+
 Output: a table per round, a summary (medians over rounds, and the per-round ratio of req/s of
 each weft variant to nginx with its median), .bench/last.json with every run, the raw wrk output
 in .bench/last-wrk.log, and each process's output in .bench/logs/.
@@ -51,6 +56,9 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
+
+import bench_h2
+from bench_h2 import H2_PROTOCOLS, H2LOAD_ARGS, H2BenchError
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = ROOT / "scripts" / "bench_nginx"
@@ -290,6 +298,7 @@ class Lab:
             "DIR": str(prefix),
             "ERROR_LOG": str(error_log),
             "USER": user_directive(),
+            "H2_LISTEN": "",
             **values,
         }
         for key, value in values.items():
@@ -315,8 +324,10 @@ class Lab:
         resilience: bool = False,
         rate_limit: bool = False,
         tree: Path | None = None,
+        tls_listener: str = "",
     ) -> Proc:
-        """weft from this checkout, or from `tree` (a baseline's worktree)."""
+        """weft from this checkout, or from `tree` (a baseline's worktree); `tls_listener` is
+        appended to its config (bench_h2.WEFT_TLS_LISTENER, for the h2tls case)."""
         config = self.workdir / f"{name}.toml"
         suffix = ("" if metrics else "-nm") + ("-rs" if resilience else "")
         suffix += "-rl" if rate_limit else ""
@@ -331,6 +342,7 @@ class Lab:
             )
             + (RESILIENCE_CONFIG if resilience else "")
             + (RATE_LIMIT_CONFIG if rate_limit else "")
+            + tls_listener
         )
         # Always explicit: without --workers, `weft run` starts one worker per CPU.
         argv = [sys.executable, "-m", "weft", "run", "-c", str(config), "--workers", str(workers)]
@@ -438,12 +450,17 @@ class Target:
     name: str
     port: int
     proc: Proc
+    ports: dict[str, int]  # per protocol ("h1", "h2c", "h2tls") the port it is served on
+
+    def url(self, protocol: str, size: str) -> str:
+        return bench_h2.url(protocol, self.ports, size)
 
 
 @dataclass
 class Run:
     """One measured wrk run against one proxy."""
 
+    protocol: str  # h1 (wrk), h2c or h2tls (h2load)
     size: str
     round: int
     position: int  # 0 = first in its round
@@ -451,9 +468,9 @@ class Run:
     requests: int
     duration_s: float
     rps: float
-    p50_ms: float
-    p90_ms: float
-    p99_ms: float
+    p50_ms: float | None  # None for h2load runs, which report no percentiles
+    p90_ms: float | None
+    p99_ms: float | None
     mean_ms: float
     max_ms: float
     errors: dict[str, int]
@@ -465,7 +482,9 @@ class Run:
     wrk_cpu_s: float
 
 
-def start_all(lab: Lab, args: argparse.Namespace) -> tuple[Proc, list[Target], list[dict]]:
+def start_all(
+    lab: Lab, args: argparse.Namespace, raw_log: TextIO
+) -> tuple[Proc, list[Target], list[dict]]:
     """Start the upstream and every proxy; return (upstream, ready targets, skipped targets)."""
     www = lab.workdir / "www"
     www.mkdir(mode=0o755)
@@ -479,25 +498,48 @@ def start_all(lab: Lab, args: argparse.Namespace) -> tuple[Proc, list[Target], l
         "upstream", "upstream.conf", {"PORT": str(upstream_port), "WWW": str(www)}
     )
     wait_ready(upstream, upstream_port)
-    print(f"upstream    nginx, 1 worker      127.0.0.1:{upstream_port}  pid {upstream.pid}")
+    print(f"{'upstream':<12} {'nginx, 1 worker':<21} 127.0.0.1:{upstream_port}  pid {upstream.pid}")
 
-    proxy_values = {"UPSTREAM_PORT": str(upstream_port)}
     targets: list[Target] = []
     skipped: list[dict] = []
+    h2 = [p for p in args.protocols if p in H2_PROTOCOLS]
+    cert, key = bench_h2.make_cert(lab.workdir) if h2 else (None, None)
 
-    def add(name: str, proc: Proc, port: int, what: str) -> None:
-        wait_ready(proc, port)
-        verify(name, port)
-        targets.append(Target(name, port, proc))
-        print(f"{name:<12}{what:<21}127.0.0.1:{port}  pid {proc.pid}")
+    def nginx_proxy(name: str) -> tuple[Proc, dict[str, int]]:
+        ports = {"h1": free_port()}
+        values = {"PORT": str(ports["h1"]), "UPSTREAM_PORT": str(upstream_port)}
+        if h2:
+            ports["h2c"], ports["h2tls"] = free_port(), free_port()
+            values["H2_LISTEN"] = bench_h2.NGINX_H2_LISTEN.format(
+                h2c_port=ports["h2c"], tls_port=ports["h2tls"], cert=cert, key=key
+            )
+        return lab.start_nginx(name, "proxy.conf", values), ports
 
-    port = free_port()
-    proxy = lab.start_nginx(REFERENCE, "proxy.conf", {"PORT": str(port), **proxy_values})
-    add(REFERENCE, proxy, port, "nginx, 2 workers")
-    if args.self_test:
+    def weft_ports() -> tuple[dict[str, int], str]:
+        """weft serves h2c on its h1 port; h2tls needs a TLS listener of its own."""
         port = free_port()
-        twin = lab.start_nginx("nginx-twin", "proxy.conf", {"PORT": str(port), **proxy_values})
-        add("nginx-twin", twin, port, "nginx, 2 workers")
+        ports = {"h1": port, "h2c": port}
+        if "h2tls" not in h2:
+            return ports, ""
+        ports["h2tls"] = free_port()
+        tls = bench_h2.WEFT_TLS_LISTENER.format(tls_port=ports["h2tls"], cert=cert, key=key)
+        return ports, tls
+
+    def add(name: str, proc: Proc, ports: dict[str, int], what: str) -> None:
+        wait_ready(proc, ports["h1"])
+        verify(name, ports["h1"])
+        for protocol in h2:
+            for size, length in SIZES.items():
+                bench_h2.verify(name, bench_h2.url(protocol, ports, size), length, raw_log)
+        targets.append(Target(name, ports["h1"], proc, ports))
+        shown = " ".join(f"{p}:{n}" for p, n in ports.items() if p in args.protocols)
+        print(f"{name:<12} {what:<21} 127.0.0.1 {shown}  pid {proc.pid}")
+
+    proxy, ports = nginx_proxy(REFERENCE)
+    add(REFERENCE, proxy, ports, "nginx, 2 workers")
+    if args.self_test:
+        twin, ports = nginx_proxy("nginx-twin")
+        add("nginx-twin", twin, ports, "nginx, 2 workers")
         return upstream, targets, skipped
 
     # (metrics, resilience, rate limit)
@@ -516,24 +558,31 @@ def start_all(lab: Lab, args: argparse.Namespace) -> tuple[Proc, list[Target], l
             name += "-resilient"
         if limited:
             name += "-limited"
-        port = free_port()
-        weft = lab.start_weft(name, workers, upstream_port, port, metrics, resilience, limited)
+        ports, tls = weft_ports()
+        weft = lab.start_weft(
+            name, workers, upstream_port, ports["h1"], metrics, resilience, limited,
+            tls_listener=tls,
+        )  # fmt: skip
         try:
             what = f"weft, {workers} worker{'s' if workers > 1 else ''}"
             what += "" if metrics else ", no metrics"
             what += ", resilient" if resilience else ""
-            add(name, weft, port, what + (", rate limit" if limited else ""))
+            add(name, weft, ports, what + (", rate limit" if limited else ""))
         except BenchError:
             lab.stop(weft)
             raise
     if args.baseline:
         tree = lab.baseline_tree(args.baseline)
+        if h2:
+            bench_h2.check_baseline(tree, args.baseline)
         for workers in args.workers:
             name = ("weft" if args.workers == [1] else f"weft-w{workers}") + "-base"
-            port = free_port()
-            weft = lab.start_weft(name, workers, upstream_port, port, tree=tree)
+            ports, tls = weft_ports()
+            weft = lab.start_weft(
+                name, workers, upstream_port, ports["h1"], tree=tree, tls_listener=tls
+            )
             try:
-                add(name, weft, port, f"weft at {args.baseline}, {workers} worker(s)")
+                add(name, weft, ports, f"weft at {args.baseline}, {workers} worker(s)")
             except BenchError:
                 lab.stop(weft)
                 raise
@@ -562,9 +611,14 @@ def run_wrk(url: str, duration: int, lua: Path | None, raw_log: TextIO) -> dict[
     raise BenchError(f"no WRK_JSON line in wrk's output:\n{done.stdout}")
 
 
+def _ms(us: float | None) -> float | None:
+    return None if us is None else us / 1000
+
+
 def measure(
     target: Target,
     upstream: Proc,
+    protocol: str,
     size: str,
     rnd: int,
     position: int,
@@ -574,7 +628,12 @@ def measure(
 ) -> Run:
     proxy_before, upstream_before = group_cpu_s(target.proc.pid), group_cpu_s(upstream.pid)
     wrk_before = os.times()
-    result = run_wrk(f"http://127.0.0.1:{target.port}/{size}", duration, lua, raw_log)
+    if protocol == "h1":
+        result = run_wrk(target.url(protocol, size), duration, lua, raw_log)
+        error_keys: tuple[str, ...] = ("connect", "read", "write", "timeout", "status")
+    else:  # h2load fails the run on any error; the zeros are recorded all the same
+        result = bench_h2.run_h2load(target.url(protocol, size), duration, raw_log)
+        error_keys = ("failed", "errored", "timeout", "non_2xx")
     wrk_after = os.times()
     proxy_cpu = group_cpu_s(target.proc.pid) - proxy_before
     upstream_cpu = group_cpu_s(upstream.pid) - upstream_before
@@ -583,11 +642,12 @@ def measure(
             raise proc.failure(f"exited (status {proc.popen.returncode}) during the run")
     requests = int(result["requests"])
     seconds = result["duration_us"] / 1e6
-    errors = {k: int(result[k]) for k in ("connect", "read", "write", "timeout", "status")}
+    errors = {k: int(result[k]) for k in error_keys}
     wrk_cpu = (wrk_after.children_user - wrk_before.children_user) + (
         wrk_after.children_system - wrk_before.children_system
     )
     return Run(
+        protocol=protocol,
         size=size,
         round=rnd,
         position=position,
@@ -595,9 +655,9 @@ def measure(
         requests=requests,
         duration_s=round(seconds, 3),
         rps=round(requests / seconds, 1) if seconds else 0.0,
-        p50_ms=result["p50_us"] / 1000,
-        p90_ms=result["p90_us"] / 1000,
-        p99_ms=result["p99_us"] / 1000,
+        p50_ms=_ms(result["p50_us"]),
+        p90_ms=_ms(result["p90_us"]),
+        p99_ms=_ms(result["p99_us"]),
         mean_ms=round(result["mean_us"] / 1000, 3),
         max_ms=result["max_us"] / 1000,
         errors=errors,
@@ -625,15 +685,15 @@ def _fmt(value: float | None, spec: str) -> str:
 def row(
     name: str,
     rps: float,
-    p50: float,
-    p99: float,
+    p50: float | None,
+    p99: float | None,
     errors: int,
     cpu: float | None,
     cores: float | None,
     upstream: float | None,
 ) -> str:
     return (
-        f"  {name:<16}{rps:>11,.0f}{p50:>9.2f}{p99:>9.2f}{errors:>8}"
+        f"  {name:<16}{rps:>11,.0f}{_fmt(p50, '.2f'):>9}{_fmt(p99, '.2f'):>9}{errors:>8}"
         f"{_fmt(cpu, '.1f'):>12}{_fmt(cores, '.2f'):>7}{_fmt(upstream, '.1f'):>17}"
     )
 
@@ -663,13 +723,22 @@ def _median(values: list[float | None]) -> float | None:
     return statistics.median(present) if present else None
 
 
+def case(protocol: str, size: str) -> str:
+    """A case's name in the summary: the size for h1 (as before h2 cases existed), else
+    "h2c 1k" and the like."""
+    return size if protocol == "h1" else f"{protocol} {size}"
+
+
 def summarize(runs: list[Run], targets: list[str]) -> dict[str, Any]:
-    """Per size and proxy: medians over rounds; for non-reference proxies, per-round ratios."""
+    """Per case (protocol and size) and proxy: medians over rounds; for non-reference proxies,
+    per-round ratios."""
     summary: dict[str, Any] = {}
-    for size in SIZES:
+    for protocol, size in [(p, s) for p in bench_h2.PROTOCOLS for s in SIZES]:
         per_size: dict[str, Any] = {}
         for name in targets:
-            mine = [r for r in runs if r.size == size and r.target == name]
+            mine = [
+                r for r in runs if r.protocol == protocol and r.size == size and r.target == name
+            ]
             if not mine:
                 continue
             entry: dict[str, Any] = {
@@ -690,20 +759,23 @@ def summarize(runs: list[Run], targets: list[str]) -> dict[str, Any]:
                     ref = next(
                         r
                         for r in runs
-                        if r.size == size and r.round == run.round and r.target == REFERENCE
+                        if r.protocol == protocol
+                        and r.size == size
+                        and r.round == run.round
+                        and r.target == REFERENCE
                     )
                     ratios.append(round(run.rps / ref.rps, 4) if ref.rps else None)
                 entry["ratio_to_reference_per_round"] = ratios
                 entry["median_ratio_to_reference"] = _median(ratios)
             per_size[name] = entry
         if per_size:
-            summary[size] = per_size
+            summary[case(protocol, size)] = per_size
     return summary
 
 
 def print_summary(summary: dict[str, Any]) -> None:
     print(f"\n== summary: medians over rounds; ratio = req/s over {REFERENCE}'s in the same round")
-    print(f"  {'size':<6}{HEADER[2:]}   ratio: median; per round")
+    print(f"  {'case':<10}{HEADER[2:]}   ratio: median; per round")
     for size, per_size in summary.items():
         for name, s in per_size.items():
             line = row(
@@ -719,7 +791,7 @@ def print_summary(summary: dict[str, Any]) -> None:
             if "median_ratio_to_reference" in s:
                 per_round = " ".join(_fmt(r, ".3f") for r in s["ratio_to_reference_per_round"])
                 line += f"   {_fmt(s['median_ratio_to_reference'], '.3f')}; {per_round}"
-            print(f"  {size:<6}{line[2:]}")
+            print(f"  {size:<10}{line[2:]}")
 
 
 def _first_line(argv: list[str]) -> str:
@@ -779,6 +851,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--sizes", default=",".join(SIZES), help=f"body sizes (default {','.join(SIZES)})"
     )
     parser.add_argument(
+        "--protocols",
+        default="h1",
+        help="comma-separated cases from h1 (wrk), h2c and h2tls (h2load; see "
+        "scripts/bench_h2.py); default h1",
+    )
+    parser.add_argument(
         "--compare-metrics",
         action="store_true",
         help="also run each weft with [metrics] enabled = false (named *-nometrics), to "
@@ -811,6 +889,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--workers wants numbers like 1,2: {args.workers!r}")
     if not args.workers or min(args.workers) < 1:
         parser.error("--workers values must be 1 or more")
+    try:
+        args.protocols = bench_h2.parse_protocols(args.protocols)
+    except ValueError as exc:
+        parser.error(str(exc))
     args.sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     if not args.sizes or any(s not in SIZES for s in args.sizes):
         parser.error(f"--sizes must be taken from {', '.join(SIZES)}")
@@ -825,7 +907,8 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    for tool in ("nginx", "wrk"):
+    tools = ["nginx", "wrk"] + (["h2load", "openssl"] if args.protocols != ["h1"] else [])
+    for tool in tools:
         if shutil.which(tool) is None:
             print(f"error: {tool} not found (scripts/bench installs it)", file=sys.stderr)
             return 1
@@ -842,26 +925,31 @@ def main(argv: list[str] | None = None) -> int:
     raw_log = open(OUT_DIR / "last-wrk.log", "w")  # closed in finally
     runs: list[Run] = []
     try:
-        upstream, targets, skipped = start_all(lab, args)
+        upstream, targets, skipped = start_all(lab, args, raw_log)
         lua = lab.workdir / "done.lua"
         lua.write_text(WRK_DONE_LUA)
-        estimate = (
-            len(args.sizes) * len(targets) * (args.warmup + 1 + args.rounds * (args.duration + 1))
-        )
+        cases = [(p, s) for p in args.protocols for s in args.sizes]
+        estimate = len(cases) * len(targets) * (args.warmup + 1 + args.rounds * (args.duration + 1))
+        clients = [f"wrk -t{WRK_THREADS} -c{WRK_CONNECTIONS} -d{args.duration}s --latency"]
+        if args.protocols != ["h1"]:
+            clients.append(f"h2load {H2LOAD_ARGS} -D{args.duration}")
         print(
-            f"wrk -t{WRK_THREADS} -c{WRK_CONNECTIONS} -d{args.duration}s --latency, "
-            f"{args.rounds} round(s), sizes {', '.join(args.sizes)}: about {estimate} s"
+            f"{' and '.join(clients)}, {args.rounds} round(s), sizes {', '.join(args.sizes)}, "
+            f"protocols {', '.join(args.protocols)}: about {estimate} s"
         )
-        for size in args.sizes:
+        for protocol, size in cases:
             if args.warmup:
                 for target in targets:
-                    run_wrk(f"http://127.0.0.1:{target.port}/{size}", args.warmup, None, raw_log)
+                    if protocol == "h1":
+                        run_wrk(target.url(protocol, size), args.warmup, None, raw_log)
+                    else:
+                        bench_h2.run_h2load(target.url(protocol, size), args.warmup, raw_log)
             for rnd in range(1, args.rounds + 1):
                 order = targets if rnd % 2 else targets[::-1]
-                print(f"\n== {size}, round {rnd}/{args.rounds}")
+                print(f"\n== {case(protocol, size)}, round {rnd}/{args.rounds}")
                 print(HEADER)
                 this_round = [
-                    measure(t, upstream, size, rnd, i, args.duration, lua, raw_log)
+                    measure(t, upstream, protocol, size, rnd, i, args.duration, lua, raw_log)
                     for i, t in enumerate(order)
                 ]
                 runs.extend(this_round)
@@ -879,6 +967,8 @@ def main(argv: list[str] | None = None) -> int:
                 "duration_s": args.duration,
                 "warmup_s": args.warmup,
                 "wrk": f"-t{WRK_THREADS} -c{WRK_CONNECTIONS} --latency",
+                "h2load": H2LOAD_ARGS,
+                "protocols": args.protocols,
                 "sizes": {s: SIZES[s] for s in args.sizes},
                 "workers": args.workers,
                 "upstream": "nginx, 1 worker",
@@ -893,9 +983,9 @@ def main(argv: list[str] | None = None) -> int:
         }
         out = OUT_DIR / "last.json"
         out.write_text(json.dumps(report, indent=2) + "\n")
-        print("\nwrote .bench/last.json; raw wrk output in .bench/last-wrk.log")
+        print("\nwrote .bench/last.json; raw wrk and h2load output in .bench/last-wrk.log")
         return 0
-    except BenchError as exc:
+    except (BenchError, H2BenchError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -1,5 +1,6 @@
 """`weft.http.io.PeerWatch`: the tick-driven check for clients that leave while nobody reads
-them, on real socket pairs (no sleeping: the kernel has the FIN by the time close returns)."""
+them, on real socket pairs (no sleeping: the kernel has the FIN by the time close returns); and
+`Timers`' call entries (the pool queue's timeout)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from weft.http.io import PeerWatch
+from weft.http.io import PeerWatch, Timers
 
 
 @pytest.fixture
@@ -53,3 +54,16 @@ def test_an_unwatched_socket_never_fires(pair):
     theirs.close()
     watch.check()
     assert fired == []
+
+
+def test_a_timer_call_fires_once_at_its_deadline_and_a_disarmed_one_never():
+    timers = Timers()
+    fired: list[str] = []
+    timers.arm_call(1.0, lambda: fired.append("a"))
+    b = timers.arm_call(1.0, lambda: fired.append("b"))
+    timers.disarm(b)
+    timers.expire(0.5)
+    assert fired == []
+    timers.expire(1.0)
+    timers.expire(2.0)
+    assert fired == ["a"]

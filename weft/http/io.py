@@ -226,6 +226,11 @@ class Timers:
         self._live += 1
         return entry
 
+    def arm_call(self, deadline: float, fn: Callable[[], None]) -> list:
+        """An entry that calls `fn` at `deadline` (up to `TICK` late) unless disarmed first:
+        a timeout for a wait that is not on a socket (the pool's queue)."""
+        return self.arm(deadline, fn)  # type: ignore[arg-type]
+
     def disarm(self, entry: list) -> None:
         if entry[2] is not None:
             entry[2] = None
@@ -243,7 +248,10 @@ class Timers:
             if sock is not None:
                 entry[2] = None
                 self._live -= 1
-                notify_closing(sock)
+                if callable(sock):
+                    sock()  # an arm_call entry
+                else:
+                    notify_closing(sock)
         self.peers.check()
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
