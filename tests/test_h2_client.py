@@ -131,6 +131,7 @@ async def _pair(nursery: trio.Nursery, **peer: int) -> tuple[H2Connection, Peer]
         async with trio.open_nursery() as n:
             n.start_soon(conn.handshake)
             await p.read()  # weft's preface and SETTINGS; the peer's go out in return
+    conn.nursery = nursery  # as the pool sets it: a streamed request body is pumped there
     nursery.start_soon(conn.run)
     return conn, p
 
