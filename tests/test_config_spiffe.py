@@ -141,7 +141,8 @@ MISTAKES = [
     ),
     (
         {
-            "listener": '[listeners.tls]\nclient_auth = "required"\ncertificates = [{cert = "/c", key = "/k"}]\n'
+            "listener": '[listeners.tls]\nclient_auth = "required"\n'
+            'certificates = [{cert = "/c", key = "/k"}]\n'
         },
         "listeners[0].tls.client_auth",
         "only used with spiffe = true",
