@@ -139,6 +139,7 @@ class TLSTransport(Transport):
         "_ssl",
         "_starved",
         "alpn",
+        "peer_id",
         "sock",
     )
 
@@ -156,6 +157,7 @@ class TLSTransport(Transport):
         self._eof = False  # the socket reached EOF (the BIO was told)
         self._starved = False  # the BIO holds at most part of a record: the socket must speak
         self.alpn: str | None = None
+        self.peer_id = None  # set by whoever verified the peer's SVID (weft.svid)
 
     @classmethod
     def server(cls, sock: socket.socket, context: ssl.SSLContext) -> TLSTransport:
