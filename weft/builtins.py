@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -43,12 +43,28 @@ class BuiltinContext:
     config: Config
     hooks: Hooks | None = None  # None: no supervisor (tests, one in-process worker)
     clock: Callable[[], float] = trio.current_time
+    # The SPIFFE trust bundles (a weft.spiffe_middleware.TrustSource); None: the hooks' own.
+    identity: Any = None
 
 
 BuiltinFactory = Callable[["Route", BuiltinContext], "Middleware | None"]
 
 #: (name, factory), outermost first. The resilience, rate-limit and identity issues add theirs.
 BUILTINS: list[tuple[str, BuiltinFactory]] = []
+
+#: The chain's order, outermost first (ARCHITECTURE.md's request path): the token gives the
+#: principal that authorize decides on and a rate limit may key on; retries are innermost.
+#: `register` keeps BUILTINS in this order whatever order the modules are imported in.
+ORDER = ("jwt_svid", "authorize", "rate_limit", "retry")
+
+
+def register(name: str, factory: BuiltinFactory) -> None:
+    """Add a built-in to BUILTINS at its place in ORDER (once: registering again replaces)."""
+    assert name in ORDER, name
+    BUILTINS[:] = [(n, f) for n, f in BUILTINS if n != name]
+    rank = ORDER.index(name)
+    at = next((i for i, (n, _) in enumerate(BUILTINS) if ORDER.index(n) > rank), len(BUILTINS))
+    BUILTINS.insert(at, (name, factory))
 
 
 def builtin_chain(

@@ -34,6 +34,7 @@ from weft.config_buffers import read_buffers
 from weft.config_h2 import read_h2_limits
 from weft.config_ratelimit import read_rate_limit_backend, read_rate_limits, read_rate_table
 from weft.config_resilience import read_breaker, read_health, read_outlier, read_retry
+from weft.config_spiffe import check_references, read_authorize, read_jwt_svid, read_spiffe
 from weft.config_tls import read_listener_tls, read_upstream_tls
 from weft.schema import (
     ROUTE_TIMEOUTS,
@@ -388,6 +389,8 @@ _ROUTE_KEYS = (
     "middleware",
     "retry",
     "rate_limit",
+    "authorize",
+    "jwt_svid",
 )
 
 
@@ -500,9 +503,28 @@ def _read_routes(
             if "rate_limit" in t
             else ()
         )
+        authorize = (
+            read_authorize(r, t.pop("authorize"), f"{path}.authorize") if "authorize" in t else ()
+        )
+        jwt_svid = (
+            read_jwt_svid(r, t.pop("jwt_svid"), f"{path}.jwt_svid") if "jwt_svid" in t else None
+        )
         r.unknown(t, path, _ROUTE_KEYS)
         route = Route(
-            name, dest, host, prefix, methods, strip, rewrite, rt, body, mws, retry, limits_
+            name,
+            dest,
+            host,
+            prefix,
+            methods,
+            strip,
+            rewrite,
+            rt,
+            body,
+            mws,
+            retry,
+            limits_,
+            authorize,
+            jwt_svid,
         )
         out.append((i, route, len(r.errors) == errors_before))
     return out
@@ -521,6 +543,7 @@ _TOP_KEYS = (
     "metrics",
     "rate_limit_backend",
     "buffers",
+    "spiffe",
 )
 _SERVER_KEYS = (
     "instance",
@@ -639,12 +662,16 @@ def from_dict(data: dict[str, Any], source: str, digest: str = "") -> Config:
         else None
     )
     buffers = read_buffers(r, top.pop("buffers")) if "buffers" in top else Buffers()
+    spiffe = read_spiffe(r, top.pop("spiffe")) if "spiffe" in top else None
     dests = _read_destinations(r, top.pop("destinations", None)) if "destinations" in top else {}
     if not dests:
         r.error("destinations", "expected at least one [destinations.<name>] table")
     read_routes = _read_routes(r, top.pop("routes", None), timeouts, limits)
     routes = tuple(route for _, route, _ in read_routes)
     r.unknown(top, "", _TOP_KEYS)
+    check_references(
+        r, spiffe, listeners, dests, [(i, rt) for i, rt, _ in read_routes], boot_timeout
+    )
 
     known = ", ".join(f'"{n}"' for n in dests)
     names: dict[str, int] = {}
@@ -689,6 +716,7 @@ def from_dict(data: dict[str, Any], source: str, digest: str = "") -> Config:
         metrics=metrics,
         rate_limit_backend=rl_backend or RateLimitBackend(),
         buffers=buffers,
+        spiffe=spiffe,
         source=source,
         hash=digest,
     )

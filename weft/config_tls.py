@@ -39,15 +39,16 @@ import ssl
 from typing import Any
 
 from weft import confread as cr
+from weft.config_spiffe import CLIENT_AUTH_MODES, read_listener_spiffe, read_upstream_spiffe
 from weft.http.protocols import SERVED_ALPN
 from weft.schema import ListenerTLS, TLSCertificate, UpstreamTLS
 
 log = logging.getLogger("weft.config")
 
 VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
-_LISTENER_KEYS = ("certificates", "min_version", "alpn", "client_ca")
+_LISTENER_KEYS = ("certificates", "min_version", "alpn", "client_ca", "spiffe", "client_auth")
 _CERT_KEYS = ("cert", "key", "server_names")
-_UPSTREAM_KEYS = ("ca", "server_name", "cert", "key", "verify")
+_UPSTREAM_KEYS = ("ca", "server_name", "cert", "key", "verify", "spiffe", "expect_ids")
 
 
 def _nonempty_path(v: Any) -> str:
@@ -98,9 +99,7 @@ def _readable(r: cr.Reader, path: str, file: str) -> bool:
     return True
 
 
-def _load_pair(
-    r: cr.Reader, ctx: ssl.SSLContext, cert: str, key: str, path: str
-) -> bool:
+def _load_pair(r: cr.Reader, ctx: ssl.SSLContext, cert: str, key: str, path: str) -> bool:
     """Load a certificate chain and its key into `ctx`; an error at the right key path if
     a file is unreadable, holds no certificate, or the key is not the certificate's."""
     ok = _readable(r, cr.join(path, "cert"), cert)
@@ -148,6 +147,16 @@ def read_listener_tls(r: cr.Reader, raw: Any, path: str) -> ListenerTLS | None:
     errors_before = len(r.errors)
     min_version = r.take(t, "min_version", path, lambda v: cr.one_of(v, tuple(VERSIONS)), "1.2")
     alpn = r.take(t, "alpn", path, _alpn, ListenerTLS.__dataclass_fields__["alpn"].default)
+    # spiffe = true: weft's X.509-SVID is the certificate (weft.config_spiffe reads the rest).
+    spiffe = r.take(t, "spiffe", path, cr.boolean, False)
+    client_auth = r.take(t, "client_auth", path, lambda v: cr.one_of(v, CLIENT_AUTH_MODES), None)
+    if spiffe:
+        return read_listener_spiffe(r, t, path, min_version, alpn, client_auth)
+    if client_auth is not None:
+        r.error(
+            cr.join(path, "client_auth"),
+            "only used with spiffe = true (with client_ca, client certificates are required)",
+        )
     client_ca = r.take(t, "client_ca", path, _optional_path, None)
     certs: list[TLSCertificate] = []
     if "certificates" not in t:
@@ -278,6 +287,13 @@ def _sni_switch(by_name: dict[str, ssl.SSLContext]) -> Any:
 # -- [destinations.<name>.tls] ------------------------------------------------------------------
 
 
+def _upstream_server_name(v: Any) -> str | None:
+    name = _server_name(v) if v else None
+    if name is not None and name.startswith("*."):
+        raise cr.Bad("a name to send has no wildcard")
+    return name
+
+
 def read_upstream_tls(
     r: cr.Reader, raw: Any, path: str, alpn: tuple[str, ...] = ("http/1.1",)
 ) -> UpstreamTLS | None:
@@ -288,6 +304,12 @@ def read_upstream_tls(
     if t is None:
         return None
     errors_before = len(r.errors)
+    spiffe = r.take(t, "spiffe", path, cr.boolean, False)
+    raw_expect = t.pop("expect_ids", None)
+    if spiffe:
+        return read_upstream_spiffe(r, t, path, raw_expect, _upstream_server_name, alpn)
+    if raw_expect is not None:
+        r.error(cr.join(path, "expect_ids"), "only used with spiffe = true")
     ca = r.take(t, "ca", path, _optional_path, None)
     server_name = r.take(t, "server_name", path, lambda v: _server_name(v) if v else None, None)
     if server_name is not None and server_name.startswith("*."):

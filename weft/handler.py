@@ -36,7 +36,8 @@ from typing import TYPE_CHECKING
 import trio
 
 import weft.rate_limit_middleware
-import weft.retry_middleware  # noqa: F401  (registers the retry built-in)
+import weft.retry_middleware  # (registers the retry built-in)
+import weft.spiffe_middleware  # noqa: F401  (registers jwt_svid and authorize, outermost)
 from weft import grpc
 from weft.builtins import BuiltinContext, BuiltinFactory, builtin_chain
 from weft.connection import UpstreamPools

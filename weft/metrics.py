@@ -58,6 +58,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from weft.jwt_svid import REASONS as JWT_REASONS
 from weft.retry import RetryOn
 from weft.schema import HTTP_METHODS, Config
 
@@ -111,6 +112,11 @@ REASONS = frozenset(
         "upstream_send_timeout",
         "upstream_tls",
         "uri_too_long",
+        # weft.spiffe_middleware: authorize's refusals, and jwt_svid's "jwt_<reason>"
+        "forbidden",
+        "no_identity",
+        "identity_unavailable",
+        *(f"jwt_{r}" for r in JWT_REASONS),
     }
 )
 

@@ -38,7 +38,7 @@ from weft.backpressure import (
     ratelimit_field,
     retry_after_seconds,
 )
-from weft.builtins import BUILTINS, BuiltinContext, Middleware, Next
+from weft.builtins import BuiltinContext, Middleware, Next, register
 from weft.http.errors import ClientGone, error_response
 from weft.http.headers import client_address
 from weft.http.messages import Request, Response
@@ -209,4 +209,4 @@ def _factory(route: Route, context: BuiltinContext) -> Middleware | None:
 
 
 # Outermost first, as ARCHITECTURE.md's request path has it: rate limits before retries.
-BUILTINS.insert(0, ("rate_limit", _factory))
+register("rate_limit", _factory)

@@ -43,7 +43,7 @@ import trio
 
 from weft import adaptive, retry
 from weft.arena_pool import ReplayBody, keep_body
-from weft.builtins import BUILTINS, BuiltinContext, Middleware, Next
+from weft.builtins import BuiltinContext, Middleware, Next, register
 from weft.http.messages import Body, Request, Response
 from weft.observer import CAS_TRIES, LocalRecords, monotonic_ms
 from weft.schema import RetryPolicy, Route, Timeouts
@@ -299,4 +299,4 @@ def _factory(route: Route, context: BuiltinContext) -> Middleware | None:
     return make_retry(policy, budget, context.clock)
 
 
-BUILTINS.append(("retry", _factory))
+register("retry", _factory)

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from weft.spiffe_id import PathPrefix, SpiffeId
 
 STRATEGIES = ("round_robin", "weighted", "least_conn", "consistent_hash")
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE")
@@ -122,6 +125,10 @@ class ListenerTLS:
     alpn: tuple[str, ...] = ("h2", "http/1.1")  # advertised only if weft serves it
     client_ca: str | None = None  # set: client certificates required and verified
     context: Any = field(default=None, compare=False, repr=False)
+    # spiffe = true: the certificate is weft's X.509-SVID from [spiffe] (no `certificates`, and
+    # `context` stays None: it is built from the SVID once the Workload API gave one).
+    spiffe: bool = False
+    client_auth: str = "none"  # with spiffe: "required" | "optional" | "none" (weft.svid)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +142,11 @@ class UpstreamTLS:
     key: str | None = None
     verify: bool = True
     context: Any = field(default=None, compare=False, repr=False)
+    # spiffe = true: weft presents its SVID, and the upstream's SVID must verify in its own
+    # trust domain and be one of expect_ids (weft.svid.verify_upstream); `context` as above.
+    spiffe: bool = False
+    expect_ids: tuple[SpiffeId, ...] = ()
+    alpn: tuple[str, ...] = ("http/1.1",)  # what a spiffe context offers (the protocol's)
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,6 +270,39 @@ class RateLimitBackend:
 
 
 @dataclass(frozen=True, slots=True)
+class SpiffeConfig:
+    """``[spiffe]``: where weft's identity comes from (the Workload API, SPIFFE Workload
+    Endpoint spec) and which trust domains it trusts (`weft.config_spiffe`)."""
+
+    # "unix:///path" or "tcp://<ip>:<port>"; None: $SPIFFE_ENDPOINT_SOCKET at start.
+    endpoint: str | None = None
+    svid: SpiffeId | None = None  # which X.509-SVID is weft's; None: the first (the default)
+    # Trust domains trusted besides weft's own (federation); their bundles must come from the
+    # Workload API. () : weft's own trust domain only.
+    trust_domains: tuple[str, ...] = ()
+    # A worker is not ready before the first SVID and bundles arrived; below boot_timeout.
+    first_fetch_timeout: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class AuthorizeRule:
+    """One ``[[routes.authorize]]`` entry: the principals it admits (`weft.authorize`)."""
+
+    allow_ids: frozenset[SpiffeId] = frozenset()
+    allow_trust_domains: frozenset[str] = frozenset()
+    allow_path_prefixes: tuple[PathPrefix, ...] = ()  # segment-wise, strictly below
+
+
+@dataclass(frozen=True, slots=True)
+class JwtSvidPolicy:
+    """``[routes.jwt_svid]``: requests need ``Authorization: Bearer <JWT-SVID>``
+    (`weft.jwt_svid`)."""
+
+    audience: str
+    algorithms: tuple[str, ...] = ("RS256", "ES256", "PS256")  # the issue's example
+
+
+@dataclass(frozen=True, slots=True)
 class Destination:
     name: str
     endpoints: tuple[Endpoint, ...]
@@ -300,6 +345,8 @@ class Route:
     middleware: tuple[MiddlewareSpec, ...] = ()
     retry: RetryPolicy | None = None  # None: only the stale-connection retry of the forwarder
     rate_limits: tuple[RateLimit, ...] = ()  # all must admit
+    authorize: tuple[AuthorizeRule, ...] = ()  # any may admit; () : no check
+    jwt_svid: JwtSvidPolicy | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -353,5 +400,6 @@ class Config:
     metrics: Metrics = field(default_factory=Metrics)
     rate_limit_backend: RateLimitBackend = field(default_factory=RateLimitBackend)
     buffers: Buffers = field(default_factory=Buffers)
+    spiffe: SpiffeConfig | None = None  # None: no SPIFFE identity
     source: str = "<quick mode>"
     hash: str = ""

@@ -225,6 +225,9 @@ conn: h11.Connection,
     )
     if srv.state.draining:
         req.ctx["close"] = True
+    peer_id = srv.transport.peer_id
+    if peer_id is not None:
+        req.ctx["peer_id"] = peer_id
     return req
 
 

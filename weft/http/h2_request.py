@@ -164,4 +164,7 @@ def build_request(srv: H2Server, stream: H2Stream) -> Request:
         interim=lambda status, fields: srv.send_interim(stream, status, fields),
     )
     request.client_watch = stream
+    peer_id = srv.transport.peer_id
+    if peer_id is not None:
+        request.ctx["peer_id"] = peer_id
     return request

@@ -48,6 +48,7 @@ record reads as a broken connection), `TimeoutError`, `trio.ClosedResourceError`
 
 from __future__ import annotations
 
+import _ssl
 import math
 import select
 import socket
@@ -79,6 +80,7 @@ class TLSTransport(Transport):
         "_ssl",
         "_starved",
         "alpn",
+        "peer_id",
         "sock",
     )
 
@@ -96,6 +98,7 @@ class TLSTransport(Transport):
         self._eof = False  # the socket reached EOF (the BIO was told)
         self._starved = False  # the BIO holds at most part of a record: the socket must speak
         self.alpn: str | None = None
+        self.peer_id = None  # set by whoever verified the peer's SVID (weft.svid)
 
     @classmethod
     def server(cls, sock: socket.socket, context: ssl.SSLContext) -> TLSTransport:
@@ -123,6 +126,22 @@ class TLSTransport(Transport):
             return self._ssl.getpeercert(binary_form=True)
         except ValueError:  # before the handshake
             return None
+
+    def peer_chain(self) -> list[bytes]:
+        """The certificates the peer sent, DER, its leaf first ([] when it sent none, or on a
+        resumed session, which carries no chain: contexts that check chains issue no tickets).
+
+        Python < 3.13 has this only as private API of the ``_ssl`` object (3.10-3.12); the
+        server side of OpenSSL's chain lacks the leaf, which CPython puts back first. 3.13
+        made it public, returning DER already."""
+        public = getattr(self._ssl, "get_unverified_chain", None)
+        if public is not None:  # Python >= 3.13
+            return list(public() or [])
+        chain = self._ssl._sslobj.get_unverified_chain()  # type: ignore[attr-defined]
+        if not chain:
+            return []
+        # 3.11 puts a None first on the server side when the client sent no certificate.
+        return [c.public_bytes(_ssl.ENCODING_DER) for c in chain if c is not None]
 
     def fileno(self) -> int:
         return self.sock.fileno()

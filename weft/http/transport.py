@@ -51,6 +51,10 @@ class Transport:
     #: the protocol ALPN negotiated ("h2", "http/1.1"), None without TLS
     alpn: str | None = None
     tls = False
+    #: the peer's SPIFFE ID (a weft.spiffe_id.SpiffeId) once its X.509-SVID was verified after
+    #: the handshake (weft.svid.verify_peer); None otherwise. Adapters copy it into each
+    #: request's ctx["peer_id"].
+    peer_id = None
 
     @property
     def peer_certificate(self) -> bytes | None:
