@@ -181,6 +181,18 @@ async def test_first_fetch_delivers_the_svid_with_the_security_header(agent, dom
     assert c.x509_state.updates == 1 and c.x509_state.last_update is not None
 
 
+async def test_the_agent_over_loopback_tcp(agent, domains) -> None:
+    example, _ = domains
+    await agent.command("x509", svids=[example.svid("/web").as_json()])
+    rec = Recorder()
+    c = WorkloadAPIClient(parse_endpoint(agent.tcp_uri), sleep=rec.sleep)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(c.watch_x509, rec.updates.append, rec.errors.append)
+        await wait_for(lambda: rec.updates, "the first update over TCP")
+        nursery.cancel_scope.cancel()
+    assert rec.errors == [] and c.endpoint.kind == "tcp"
+
+
 async def test_rotation_is_delivered_on_the_open_stream(agent, domains) -> None:
     example, other = domains
     await agent.command("x509", svids=[example.svid("/web").as_json()])

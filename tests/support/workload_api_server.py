@@ -61,7 +61,8 @@ class WorkloadAPIServer:
             text=True,
         )
         try:
-            self._reply(START_TIMEOUT)  # "listening"
+            port = self._reply(START_TIMEOUT)["tcp_port"]  # "listening"
+            self.tcp_uri = f"tcp://127.0.0.1:{port}"  # the same agent on loopback TCP
         except BaseException:
             self.close()
             raise
@@ -219,12 +220,14 @@ def _serve(socket_path: str) -> None:  # pragma: no cover - runs in the subproce
             return pb.JWTSVIDResponse(svids=[pb.JWTSVID(**svid)])
 
     server: Any = None
+    tcp_port = 0  # chosen by the first start, kept by restarts
 
     def start() -> None:
-        nonlocal server
+        nonlocal server, tcp_port
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
         pb_grpc.add_SpiffeWorkloadAPIServicer_to_server(Servicer(), server)
         server.add_insecure_port(f"unix:{socket_path}")
+        tcp_port = server.add_insecure_port(f"127.0.0.1:{tcp_port}")
         server.start()
 
     def stop() -> None:
@@ -240,7 +243,7 @@ def _serve(socket_path: str) -> None:  # pragma: no cover - runs in the subproce
         lock.notify_all()
 
     start()
-    print(json.dumps({"ok": "listening"}), flush=True)
+    print(json.dumps({"ok": "listening", "tcp_port": tcp_port}), flush=True)
     for line in sys.stdin:
         try:
             cmd = json.loads(line)
