@@ -50,7 +50,7 @@ import h2.events
 import h2.exceptions
 import trio
 
-from weft.http.h2_conn import _survive_goaway
+from weft.http.h2_conn import survive_goaway
 
 __all__ = ["MAX_MESSAGE", "GrpcCall", "GrpcError", "Status", "open_call"]
 
@@ -130,7 +130,7 @@ class GrpcCall:
         )
         # A graceful GOAWAY (a server stopping) may be followed by this stream's messages and
         # trailers, and by PINGs: the h2 library would refuse them all (see weft.http.h2_conn).
-        _survive_goaway(self._h2)
+        survive_goaway(self._h2)
         self._sid = 0
         self._buffer = bytearray()  # DATA received, not yet cut into messages
         self._owed = 0  # flow-controlled bytes received and not yet acknowledged

@@ -293,6 +293,7 @@ class _Identity:
             if index is not None:
                 leaf = split_certificates(resp.svids[index].x509_svid)[0]
                 expires = not_after(leaf)
+                key_pem(resp.svids[index].x509_svid_key)  # a key that does not load: discarded
             for s in resp.svids:
                 split_certificates(s.bundle)
         except (DERError, ValueError) as e:

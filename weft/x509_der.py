@@ -1,35 +1,38 @@
-"""The little of X.509 DER the identity process reads without a crypto library.
+"""The Workload API's DER, made into what `ssl` loads: certificates cut apart, PEM, expiry.
 
-The Workload API hands over certificates as concatenated DER (an SVID's chain, a bundle) and a
-PKCS#8 DER key. To write them for `ssl.SSLContext.load_cert_chain` and to know when an SVID
-expires, weft needs three things: cut the concatenation into certificates, read a
-certificate's notAfter, and wrap DER in PEM. That is a walk over a few DER headers (X.690
-§8.1: tag, definite length), done here so that weft's runtime needs no ``cryptography``.
-Verifying certificates is not done here (the TLS library does it, and `weft.svid`).
+The Workload API hands over certificates as *concatenated* DER (an SVID's chain, a bundle) and
+a PKCS#8 DER key. The identity process writes them as PEM for `ssl.SSLContext.load_cert_chain`
+and needs each SVID's notAfter to withdraw it at expiry. Parsing is `cryptography`'s: every
+certificate is loaded with `cryptography.x509.load_der_x509_certificate` (which refuses
+anything malformed) and the key with `load_der_private_key`. The one thing `cryptography` has
+no call for is cutting a concatenation into its certificates, so `split_certificates` reads the
+outer SEQUENCE's tag and length (X.690 §8.1.2-8.1.3) to find where each one ends, and then has
+`cryptography` load each piece; nothing of the certificate's content is read here.
 
-Malformed input raises `DERError` with what was wrong; nothing reads past the buffer.
+Malformed input raises `DERError` (a ValueError) with what was wrong.
 """
 
 from __future__ import annotations
 
-import base64
-import calendar
-import ssl
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 __all__ = ["DERError", "key_pem", "not_after", "pem_certificates", "split_certificates"]
 
-_SEQUENCE, _UTCTIME, _GENERALIZEDTIME, _VERSION = 0x30, 0x17, 0x18, 0xA0
+_SEQUENCE = 0x30
 
 
 class DERError(ValueError):
     """Not the DER expected."""
 
 
-def _header(buf: bytes, pos: int) -> tuple[int, int, int]:
-    """(tag, start of the value, end of the value) of the element at `pos`."""
+def _element_end(buf: bytes, pos: int) -> int:
+    """Where the DER element starting at `pos` ends (its tag must be a SEQUENCE)."""
     if pos + 2 > len(buf):
-        raise DERError("truncated element")
-    tag, first = buf[pos], buf[pos + 1]
+        raise DERError(f"truncated certificate at byte {pos}")
+    if buf[pos] != _SEQUENCE:
+        raise DERError(f"not a certificate at byte {pos}")
+    first = buf[pos + 1]
     pos += 2
     if first < 0x80:
         length = first
@@ -40,69 +43,53 @@ def _header(buf: bytes, pos: int) -> tuple[int, int, int]:
         length = int.from_bytes(buf[pos : pos + count], "big")
         pos += count
     if pos + length > len(buf):
-        raise DERError("element runs past the end")
-    return tag, pos, pos + length
+        raise DERError("certificate runs past the end")
+    return pos + length
 
 
 def split_certificates(der: bytes) -> list[bytes]:
-    """The certificates of a concatenation, in order. Raises DERError (also when empty)."""
+    """The certificates of a concatenation, in order, each one loaded by `cryptography`.
+    Raises DERError (also when empty)."""
     out: list[bytes] = []
     pos = 0
     while pos < len(der):
-        tag, _start, end = _header(der, pos)
-        if tag != _SEQUENCE:
-            raise DERError(f"not a certificate at byte {pos}")
-        out.append(der[pos:end])
+        end = _element_end(der, pos)
+        piece = der[pos:end]
+        try:
+            x509.load_der_x509_certificate(piece)
+        except ValueError as e:
+            raise DERError(f"certificate {len(out) + 1}: {e}") from None
+        out.append(piece)
         pos = end
     if not out:
         raise DERError("no certificate")
     return out
 
 
-def _time(tag: int, raw: bytes) -> float:
-    text = raw.decode("ascii", "replace")
-    if not text.endswith("Z"):
-        raise DERError(f"certificate time {text!r} is not UTC")
-    if tag == _UTCTIME and len(text) == 13:  # YYMMDDHHMMSSZ; RFC 5280 §4.1.2.5.1
-        year = int(text[:2])
-        text = f"{1900 + year if year >= 50 else 2000 + year}{text[2:]}"
-    elif tag != _GENERALIZEDTIME or len(text) != 15:
-        raise DERError(f"certificate time {text!r} has an unexpected form")
-    try:
-        parts = [int(text[i:j]) for i, j in ((0, 4), (4, 6), (6, 8), (8, 10), (10, 12), (12, 14))]
-    except ValueError:
-        raise DERError(f"certificate time {text!r} is not a time") from None
-    return float(calendar.timegm((*parts, 0, 0, 0)))
-
-
 def not_after(cert: bytes) -> float:
     """The certificate's notAfter as a Unix time. Raises DERError."""
-    tag, start, _end = _header(cert, 0)
-    if tag != _SEQUENCE:
-        raise DERError("not a certificate")
-    tag, pos, _tbs_end = _header(cert, start)  # tbsCertificate
-    if tag != _SEQUENCE:
-        raise DERError("no tbsCertificate")
-    tag, _s, end = _header(cert, pos)
-    if tag == _VERSION:
-        pos = end
-    for _field in ("serialNumber", "signature", "issuer"):
-        pos = _header(cert, pos)[2]
-    tag, pos, _validity_end = _header(cert, pos)
-    if tag != _SEQUENCE:
-        raise DERError("no validity")
-    pos = _header(cert, pos)[2]  # notBefore
-    tag, start, end = _header(cert, pos)
-    return _time(tag, cert[start:end])
+    try:
+        return x509.load_der_x509_certificate(cert).not_valid_after_utc.timestamp()
+    except ValueError as e:
+        raise DERError(str(e)) from None
 
 
 def pem_certificates(ders: list[bytes]) -> str:
     """The certificates as one PEM text, in order."""
-    return "".join(ssl.DER_cert_to_PEM_cert(d) for d in ders)
+    return "".join(
+        x509.load_der_x509_certificate(d).public_bytes(serialization.Encoding.PEM).decode()
+        for d in ders
+    )
 
 
 def key_pem(pkcs8: bytes) -> str:
-    """A PKCS#8 DER private key as PEM (``BEGIN PRIVATE KEY``)."""
-    b64 = base64.encodebytes(pkcs8).decode("ascii").replace("\n", "")
-    lines = [b64[i : i + 64] for i in range(0, len(b64), 64)]
-    return "-----BEGIN PRIVATE KEY-----\n" + "\n".join(lines) + "\n-----END PRIVATE KEY-----\n"
+    """A PKCS#8 DER private key as PEM (``BEGIN PRIVATE KEY``). Raises DERError."""
+    try:
+        key = serialization.load_der_private_key(pkcs8, password=None)
+    except (ValueError, TypeError) as e:
+        raise DERError(f"private key: {e}") from None
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()

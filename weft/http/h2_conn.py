@@ -27,7 +27,7 @@ Theory of operation:
   with an error fails them (502). The h2 library moves its connection state machine to CLOSED
   on any GOAWAY received and would refuse the frames of the streams that may still finish;
   each connection gets its own transition table in which a received GOAWAY leaves it open
-  (`_survive_goaway`: the one reach into the library's internals here).
+  (`survive_goaway`: the one reach into the library's internals here).
 * **Death** (EOF, reset, a protocol error, a stuck writer) fails every stream on it with the
   same `UpstreamError` and tells the pool (`on_change`), which drops the connection.
 
@@ -84,7 +84,7 @@ def _config() -> h2.config.H2Configuration:
     return h2.config.H2Configuration(client_side=True, header_encoding=None)
 
 
-def _survive_goaway(conn: h2.connection.H2Connection) -> None:
+def survive_goaway(conn: h2.connection.H2Connection) -> None:
     """Keep `conn` open when a GOAWAY is received (see the module docstring): the frames of the
     streams at or below its last-stream-id may follow in the same read, so the state is kept
     by this connection's own transition table, not restored after the event. New streams are
@@ -112,7 +112,7 @@ class H2Connection:
         self.endpoint = endpoint
         self.scheme = b"https" if tls else b"http"
         self.h2 = h2.connection.H2Connection(_config())
-        _survive_goaway(self.h2)
+        survive_goaway(self.h2)
         self.max_streams = max_streams  # weft's own cap; the upstream's setting lowers it
         self.streams: dict[int, H2Upstream] = {}  # open streams by id
         self.active = 0  # slots handed out and not given back
