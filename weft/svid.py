@@ -59,6 +59,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPri
 from cryptography.x509.verification import ExtensionPolicy, PolicyBuilder, Store
 
 from weft.spiffe_id import SpiffeId, SpiffeIdError
+from weft.x509_der import split_certificates
 
 __all__ = [
     "CLIENT_AUTH",
@@ -239,7 +240,7 @@ class X509Svid:
         """From DER: `chain_der` a list, or concatenated DER (the Workload API's
         ``x509_svid`` field); `key_der` PKCS#8. Raises ValueError."""
         if isinstance(chain_der, bytes):
-            certs = x509.load_der_x509_certificates(chain_der)
+            certs = [x509.load_der_x509_certificate(d) for d in split_certificates(chain_der)]
         else:
             certs = [x509.load_der_x509_certificate(d) for d in chain_der]
         if not certs:
