@@ -50,11 +50,18 @@ def full(**replace: str) -> str:
     return text + pieces["route"] + pieces["spiffe"]
 
 
+def test_svid_may_be_a_hint_or_an_id_in_canonical_form(tmp_path):
+    text = SPIFFE.replace('"spiffe://example.org/weft"', '"%s"')
+    assert load(tmp_path, full(spiffe=text % "internal")).spiffe.svid == "internal"
+    cfg = load(tmp_path, full(spiffe=text % "spiffe://example.org/weft"))
+    assert cfg.spiffe.svid == "spiffe://example.org/weft"
+
+
 def test_every_piece_is_read_into_parsed_values(tmp_path):
     cfg = load(tmp_path, full())
     assert cfg.spiffe == SpiffeConfig(
         "unix:///run/spire/agent.sock",
-        SpiffeId("example.org", "/weft"),
+        "spiffe://example.org/weft",
         ("partner.example",),
         5.0,
     )
@@ -102,6 +109,7 @@ MISTAKES = [
     ({"spiffe": '[spiffe]\nendpoint = "/run/agent.sock"\n'}, "spiffe.endpoint", "unix:///"),
     ({"spiffe": '[spiffe]\nendpoint = "tcp://spire:8081"\n'}, "spiffe.endpoint", "IP address"),
     ({"spiffe": '[spiffe]\nsvid = "spiffe://example.org/"\n'}, "spiffe.svid", "end with '/'"),
+    ({"spiffe": '[spiffe]\nsvid = " front"\n'}, "spiffe.svid", "SPIFFE ID or an SVID's hint"),
     (
         {"spiffe": '[spiffe]\nsvid = "spiffe://example.org"\n'},
         "spiffe.svid",

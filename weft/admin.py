@@ -59,9 +59,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from weft import control
+from weft.identity import MANIFEST
+from weft.identity_process import directory_for
 from weft.respawn import Backoff
 from weft.schema import Admin, Listener
-from weft.shm.worktable import READY, STATE_NAMES
+from weft.shm.worktable import NOT_READY, READY, STATE_NAMES
 from weft.sock import bind_listener
 from weft.workers.postfork import Preamble
 
@@ -90,10 +92,26 @@ def readiness(state: dict[str, Any] | None, workers: Iterable[Any]) -> tuple[boo
     if state.get("stopping"):
         return False, "stopping"
     generation = state.get("generation")
-    ready = [w for w in workers if w.generation == generation and w.state == READY]
+    current = [w for w in workers if w.generation == generation]
+    ready = [w for w in current if w.state == READY]
     if not ready:
+        if any(w.state == NOT_READY for w in current):
+            return False, (
+                f"no worker of generation {generation} is ready: no usable X.509-SVID "
+                f"({identity_problem(state)})"
+            )
         return False, f"no worker of generation {generation} is ready"
     return True, f"{len(ready)} worker(s) of generation {generation} ready"
+
+
+def identity_problem(state: dict[str, Any]) -> str:
+    """What the identity process last reported (`weft.identity`), for /readyz."""
+    instance = state.get("instance")
+    try:
+        manifest = json.loads((directory_for(str(instance)) / MANIFEST).read_bytes())
+    except (OSError, ValueError):
+        return "the identity process published nothing readable"
+    return str(manifest.get("problem") or "expired, see the log")
 
 
 def worker_of_slot(workers: Sequence[Any], slot: int, generation: int | None) -> int | None:

@@ -77,6 +77,17 @@ def _workload_id(v: Any) -> SpiffeId:
     return sid
 
 
+def _svid_selector(v: Any) -> str:
+    """``[spiffe] svid``: a workload's SPIFFE ID (parsed, kept in its canonical form) or the
+    hint an agent gives an SVID (Workload API ``X509SVID.hint``)."""
+    s = cr.string(v)
+    if s.lower().startswith("spiffe:"):
+        return str(_workload_id(s))
+    if not s or s != s.strip():
+        raise cr.Bad(f"expected a SPIFFE ID or an SVID's hint, got {s!r}")
+    return s
+
+
 def _trust_domain(v: Any) -> str:
     try:
         return parse_trust_domain(cr.string(v))
@@ -142,7 +153,7 @@ def read_spiffe(r: cr.Reader, raw: Any, path: str = "spiffe") -> SpiffeConfig | 
         return None
     d = SpiffeConfig()
     endpoint = r.take(t, "endpoint", path, _endpoint, d.endpoint)
-    svid = r.take(t, "svid", path, _workload_id, None)
+    svid = r.take(t, "svid", path, _svid_selector, None)
     tds: tuple[str, ...] = ()
     if "trust_domains" in t:
         tds = tuple(
@@ -337,15 +348,16 @@ def check_references(
             f"must be below server.boot_timeout ({boot_timeout:g}s): a worker is not ready "
             "before its first SVID",
         )
-    if spiffe.svid is None:
+    if spiffe.svid is None or not spiffe.svid.startswith("spiffe://"):
         return  # weft's own trust domain is known only once the Workload API answers
-    trusted = {spiffe.svid.trust_domain, *spiffe.trust_domains}
+    own = SpiffeId.parse(spiffe.svid).trust_domain
+    trusted = {own, *spiffe.trust_domains}
 
     def check(key: str, td: str) -> None:
         if td not in trusted:
             r.error(
                 key,
-                f"trust domain {td} is not trusted (weft's own is {spiffe.svid.trust_domain}; "  # type: ignore[union-attr]
+                f"trust domain {td} is not trusted (weft's own is {own}; "
                 "add it to [spiffe] trust_domains)",
             )
 

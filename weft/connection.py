@@ -62,6 +62,7 @@ from collections.abc import Iterable
 
 import trio
 
+from weft import spiffe
 from weft.http import tls as tls_mod
 from weft.http.errors import UpstreamError
 from weft.http.h1_client import H1Upstream
@@ -82,14 +83,20 @@ class PoolFull(UpstreamError):
     reason = "pool_full"
 
 
-async def open_transport(ep: Endpoint, tls: UpstreamTLS | None) -> Transport:
+async def open_transport(
+    ep: Endpoint, tls: UpstreamTLS | None, identity: spiffe.WorkerIdentity | None = None
+) -> Transport:
     """A connection to `ep`: TCP, then TLS when the destination has `tls` (SNI and the name
-    verified: ``server_name``, or the endpoint's host). Unbounded: the caller's scope bounds
-    it. Raises OSError (connect), `weft.http.tls_errors.UpstreamTLSError` (handshake; closed)."""
+    verified: ``server_name``, or the endpoint's host; with ``spiffe = true`` weft's SVID from
+    `identity` and the upstream's checked by `weft.spiffe.connect`). Unbounded: the caller's
+    scope bounds it. Raises OSError (connect), `weft.http.tls_errors.UpstreamTLSError`
+    (handshake; closed)."""
     transport = await open_tcp(ep.host, ep.port)
     if tls is None:
         return transport
     try:
+        if tls.spiffe:
+            return await spiffe.connect(identity, transport, tls, tls.server_name or ep.host)
         return await tls_mod.connect(transport, tls.context, tls.server_name or ep.host)
     except BaseException:
         transport.close()
@@ -280,7 +287,7 @@ class EndpointPool:
             ep = self.endpoint
             with trio.move_on_after(self.connect_timeout) as cs:
                 try:
-                    transport = await open_transport(ep, self.tls)
+                    transport = await open_transport(ep, self.tls, self.owner.identity)
                 except OSError as e:
                     raise UpstreamError(
                         f"connect to {ep.authority} failed: {e.strerror or e}",
@@ -459,6 +466,7 @@ class UpstreamPools:
         timers: Timers | None = None,
     ) -> None:
         self.timers = timers if timers is not None else Timers()
+        self.identity: spiffe.WorkerIdentity | None = None  # the worker's SVID (`weft.spiffe`)
         self.max_total = max_total
         self.total = 0
         self.idle_count = 0

@@ -25,7 +25,8 @@ generation gone reads the manifest again (`read_current` does, a bounded number 
 **What is published** on every change (an update equal to the last one is not a change:
 agents resend their whole state, and each publication makes every worker rebuild its TLS
 contexts): a new X.509 update (the SVID chosen by ``svid``, else
-the first, spec §5.2.1; bundles of the trust domains in ``trust_domains`` only), new JWT
+the first, spec §5.2.1; bundles of weft's own trust domain and of those in
+``trust_domains`` only), new JWT
 bundles, and the two events workers must act on without an update: no SVID after
 ``first_fetch_timeout`` (``problem`` says why: the last error of the watch, e.g. "cannot
 connect to unix:///run/spire/agent.sock: No such file or directory"), and the SVID's expiry
@@ -83,7 +84,7 @@ class IdentitySettings:
 
     endpoint: Endpoint
     svid: str = ""  # a SPIFFE ID or a hint; "" is the first SVID
-    trust_domains: tuple[str, ...] = ()  # empty: the selected SVID's own trust domain only
+    trust_domains: tuple[str, ...] = ()  # besides the selected SVID's own trust domain
     first_fetch_timeout: float = 10.0
 
 
@@ -231,8 +232,9 @@ class _Identity:
         self.changed = trio.Event()  # the expiry watcher's wake-up
 
     def kept(self, td: str, own: str | None) -> bool:
-        wanted = self.settings.trust_domains or ((own,) if own else ())
-        return td in wanted and bool(_TD_NAME.match(td))
+        """weft's own trust domain, and those of ``trust_domains``; any other bundle the
+        agent sends is ignored."""
+        return (td == own or td in self.settings.trust_domains) and bool(_TD_NAME.match(td))
 
     def publish(self) -> None:
         manifest: dict[str, Any] = {

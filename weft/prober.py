@@ -67,7 +67,7 @@ def _jittered(seconds: float) -> float:
 
 
 async def probe_once(
-    dest: Destination, index: int, timers: object
+    dest: Destination, index: int, timers: object, identity: object = None
 ) -> tuple[int | None, float, bool]:
     """Probe endpoint `index` of `dest`: (status or None when it failed, seconds taken,
     whether the answer carried the degraded header). Never raises for the endpoint's faults."""
@@ -100,7 +100,8 @@ async def probe_once(
     conn: H1Upstream | H2Connection | None = None
     with trio.move_on_at(deadline):
         try:
-            transport = await open_transport(ep, dest.tls)  # TLS too, as the pool's
+            # TLS too, as the pool's (with SPIFFE: the worker's SVID, `identity`)
+            transport = await open_transport(ep, dest.tls, identity)  # type: ignore[arg-type]
             h2 = dest.protocol in ("h2", "h2c") or (
                 dest.protocol == "auto" and transport.alpn == "h2"
             )
@@ -170,7 +171,7 @@ class Prober:
             while True:
                 if obs.take_lease(i, ttl_ms):
                     status, latency, degraded_header = await probe_once(
-                        obs.dest, i, self.pools.timers
+                        obs.dest, i, self.pools.timers, self.pools.identity
                     )
                     self.probes += 1
                     event = health.classify_probe(

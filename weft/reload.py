@@ -33,12 +33,15 @@ from __future__ import annotations
 import logging
 import signal
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from weft import spiffe
 from weft.schema import Config, ConfigError
 from weft.shm.worktable import DRAINING
 from weft.sock import ensure_fd_limit
+from weft.workload_api import EndpointError
 
 if TYPE_CHECKING:
     from weft.respawn import Child
@@ -88,16 +91,28 @@ def _run(sup: Supervisor) -> str:
     new, columns, saved = _validate(sup)
     notes = _restart_only(sup, new)
     assert sup.colmap is not None
+    try:
+        identity = _identity(sup, new)
+    except _Failed:
+        sup.colmap.columns, sup.colmap.retired = saved
+        raise
     nworkers = sup.nworkers if sup.workers_flag else sup.worker_count(new)
     ensure_fd_limit(new.limits.max_connections)  # the new workers inherit what it sets
     sup.notifier.reloading()
-    new_socks = _bind(sup, new, nworkers, saved)
+    try:
+        new_socks = _bind(sup, new, nworkers, saved)
+    except _Failed:
+        if identity is not None:
+            identity()
+        raise
     old = [c for c in sup.children.values() if not c.retiring]
     generation = sup.generation + 1
     prev_columns, sup.columns = sup.columns, columns
     pids = [sup.spawn(slot, generation, new) for slot in range(nworkers)]
     ok, reason = sup.wait_ready(pids, new.boot_timeout)
     if not ok:
+        if identity is not None:
+            identity()
         for pid in pids:
             child = sup.children.get(pid)
             if child is not None:
@@ -112,6 +127,25 @@ def _run(sup: Supervisor) -> str:
     _switch(sup, new, generation, nworkers, old)
     sup.notifier.ready(f"{sup.nworkers} workers, generation {sup.generation}")
     return "; ".join([f"generation {generation} active", *notes])
+
+
+def _identity(sup: Supervisor, new: Config) -> Callable[[], None] | None:
+    """Give the identity process ``new``'s ``[spiffe]`` before the new workers wait for an
+    SVID: started if it was not running, restarted if its settings changed (the published SVID
+    stays meanwhile, so new workers are ready with it). A new config without ``[spiffe]``
+    stops it only once the switch is done (`_switch`). Returns the undo for a failed reload."""
+    try:
+        settings = spiffe.settings_for(new)
+    except EndpointError as e:
+        raise _Failed(f"{new.source}: spiffe.endpoint: {e}") from None
+    if settings is None:
+        return None
+    before = sup.identity.settings if sup.identity is not None else None
+    try:
+        sup.set_identity(settings)
+    except OSError as e:
+        raise _Failed(f"{new.source}: spiffe: {e}") from None
+    return lambda: sup.set_identity(before)
 
 
 def _validate(
@@ -188,6 +222,8 @@ def _switch(sup: Supervisor, new: Config, generation: int, nworkers: int, old: l
     """Make `generation` current and drain the old workers (step 5)."""
     sup.generation = generation
     sup.config = new
+    if new.spiffe is None:
+        sup.set_identity(None)
     if sup.admin is not None:
         sup.admin.reconfigure(new.admin)
     old_slots = sup.nworkers

@@ -276,7 +276,9 @@ class SpiffeConfig:
 
     # "unix:///path" or "tcp://<ip>:<port>"; None: $SPIFFE_ENDPOINT_SOCKET at start.
     endpoint: str | None = None
-    svid: SpiffeId | None = None  # which X.509-SVID is weft's; None: the first (the default)
+    # which X.509-SVID is weft's: a SPIFFE ID (canonical form) or the agent's hint for it;
+    # None: the first the agent lists (the default, Workload API spec)
+    svid: str | None = None
     # Trust domains trusted besides weft's own (federation); their bundles must come from the
     # Workload API. () : weft's own trust domain only.
     trust_domains: tuple[str, ...] = ()

@@ -17,7 +17,7 @@
 
 Where bundles come from is not this module's business: a `TrustSource` (the Workload API
 client keeps one current) is taken from `BuiltinContext.identity`, or the worker's hooks'
-``trust_source``; tests pass a fake.
+``identity`` (`weft.spiffe.WorkerIdentity`); tests pass a fake.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def _jwt_factory(route: Route, context: BuiltinContext) -> Middleware | None:
         return None
     source = context.identity
     if source is None and context.hooks is not None:
-        source = getattr(context.hooks, "trust_source", None)
+        source = context.hooks.identity
     return make_jwt_svid(route.jwt_svid, source)
 
 

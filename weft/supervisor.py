@@ -39,15 +39,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from weft import control, metrics, shutdown
+from weft import control, metrics, shutdown, spiffe
 from weft import reload as reload_mod
 from weft import sock as sock_mod
 from weft.admin import AdminProcess
 from weft.bufpool import BufferPool
+from weft.identity import IdentitySettings
+from weft.identity_process import IdentityProcess
 from weft.respawn import Child, SlotState
 from weft.schema import Config
 from weft.shm.segment import InstanceLock, InstanceRunning, SegmentError, remove_instance
-from weft.shm.worktable import READY
+from weft.shm.worktable import NOT_READY, READY
 from weft.shutdown import DRAIN_MARGIN, KILL_GRACE
 from weft.signals import SignalQueue
 from weft.sock import SlotSockets
@@ -55,6 +57,7 @@ from weft.systemd import Notifier
 from weft.workers import child as child_mod
 from weft.workers.postfork import Preamble
 from weft.workers.shared import ColumnMap, SharedState, observed_columns
+from weft.workload_api import EndpointError
 
 log = logging.getLogger("weft.supervisor")
 
@@ -111,6 +114,7 @@ class Supervisor:
         self.metrics_dir: Path | None = None  # see _start_observability
         self.supervisor_metrics: metrics.SupervisorMetrics | None = None
         self.admin: AdminProcess | None = None
+        self.identity: IdentityProcess | None = None  # with [spiffe] (weft.identity_process)
 
     def worker_count(self, config: Config) -> int:
         if self.workers_flag:
@@ -172,6 +176,10 @@ class Supervisor:
         control.write_pidfile(self.pidfile)
         self.write_state()
         self._start_observability()
+        try:
+            self.set_identity(spiffe.settings_for(self.config))
+        except (EndpointError, OSError) as e:
+            raise StartupError(f"weft: {self.config.source}: spiffe: {e}") from None
         self.notifier.status(f"starting {self.nworkers} workers")
         pids = [self.spawn(slot, self.generation, self.config) for slot in range(self.nworkers)]
         ok, reason = self.wait_ready(pids, self.config.boot_timeout)
@@ -286,8 +294,11 @@ class Supervisor:
             child = self.children.pop(pid, None)
             if child is not None:
                 self._child_exited(child, info.si_code, info.si_status)
-            elif self.admin is not None:
-                self.admin.reaped(pid, _how(info.si_code, info.si_status))
+            else:
+                how = _how(info.si_code, info.si_status)
+                if not (self.admin is not None and self.admin.reaped(pid, how)):
+                    if self.identity is not None:
+                        self.identity.reaped(pid, how)
 
     def _reclaim(self, pid: int) -> None:
         """Release what a dead worker held in shared memory (it is still a zombie here)."""
@@ -335,7 +346,7 @@ class Supervisor:
         limit = int(self.config.heartbeat_timeout * 1e9)
         for info in self.shared.table.snapshot():
             child = self.children.get(info.pid)
-            if child is None or info.state != READY:
+            if child is None or info.state not in (READY, NOT_READY):
                 continue
             if not child.aborted and now_ns - info.heartbeat_ns > limit:
                 log.error(
@@ -384,6 +395,8 @@ class Supervisor:
             self._ping_systemd()
             if self.admin is not None:
                 self.admin.tick(self._admin_preamble)
+            if self.identity is not None:
+                self.identity.tick(self._identity_preamble)
 
     def _dispatch(self, *, defer_reload: bool = False) -> None:
         deferred = []
@@ -513,6 +526,30 @@ class Supervisor:
     def _admin_preamble(self) -> Preamble:
         return self._preamble([], [])
 
+    def _identity_preamble(self) -> Preamble:
+        admin = self.admin.fileno() if self.admin is not None else None
+        return self._preamble([], [] if admin is None else [admin])
+
+    # -- the identity process (weft.identity_process) -------------------------------------------
+
+    def set_identity(self, settings: IdentitySettings | None) -> None:
+        """Run the identity process with `settings`: start it (before any worker that needs
+        its SVID), restart it with changed settings, or stop it (None). Raises OSError when its
+        directory cannot be made."""
+        if settings is None:
+            if self.identity is not None:
+                self.identity.stop()
+                self.identity = None
+            return
+        if self.identity is not None:
+            self.identity.reconfigure(settings)
+            return
+        assert self.shared is not None
+        proc = IdentityProcess(self.instance, settings, self.shared)
+        proc.prepare()
+        proc.spawn(self._identity_preamble())
+        self.identity = proc
+
     def _preamble(self, keep: list[socket.socket], close: list[int]) -> Preamble:
         """A child keeps nothing of the supervisor's but `keep` (its listeners) and the read
         end of the liveness pipe: the instance lock above all (a held lock would outlive the
@@ -526,6 +563,7 @@ class Supervisor:
 
     def _stop_observability(self) -> None:
         """Last of all (the admin answers /readyz 503 while the workers drain)."""
+        self.set_identity(None)
         if self.admin is not None:
             self.admin.stop()
             self.admin = None

@@ -24,6 +24,15 @@ HANDSHAKE_REASONS = (
     "no_alpn",  # the client insisted on an ALPN protocol weft does not serve
     "unknown_ca",  # the client does not trust weft's certificate
     "bad_certificate",  # a client certificate missing, or refused (mTLS)
+    # SPIFFE listeners (weft.spiffe): weft has no usable SVID, or the client's SVID was refused
+    # after the handshake (weft.svid's reasons: the leaf rules, no bundle of its trust domain,
+    # a chain that does not verify in its own trust domain's bundle)
+    "no_identity",
+    "svid_no_certificate",
+    "svid_bad_certificate",
+    "svid_bad_leaf",
+    "svid_untrusted_domain",
+    "svid_bad_chain",
     "other",
 )
 _REASON_OF = {

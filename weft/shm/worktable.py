@@ -43,6 +43,7 @@ from weft.shm.slots import round_up
 __all__ = [
     "BOOTING",
     "DRAINING",
+    "NOT_READY",
     "READY",
     "STATE_NAMES",
     "WorkerInfo",
@@ -54,7 +55,9 @@ __all__ = [
 BOOTING = 1
 READY = 2
 DRAINING = 3
-STATE_NAMES = {BOOTING: "BOOTING", READY: "READY", DRAINING: "DRAINING"}
+# Up and serving, but not taking new work it could fail: no usable X.509-SVID (`weft.spiffe`).
+NOT_READY = 4
+STATE_NAMES = {BOOTING: "BOOTING", READY: "READY", DRAINING: "DRAINING", NOT_READY: "NOT_READY"}
 
 # Word indexes inside the seqlock record (after the owner and sequence words).
 _PID, _SLOT, _GENERATION, _STATE, _ACKED, _HEARTBEAT, _INFLIGHT, _REQUESTS = range(8)

@@ -8,7 +8,9 @@ parent-death signal, the worker watches a pipe whose write end only the supervis
 (EOF = parent gone): the prctl is Linux-only and bound to the forking *thread*.
 
 Its row: the worker claims a worker-table row (BOOTING), marks it READY once every listener
-accepts, DRAINING when it stops accepting, and stamps a heartbeat every second.
+accepts, DRAINING when it stops accepting, and stamps a heartbeat every second. With
+``[spiffe]``, READY waits for a usable X.509-SVID, and the row reads NOT_READY while the worker
+has none (it expired unrenewed: `weft.spiffe`).
 
 Exit codes: 0 after a drain, `WORKER_BOOT_ERROR` when it failed before READY (the supervisor
 stops at first start, or rolls a reload back), 1 for a failure after READY. `os._exit` is used
@@ -31,11 +33,13 @@ from weft.bufpool import BufferPool
 from weft.dst import Position
 from weft.forward import Inflight
 from weft.handler import Middleware, load_all_middleware
+from weft.identity_process import directory_for
 from weft.observer import DestinationObserver
 from weft.outcome import Observer
 from weft.retry_middleware import RetryBudget
 from weft.schema import Config, Destination, Route
-from weft.shm.worktable import BOOTING, DRAINING, READY
+from weft.shm.worktable import BOOTING, DRAINING, NOT_READY, READY
+from weft.spiffe import WorkerIdentity
 from weft.workers.postfork import Preamble
 from weft.workers.shared import (
     SharedState,
@@ -67,6 +71,7 @@ class ChildHooks(Hooks):
         self.columns = columns
         self.parent_fd = parent_fd
         self.is_ready = False
+        self.is_draining = False
         self.published = (0, 0)  # (in-flight, requests) last written to the row
 
     def inflight_for(self, dest: Destination) -> Inflight | None:
@@ -106,7 +111,12 @@ class ChildHooks(Hooks):
         self.row.set_state(READY)
 
     def draining(self) -> None:
+        self.is_draining = True
         self.row.set_state(DRAINING)
+
+    def identity_usable(self, usable: bool) -> None:
+        if self.is_ready and not self.is_draining:
+            self.row.set_state(READY if usable else NOT_READY)
 
     def heartbeat(self, inflight: int, requests: int) -> None:
         old_inflight, old_requests = self.published
@@ -136,6 +146,10 @@ def run(
         preamble.apply(ignore=(signal.SIGHUP,))
         os.set_blocking(parent_fd, False)
         hooks = ChildHooks(state, slot, generation, columns, parent_fd)
+        if config.spiffe is not None:
+            hooks.identity = WorkerIdentity(
+                config, directory_for(config.instance), state.identity_generation
+            )
         middleware: dict[str, list[Middleware]] = load_all_middleware(config)
         # What exists now (modules, config, tables) lives as long as the worker: freeze it so
         # that full collections stop rescanning it, and collect the young generation less

@@ -21,7 +21,10 @@ One segment, ``/weft-<instance>-state``, laid out as:
   ejection or open breaker;
 * the **rate-limit keys** (`weft.shm.table.KeyedTable`, ``[limits.rate_table] capacity``
   entries of one word, a key's GCRA time, `weft.backpressure`): every worker decides on the
-  same word, so a limit is exact across workers, and the buckets survive reloads.
+  same word, so a limit is exact across workers, and the buckets survive reloads;
+* the **identity generation**: one word the identity process stores after it published a new
+  SVID or bundle (`weft.identity`); a worker compares it with the generation it loaded at each
+  handshake that needs its SVID (`weft.spiffe`): one atomic load, and a re-read only on change.
 
 Beside it, in a segment of its own (``/weft-<instance>-buffers``, sized by ``[buffers] memory``),
 the **buffer pool** (`weft.bufpool`): the supervisor creates it at start and hands it over with
@@ -110,6 +113,10 @@ class SharedState:
         off = _align(off + EndpointTable.size_for(columns))
         # Rate-limit keys (`weft.backpressure`): one value word, the key's TAT.
         self.rate_table = KeyedTable(atomics, off, rate_keys, 1)
+        off = _align(off + KeyedTable.size_for(rate_keys, 1))
+        # The identity generation (`weft.spiffe`): one word, on a cache line of its own.
+        self._identity_word = off
+        self._atomics = atomics
         # What the supervisor releases when a worker dies. The in-flight rows are found
         # through the worker table's, so they go first.
         self.owners = OwnerRegistry()
@@ -128,6 +135,7 @@ class SharedState:
             + _align(PositionTable.size_for(columns))
             + _align(EndpointTable.size_for(columns))
             + _align(KeyedTable.size_for(rate_keys, 1))
+            + ALIGN  # the identity generation
             + 4096  # the segment header
         )
 
@@ -149,6 +157,14 @@ class SharedState:
         shape = seg.size - 24
         load = seg.atomics.load
         return cls(seg, load(shape), load(shape + 8), load(shape + 16))
+
+    def identity_generation(self) -> int:
+        """The generation of the identity the identity process published last (0: none yet)."""
+        return self._atomics.load(self._identity_word)
+
+    def publish_identity(self, generation: int) -> None:
+        """Called by the identity process after it wrote `generation`'s files (`weft.identity`)."""
+        self._atomics.store(self._identity_word, generation)
 
     def add_buffers(self, pool: BufferPool) -> None:
         """Make `pool` (`BufferPool.create`, its own segment) part of this state: processes

@@ -43,6 +43,7 @@ from collections.abc import AsyncIterator, Callable
 import trio
 
 from weft import metrics as metrics_mod
+from weft import spiffe
 from weft.accesslog import AccessLog
 from weft.arena_pool import ArenaPool
 from weft.backpressure import SharedLimiter, private_table, sweep_idle_ns
@@ -62,6 +63,7 @@ from weft.prober import Prober
 from weft.redis_limiter import RedisLimiter
 from weft.retry_middleware import RetryBudget
 from weft.schema import Config, Destination, Listener, RateLimitBackend, Route
+from weft.spiffe import WorkerIdentity
 from weft.workers.state import ServerState
 
 log = logging.getLogger("weft.worker")
@@ -97,6 +99,8 @@ class Hooks:
     _limiter: SharedLimiter | None = None
     _redis: RedisLimiter | None = None
     _buffers: BufferPool | None = None
+    #: the SVID and bundles of ``[spiffe]`` (`weft.spiffe`); None without it
+    identity: WorkerIdentity | None = None
 
     def inflight_for(self, dest: Destination) -> Inflight | None:
         """Shared in-flight counts for a destination, or None for this process's own."""
@@ -150,6 +154,9 @@ class Hooks:
     def ready(self) -> None:
         """Every listener accepts."""
 
+    def identity_usable(self, usable: bool) -> None:
+        """The SVID became unusable (expired unrenewed) or usable again (`weft.spiffe`)."""
+
     def draining(self) -> None:
         """The worker stopped accepting and is finishing its requests."""
 
@@ -190,11 +197,13 @@ class Worker:
     ) -> None:
         self.config = config
         self.hooks = hooks or Hooks()
+        self.identity = self.hooks.identity
         self.pools = UpstreamPools(
             config.destinations.values(),
             config.upstream_max_connections,
             config.timeouts.upstream_connect,
         )
+        self.pools.identity = self.identity
         self.app = App(config, self.pools, middleware, hooks=self.hooks)
         observers = {
             name: fw.observer
@@ -314,10 +323,12 @@ class Worker:
             if listener is None or listener.tls is None:
                 transport = TCPTransport(sock)
             else:
+                lt, timeout = listener.tls, self.config.timeouts.tls_handshake
                 try:
-                    transport = await tls.accept(
-                        sock, listener.tls.context, self.config.timeouts.tls_handshake
-                    )
+                    if lt.spiffe:
+                        transport = await spiffe.accept(self.identity, sock, lt, timeout)
+                    else:
+                        transport = await tls.accept(sock, lt.context, timeout)
                 except tls_errors.HandshakeFailed as e:
                     name = f"{listener.address}:{listener.port}"
                     self.tls_failures[(name, e.reason)] += 1
@@ -437,6 +448,8 @@ async def _serve(
 ) -> None:
     worker = Worker(config, middleware, hooks)
     listeners = sockets
+    if worker.identity is not None and config.spiffe is not None:
+        await worker.identity.wait_first(config.spiffe.first_fetch_timeout)
     if _early_signals:
         log.info("got %s while starting: draining", signal.Signals(_early_signals[0]).name)
         worker.stop.set()
@@ -458,6 +471,8 @@ async def _serve(
                 service.start_soon(_run_prober, worker.prober, probing)
             if hooks.parent_fd is not None:
                 service.start_soon(_watch_parent, worker, hooks.parent_fd)
+            if worker.identity is not None:
+                service.start_soon(spiffe.follow, worker.identity, hooks.identity_usable)
             async with trio.open_nursery() as conns:
                 if signals is not None:
                     service.start_soon(_watch_signals, worker, signals, conns.cancel_scope)
