@@ -366,6 +366,27 @@ def test_mtls_clients_are_verified_in_their_own_trust_domain_and_authorized_by_i
     assert "spiffe://example.org/backend" in [str(v) for r in denied for v in r.values()]
 
 
+def test_optional_client_auth_serves_anonymous_clients_where_no_identity_is_needed(
+        agent, pki, upstream, weft, free_port):
+    """``client_auth = "optional"``: a client without a certificate is served on a route
+    without authorize and refused (403) on one with it; a client with a certificate must still
+    present a valid SVID of its own trust domain, or the handshake is refused."""
+    up = upstream("app")
+    port = free_port()
+    give_x509(agent, pki, weft_svid(pki))
+    weft(spiffe_config(port, agent.uri, client_auth="optional")
+         + destination("app", [up.address])
+         + route("app", path_prefix="/frontend", strip_prefix=True)
+         + authorize(allow_ids=[FRONTEND])
+         + route("app"))
+    anonymous = pki.context()
+    wait_served(port, anonymous)
+    assert request(port, "/frontend/echo", anonymous).status == 403
+    assert request(port, "/frontend/echo", pki.context("frontend")).status == 200
+    assert refused(port, pki.context("forged")) is not None
+    closed_before_any_http(port, pki.context("forged"))
+
+
 def weft_records(path: Path) -> list[dict[str, object]]:
     out = []
     if path.exists():
