@@ -61,6 +61,11 @@ _AUTHORIZE_KEYS = ("allow_ids", "allow_trust_domains", "allow_path_prefixes")
 _JWT_KEYS = ("audience", "algorithms")
 
 
+# Seconds a booting worker waits beyond first_fetch_timeout for the identity process's reason
+# (`weft.spiffe.WorkerIdentity.wait_first`).
+FIRST_GRACE = 1.0
+
+
 def _spiffe_id(v: Any) -> SpiffeId:
     try:
         return SpiffeId.parse(cr.string(v))
@@ -342,11 +347,11 @@ def check_references(
         for key in users:
             r.error(key, "needs a [spiffe] table: where weft gets its SVID and trust bundles")
         return
-    if spiffe.first_fetch_timeout >= boot_timeout:
+    if spiffe.first_fetch_timeout + FIRST_GRACE >= boot_timeout:
         r.error(
             "spiffe.first_fetch_timeout",
-            f"must be below server.boot_timeout ({boot_timeout:g}s): a worker is not ready "
-            "before its first SVID",
+            f"must be at least {FIRST_GRACE:g}s below server.boot_timeout ({boot_timeout:g}s): "
+            "a worker is not ready before its first SVID",
         )
     if spiffe.svid is None or not spiffe.svid.startswith("spiffe://"):
         return  # weft's own trust domain is known only once the Workload API answers

@@ -333,7 +333,7 @@ class _Identity:
                 f"no X.509-SVID from {self.settings.endpoint.uri} within "
                 f"{self.settings.first_fetch_timeout:g}s: {why}"
             )
-            log.error("spiffe: %s (workers stay not ready)", self.problem)
+            log.error("spiffe: %s (workers are not ready)", self.problem)
             self.publish()
 
     async def expiry(self) -> None:

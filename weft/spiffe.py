@@ -42,6 +42,7 @@ import trio
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from weft.config_spiffe import FIRST_GRACE
 from weft.http import tls
 from weft.http.tls import TLSTransport
 from weft.http.tls_errors import HandshakeFailed, UpstreamTLSError
@@ -216,12 +217,15 @@ class WorkerIdentity:
 
     async def wait_first(self, timeout: float) -> None:
         """Until an SVID is usable (a worker's boot). Raises IdentityUnavailable with the
-        identity process's reason after `timeout`."""
-        with trio.move_on_after(timeout):
+        identity process's reason once it reported one (it gives up on the first SVID after
+        the same `timeout`), or after `timeout` and `FIRST_GRACE` without any word from it."""
+        with trio.move_on_after(timeout + FIRST_GRACE):
             while True:
                 self.refresh()
                 if self.usable:
                     return
+                if self.generation and self.problem and self.svid is None:
+                    break
                 await trio.sleep(FIRST_POLL)
         raise IdentityUnavailable(
             f"spiffe: no usable X.509-SVID within first_fetch_timeout ({timeout:g}s): "
