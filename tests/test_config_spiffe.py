@@ -8,7 +8,7 @@ import pytest
 from support.config import MINIMAL_CONFIG, config_errors
 from support.config import load_text as load
 
-from weft.schema import AuthorizeRule, JwtSvidPolicy, SpiffeConfig
+from weft.schema import AuthorizeRule, JwtSvidPolicy, SpiffeConfig, UpstreamJwtSvid
 from weft.spiffe_id import PathPrefix, SpiffeId
 
 SPIFFE = """
@@ -240,7 +240,35 @@ MISTAKES = [
         "routes[0].jwt_svid.audience",
         "expected an audience",
     ),
+    # [routes.upstream_jwt_svid]
+    ({"route": "[routes.upstream_jwt_svid]\n"}, "routes[0].upstream_jwt_svid", 'needs "audience"'),
+    (
+        {"route": "[routes.upstream_jwt_svid]\naudience = []\n"},
+        "routes[0].upstream_jwt_svid.audience",
+        "at least one",
+    ),
+    (
+        {"route": '[routes.upstream_jwt_svid]\naudience = "a"\nheader = "x y"\n'},
+        "routes[0].upstream_jwt_svid.header",
+        "header field name",
+    ),
+    (
+        {"route": '[routes.upstream_jwt_svid]\naudience = "a"\nfoo = 1\n'},
+        "routes[0].upstream_jwt_svid.foo",
+        "unknown",
+    ),
 ]
+
+
+def test_upstream_jwt_svid_takes_one_audience_or_several(tmp_path):
+    one = '[routes.upstream_jwt_svid]\naudience = "spiffe://example.org/api"\n'
+    cfg = load(tmp_path, full(route=one))
+    assert cfg.routes[0].upstream_jwt_svid == UpstreamJwtSvid(("spiffe://example.org/api",))
+    two = '[routes.upstream_jwt_svid]\naudience = ["a", "b"]\nheader = "X-Token"\n'
+    cfg = load(tmp_path, full(route=two))
+    assert cfg.routes[0].upstream_jwt_svid == UpstreamJwtSvid(("a", "b"), "x-token")
+    errors = config_errors(tmp_path, full(spiffe="", listener="", dest="", route=one))
+    assert [e.split(": ")[1] for e in errors] == ["routes[0].upstream_jwt_svid"]
 
 
 @pytest.mark.parametrize(
