@@ -391,6 +391,7 @@ _ROUTE_KEYS = (
     "rate_limit",
     "authorize",
     "jwt_svid",
+    "metrics_principal",
 )
 
 
@@ -509,6 +510,7 @@ def _read_routes(
         jwt_svid = (
             read_jwt_svid(r, t.pop("jwt_svid"), f"{path}.jwt_svid") if "jwt_svid" in t else None
         )
+        by_principal = r.take(t, "metrics_principal", path, cr.boolean, False)
         r.unknown(t, path, _ROUTE_KEYS)
         route = Route(
             name,
@@ -525,6 +527,7 @@ def _read_routes(
             limits_,
             authorize,
             jwt_svid,
+            by_principal,
         )
         out.append((i, route, len(r.errors) == errors_before))
     return out

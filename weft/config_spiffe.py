@@ -22,7 +22,8 @@ What is refused rather than accepted and ignored:
 * A path prefix without its trailing ``/`` (`weft.spiffe_id.PathPrefix`: it matches below).
 
 That SPIFFE features have a ``[spiffe]`` table to get their identity from is checked by
-`check_references` once the whole file was read.
+`check_references` once the whole file was read; so is a route's ``metrics_principal = true``,
+which reads the principal: without ``[spiffe]`` no request has one.
 """
 
 from __future__ import annotations
@@ -327,9 +328,17 @@ def check_references(
     ]
     users += [f"routes[{i}].authorize" for i, rt in routes if rt.authorize]
     users += [f"routes[{i}].jwt_svid" for i, rt in routes if rt.jwt_svid is not None]
+    # What reads the principal, which only SPIFFE sets: without it, one label.
+    readers = [f"routes[{i}].metrics_principal" for i, rt in routes if rt.metrics_principal]
     if spiffe is None:
         for key in users:
             r.error(key, "needs a [spiffe] table: where weft gets its SVID and trust bundles")
+        for key in readers:
+            r.error(
+                key,
+                "the principal is a request's SPIFFE ID, which needs a [spiffe] table "
+                "(without one no request has a principal)",
+            )
         return
     if spiffe.first_fetch_timeout >= boot_timeout:
         r.error(

@@ -347,6 +347,8 @@ class Route:
     rate_limits: tuple[RateLimit, ...] = ()  # all must admit
     authorize: tuple[AuthorizeRule, ...] = ()  # any may admit; () : no check
     jwt_svid: JwtSvidPolicy | None = None
+    # weft_principal_requests_total counts this route's requests by principal (weft.metrics)
+    metrics_principal: bool = False
 
 
 @dataclass(frozen=True, slots=True)
