@@ -14,7 +14,8 @@
   client's X.509-SVID ID that the TLS layer verified after the handshake
   (`weft.svid.verify_peer`), into both keys, and jwt_svid replaces the principal with the
   token's subject. Refused: **403**, reason word ``forbidden`` or ``no_identity``. Admitted:
-  ``ctx["principal"]`` is set, so a later rate limit may key on it.
+  ``ctx["principal"]`` is set. The access log, a ``metrics_principal`` route's metrics and a
+  ``key = "principal"`` rate limit (which `weft.builtins.ORDER` runs after these) read it.
 
 Where bundles come from is not this module's business: a `TrustSource` (the Workload API
 client keeps one current) is taken from `BuiltinContext.identity`, or the worker's hooks'
