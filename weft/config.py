@@ -398,6 +398,7 @@ _ROUTE_KEYS = (
     "authorize",
     "jwt_svid",
     "upstream_jwt_svid",
+    "metrics_principal",
 )
 
 
@@ -521,6 +522,7 @@ def _read_routes(
             if "upstream_jwt_svid" in t
             else None
         )
+        by_principal = r.take(t, "metrics_principal", path, cr.boolean, False)
         r.unknown(t, path, _ROUTE_KEYS)
         route = Route(
             name,
@@ -538,6 +540,7 @@ def _read_routes(
             authorize,
             jwt_svid,
             upstream_jwt,
+            by_principal,
         )
         out.append((i, route, len(r.errors) == errors_before))
     return out

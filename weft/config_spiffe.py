@@ -22,7 +22,9 @@ What is refused rather than accepted and ignored:
 * A path prefix without its trailing ``/`` (`weft.spiffe_id.PathPrefix`: it matches below).
 
 That SPIFFE features have a ``[spiffe]`` table to get their identity from is checked by
-`check_references` once the whole file was read.
+`check_references` once the whole file was read; so are the route keys that read the principal
+(``metrics_principal = true``, a rate limit's ``key = "principal"``), since without ``[spiffe]``
+no request has one.
 """
 
 from __future__ import annotations
@@ -379,9 +381,23 @@ def check_references(
     users += [
         f"routes[{i}].upstream_jwt_svid" for i, rt in routes if rt.upstream_jwt_svid is not None
     ]
+    # What reads the principal, which only SPIFFE sets: without it, one label and no limit.
+    readers = [f"routes[{i}].metrics_principal" for i, rt in routes if rt.metrics_principal]
+    readers += [
+        f"routes[{i}].rate_limit[{k}].key"
+        for i, rt in routes
+        for k, limit in enumerate(rt.rate_limits)
+        if limit.key == "principal"
+    ]
     if spiffe is None:
         for key in users:
             r.error(key, "needs a [spiffe] table: where weft gets its SVID and trust bundles")
+        for key in readers:
+            r.error(
+                key,
+                "the principal is a request's SPIFFE ID, which needs a [spiffe] table "
+                "(without one no request has a principal)",
+            )
         return
     if spiffe.first_fetch_timeout + FIRST_GRACE >= boot_timeout:
         r.error(

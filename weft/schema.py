@@ -359,6 +359,8 @@ class Route:
     authorize: tuple[AuthorizeRule, ...] = ()  # any may admit; () : no check
     jwt_svid: JwtSvidPolicy | None = None
     upstream_jwt_svid: UpstreamJwtSvid | None = None
+    # weft_principal_requests_total counts this route's requests by principal (weft.metrics)
+    metrics_principal: bool = False
 
 
 @dataclass(frozen=True, slots=True)
