@@ -1,5 +1,6 @@
 """The rate-limit config (`weft.config_ratelimit`): values, defaults, and one precise message
-per mistake, including principal keys, refused until the SPIFFE identity exists."""
+per mistake, including principal keys, refused without a [spiffe] table that gives requests
+one (the accepted case is in test_config_spiffe.py)."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def test_no_entry_means_no_limit_and_the_table_has_its_defaults(tmp_path):
 MISTAKES = [
     ('rate = "5/x"', "rate", "a rate like"),
     ("burst = 3", "rate", 'needs "rate"'),
-    ('rate = "1/s"\nkey = "principal"', "key", "SPIFFE identity"),
+    ('rate = "1/s"\nkey = "principal"', "key", "needs a [spiffe] table"),
     ('rate = "1/s"\nkey = "cookie:x"', "key", 'expected "client_ip"'),
     ('rate = "1/s"\nbackend = "memcached"', "backend", 'expected "local" or "redis"'),
     ('rate = "1/s"\nstatus = 500', "status", "429 or 503"),

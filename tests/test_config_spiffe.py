@@ -8,7 +8,7 @@ import pytest
 from support.config import MINIMAL_CONFIG, config_errors
 from support.config import load_text as load
 
-from weft.schema import AuthorizeRule, JwtSvidPolicy, SpiffeConfig
+from weft.schema import AuthorizeRule, JwtSvidPolicy, SpiffeConfig, UpstreamJwtSvid
 from weft.spiffe_id import PathPrefix, SpiffeId
 
 SPIFFE = """
@@ -104,7 +104,17 @@ def test_a_single_authorize_table_is_one_entry(tmp_path):
     )
 
 
+def test_routes_opt_in_to_the_principal_label_and_may_rate_limit_on_the_principal(tmp_path):
+    route = 'metrics_principal = true\n[[routes.rate_limit]]\nkey = "principal"\nrate = "10/s"\n'
+    cfg = load(tmp_path, full(route=route + ROUTE))
+    assert cfg.routes[0].metrics_principal is True
+    assert cfg.routes[0].rate_limits[0].key == "principal"
+    assert load(tmp_path, full()).routes[0].metrics_principal is False  # the default
+
+
 MISTAKES = [
+    # [routes] keys that read the principal
+    ({"route": "metrics_principal = 1\n"}, "routes[0].metrics_principal", "true or false"),
     # [spiffe]
     ({"spiffe": '[spiffe]\nendpoint = "/run/agent.sock"\n'}, "spiffe.endpoint", "unix:///"),
     ({"spiffe": '[spiffe]\nendpoint = "tcp://spire:8081"\n'}, "spiffe.endpoint", "IP address"),
@@ -240,7 +250,35 @@ MISTAKES = [
         "routes[0].jwt_svid.audience",
         "expected an audience",
     ),
+    # [routes.upstream_jwt_svid]
+    ({"route": "[routes.upstream_jwt_svid]\n"}, "routes[0].upstream_jwt_svid", 'needs "audience"'),
+    (
+        {"route": "[routes.upstream_jwt_svid]\naudience = []\n"},
+        "routes[0].upstream_jwt_svid.audience",
+        "at least one",
+    ),
+    (
+        {"route": '[routes.upstream_jwt_svid]\naudience = "a"\nheader = "x y"\n'},
+        "routes[0].upstream_jwt_svid.header",
+        "header field name",
+    ),
+    (
+        {"route": '[routes.upstream_jwt_svid]\naudience = "a"\nfoo = 1\n'},
+        "routes[0].upstream_jwt_svid.foo",
+        "unknown",
+    ),
 ]
+
+
+def test_upstream_jwt_svid_takes_one_audience_or_several(tmp_path):
+    one = '[routes.upstream_jwt_svid]\naudience = "spiffe://example.org/api"\n'
+    cfg = load(tmp_path, full(route=one))
+    assert cfg.routes[0].upstream_jwt_svid == UpstreamJwtSvid(("spiffe://example.org/api",))
+    two = '[routes.upstream_jwt_svid]\naudience = ["a", "b"]\nheader = "X-Token"\n'
+    cfg = load(tmp_path, full(route=two))
+    assert cfg.routes[0].upstream_jwt_svid == UpstreamJwtSvid(("a", "b"), "x-token")
+    errors = config_errors(tmp_path, full(spiffe="", listener="", dest="", route=one))
+    assert [e.split(": ")[1] for e in errors] == ["routes[0].upstream_jwt_svid"]
 
 
 @pytest.mark.parametrize(
@@ -262,6 +300,20 @@ def test_spiffe_features_without_a_spiffe_table_are_refused_where_they_are(tmp_p
         "routes[0].jwt_svid",
     ]
     assert all("needs a [spiffe] table" in e for e in errors)
+
+
+def test_what_reads_the_principal_without_a_spiffe_table_is_refused_at_its_key(tmp_path):
+    route = (
+        'metrics_principal = true\n[[routes.rate_limit]]\nrate = "1/s"\n'
+        '[[routes.rate_limit]]\nkey = "principal"\nrate = "1/s"\n'
+    )
+    errors = config_errors(tmp_path, full(spiffe="", listener="", dest="", route=route))
+    prefix = f"{tmp_path / 'weft.toml'}: "
+    assert [e.removeprefix(prefix).split(": ")[0] for e in errors] == [
+        "routes[0].metrics_principal",
+        "routes[0].rate_limit[1].key",
+    ]
+    assert all("SPIFFE ID, which needs a [spiffe] table" in e for e in errors), errors
 
 
 def test_every_mistake_of_a_file_is_reported_in_one_run(tmp_path):

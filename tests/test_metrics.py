@@ -22,12 +22,13 @@ from types import SimpleNamespace
 import pytest
 import trio
 from support.config import MINIMAL_CONFIG
-from support.prometheus import admin_get, parse, total
+from support.prometheus import admin_get, by_label, parse, promtool_check, total
 
 from weft import config, metrics, metrics_read
 from weft.admin import AdminServer, readiness, worker_of_slot
 from weft.connection import UpstreamPools
 from weft.shm.worktable import BOOTING, DRAINING, READY
+from weft.spiffe_id import SpiffeId
 
 BASE = MINIMAL_CONFIG
 
@@ -215,6 +216,118 @@ def test_counters_outlive_their_process_but_live_gauges_do_not(tmp_path, metrics
     assert total(after, "weft_config_generation") == 2
     assert total(after, "weft_reloads_total", result="ok") == 1
     assert total(after, "weft_worker_restarts_total") == 1
+
+
+# Route "web" opts in to the principal label; route "plain" does not. [spiffe] gives requests
+# their principals (the config refuses metrics_principal without it).
+BY_PRINCIPAL = """metrics_principal = true
+
+[[routes]]
+name = "plain"
+destination = "web"
+path_prefix = "/plain/"
+
+[spiffe]
+"""
+FRONTEND = SpiffeId("example.org", "/frontend")
+BATCH = SpiffeId("example.org", "/batch")
+
+
+def routed(cfg: config.Config, name: str, principal: SpiffeId | None) -> SimpleNamespace:
+    route = next(r for r in cfg.routes if r.name == name)
+    ctx = {} if principal is None else {"principal": principal}
+    return SimpleNamespace(method="GET", route=route, ctx=ctx, body=None, start=0.0)
+
+
+def answered(status: int) -> SimpleNamespace:
+    return SimpleNamespace(status=status, bytes_out=0)
+
+
+async def test_an_opted_in_route_counts_requests_by_principal_and_code_class(
+    tmp_path, metrics_dir
+):
+    cfg = load(tmp_path, BY_PRINCIPAL)
+    assert [r.metrics_principal for r in cfg.routes] == [True, False]
+    wm = metrics.WorkerMetrics(cfg, UpstreamPools(cfg.destinations.values(), 1, 1.0))
+    for principal, status in ((FRONTEND, 200), (FRONTEND, 201), (BATCH, 503), (None, 200)):
+        wm.exchange(routed(cfg, "web", principal), answered(status), None, ("h", 1), 0.01)
+    wm.abandoned(routed(cfg, "web", BATCH))  # a 499: counted as 4xx
+    wm.exchange(routed(cfg, "plain", FRONTEND), answered(200), None, ("h", 1), 0.01)
+
+    got = samples(metrics_dir)
+    family = "weft_principal_requests_total"
+    assert by_label(got, family, "principal", route="web") == {
+        "spiffe://example.org/frontend": 2, "spiffe://example.org/batch": 2, "": 1}
+    assert total(got, family, principal="spiffe://example.org/frontend", code_class="2xx") == 2
+    assert total(got, family, principal="spiffe://example.org/batch", code_class="5xx") == 1
+    assert total(got, family, principal="spiffe://example.org/batch", code_class="4xx") == 1
+    # a route without the key has no series at all; its requests are in weft_requests_total
+    assert not [labels for name, labels, _ in got if name == family and labels["route"] == "plain"]
+    assert total(got, "weft_requests_total", route="plain") == 1
+
+
+async def test_the_principal_label_is_bounded_per_route_and_worker(
+    tmp_path, metrics_dir, monkeypatch
+):
+    monkeypatch.setattr(metrics, "MAX_PRINCIPALS", 3)
+    cfg = load(tmp_path, BY_PRINCIPAL)
+    wm = metrics.WorkerMetrics(cfg, UpstreamPools(cfg.destinations.values(), 1, 1.0))
+    ids = [SpiffeId("example.org", f"/w{i}") for i in range(6)]
+    # 1. the first three principals get their own label; the next three are "other"
+    for sid in ids:
+        wm.exchange(routed(cfg, "web", sid), answered(200), None, ("h", 1), 0.01)
+    # 2. a principal that has a label keeps it after the bound is reached; none stays ""
+    wm.exchange(routed(cfg, "web", ids[0]), answered(200), None, ("h", 1), 0.01)
+    wm.exchange(routed(cfg, "web", None), answered(200), None, ("h", 1), 0.01)
+    wm.exchange(routed(cfg, "web", ids[5]), answered(200), None, ("h", 1), 0.01)
+    got = samples(metrics_dir)
+    assert by_label(got, "weft_principal_requests_total", "principal", route="web") == {
+        "spiffe://example.org/w0": 2,
+        "spiffe://example.org/w1": 1,
+        "spiffe://example.org/w2": 1,
+        "other": 4,
+        "": 1,
+    }
+
+
+def test_the_principal_family_adds_up_across_processes_and_passes_promtool(
+    tmp_path, metrics_dir
+):
+    (tmp_path / "weft.toml").write_text(BASE + BY_PRINCIPAL)
+    # 1. another worker process counts the frontend twice, and exits
+    script = (
+        "from types import SimpleNamespace as N\n"
+        "from weft import config, metrics\n"
+        "from weft.connection import UpstreamPools\n"
+        "from weft.spiffe_id import SpiffeId\n"
+        f"cfg = config.load({str(tmp_path / 'weft.toml')!r})\n"
+        "wm = metrics.WorkerMetrics(cfg, UpstreamPools(cfg.destinations.values(), 1, 1.0))\n"
+        "ctx = {'principal': SpiffeId('example.org', '/frontend')}\n"
+        "for _ in range(2):\n"
+        "    r = N(method='GET', route=cfg.routes[0], ctx=dict(ctx), body=None, start=0.0)\n"
+        "    wm.exchange(r, N(status=200, bytes_out=0), None, ('h', 1), 0.1)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=30, env={**os.environ, metrics.ENV: str(metrics_dir)},
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    # 2. this one counts it once more
+    cfg = load(tmp_path, BY_PRINCIPAL)
+    wm = metrics.WorkerMetrics(cfg, UpstreamPools(cfg.destinations.values(), 1, 1.0))
+    wm.exchange(routed(cfg, "web", FRONTEND), answered(200), None, ("h", 1), 0.01)
+    # 3. the aggregate sums both; this worker's own view has its one
+    labels = {"route": "web", "principal": "spiffe://example.org/frontend", "code_class": "2xx"}
+    assert total(samples(metrics_dir), "weft_principal_requests_total", **labels) == 3
+    assert total(samples(metrics_dir, os.getpid()), "weft_principal_requests_total", **labels) == 1
+    # 4. the exposition the admin listener would serve is one promtool accepts
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry()
+    registry.register(metrics_read.FilesCollector(metrics_dir))
+    text = generate_latest(registry).decode()
+    assert 'principal="spiffe://example.org/frontend"' in text
+    checked = promtool_check(text)
+    assert checked.returncode == 0 and not checked.stdout.strip(), checked.stdout + checked.stderr
 
 
 def test_metrics_are_off_without_a_directory_or_when_disabled(tmp_path, monkeypatch):

@@ -4,13 +4,18 @@ principal outside the allow-list, the reason word for the access log, never a 50
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import h11
 import pytest
 from support.spiffe_certs import NOW, TrustDomain
 
 from weft.builtins import BUILTINS
+from weft.http.h1_request import make_request
+from weft.http.h2_request import build_request
 from weft.http.messages import BytesBody, Headers, Request, Response
 from weft.jwt_svid import parse_jwt_bundle
-from weft.schema import AuthorizeRule, JwtSvidPolicy
+from weft.schema import AuthorizeRule, JwtSvidPolicy, Limits
 from weft.spiffe_id import SpiffeId
 from weft.spiffe_middleware import make_authorize, make_jwt_svid
 
@@ -135,3 +140,54 @@ def test_the_builtins_run_jwt_svid_then_authorize_before_rate_limits_and_retries
     names = [n for n, _ in BUILTINS]
     assert names.index("jwt_svid") < names.index("authorize") < names.index("rate_limit")
     assert names.index("rate_limit") < names.index("retry")
+
+
+# -- where the principal comes from: the adapters copy the verified peer ------------------------
+
+
+def server(peer_id: SpiffeId | None) -> SimpleNamespace:
+    """What make_request and build_request read of their server."""
+    return SimpleNamespace(
+        limits=Limits(),
+        rid_header=b"x-request-id",
+        client=("127.0.0.1", 5000),
+        transport=SimpleNamespace(tls=True, peer_id=peer_id),
+        state=SimpleNamespace(draining=False),
+        _send_interim=None,
+    )
+
+
+def h1_request(peer_id: SpiffeId | None, authorization: bytes | None = None) -> Request:
+    conn = h11.Connection(h11.SERVER)
+    head = b"GET /x HTTP/1.1\r\nHost: h\r\n"
+    if authorization is not None:
+        head += b"Authorization: " + authorization + b"\r\n"
+    conn.receive_data(head + b"\r\n")
+    ev = conn.next_event()
+    assert isinstance(ev, h11.Request)
+    return make_request(server(peer_id), conn, ev, b"GET", b"/x", b"HTTP/1.1", 0.0)  # type: ignore[arg-type]
+
+
+def h2_request(peer_id: SpiffeId | None) -> Request:
+    head = [(b":method", b"GET"), (b":path", b"/x"), (b":scheme", b"https"), (b":authority", b"h")]
+    stream = SimpleNamespace(
+        head=head, ended=True, trailers=None, chunks=[], body=None, expect_continue=False
+    )
+    return build_request(server(peer_id), stream)  # type: ignore[arg-type]
+
+
+async def test_the_adapters_make_the_verified_peer_the_principal(org, source):
+    peer = SpiffeId("example.org", "/frontend")
+    # 1. h1 and h2 alike: the peer's ID is both peer_id and the principal
+    for req in (h1_request(peer), h2_request(peer)):
+        assert req.ctx["peer_id"] is peer and req.ctx["principal"] is peer
+    # 2. a plain or unauthenticated client: neither key, so nothing keys on a missing identity
+    for req in (h1_request(None), h2_request(None)):
+        assert "peer_id" not in req.ctx and "principal" not in req.ctx
+    # 3. a route with [routes.jwt_svid]: the token's subject replaces the peer as the principal
+    token = org.jwt("k1", sub="/batch").encode()
+    req = h1_request(peer, b"Bearer " + token)
+    mw = make_jwt_svid(POLICY, source, wall_clock=lambda: NOW.timestamp())
+    assert (await chain(mw)(req)).status == 200
+    assert req.ctx["principal"] == SpiffeId("example.org", "/batch")
+    assert req.ctx["peer_id"] is peer

@@ -7,6 +7,7 @@ published, the first-fetch wait, and the per-trust-domain check of a client's ch
 from __future__ import annotations
 
 import json
+import os
 import ssl
 from pathlib import Path
 
@@ -16,7 +17,9 @@ from support.config import MINIMAL_CONFIG
 from support.config import load_text as load
 from support.spiffe_certs import Svid, TrustDomain
 
+from weft import status
 from weft.identity import IdentityStore
+from weft.identity_process import directory_for, remove_directory
 from weft.spiffe import IdentityUnavailable, WorkerIdentity, identity_settings
 from weft.svid import SvidError
 from weft.workload_api import EndpointError
@@ -205,3 +208,32 @@ def test_the_endpoint_comes_from_the_environment_when_the_file_names_none(tmp_pa
     assert settings.trust_domains == ("partner.example",)
     with pytest.raises(EndpointError, match="SPIFFE_ENDPOINT_SOCKET is empty"):
         identity_settings(cfg.spiffe, {})
+
+
+def test_status_shows_what_the_identity_process_published(domains) -> None:
+    instance = f"t{os.getpid()}idstatus"
+    assert status.identity(instance) is None  # no [spiffe]: no section
+    directory = directory_for(instance)
+    try:
+        pub = Published(directory)
+        pub.publish(None, {}, problem="no X.509-SVID from unix:///x within 1s: gone")
+        ident = status.identity(instance)
+        assert ident is not None and ident["spiffe_id"] is None
+        assert status._identity_line(ident) == (
+            "identity NONE: no X.509-SVID from unix:///x within 1s: gone"
+        )
+        a, _ = domains
+        manifest = json.loads((directory / "current.json").read_bytes())
+        assert manifest["problem"]
+        pub.store.publish(
+            {"svid": {"spiffe_id": "spiffe://example.org/weft", "not_after": 0.0}, "problem": None,
+             "bundles": {"example.org": "b.pem"}},
+            {"b.pem": a.ca_pem},
+        )  # fmt: skip
+        ident = status.identity(instance)
+        assert ident is not None and ident["trust_domains"] == ["example.org"]
+        assert status._identity_line(ident) == (
+            "identity spiffe://example.org/weft until 1970-01-01T00:00:00Z (generation 2)"
+        )
+    finally:
+        remove_directory(directory)

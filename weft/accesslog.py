@@ -6,9 +6,14 @@ system call on the hot path (measured: a third of the per-request time at 1 KiB 
 line-buffered stdout); a fifth of a second is as fresh as a tail needs. The last lines are
 flushed when the worker stops.
 
-Fields: time (RFC 3339, UTC, milliseconds), request_id, client, method, target, version, status,
-bytes_in, bytes_out, duration_ms, route, endpoint, upstream_ms, attempts (tries sent, 1 without
-[routes.retry]), error (reason word or null).
+Fields: time (RFC 3339, UTC, milliseconds), request_id, client, principal, method, target,
+version, status, bytes_in, bytes_out, duration_ms, route, endpoint, upstream_ms, attempts (tries
+sent, 1 without [routes.retry]), error (reason word or null), grpc_status (or null).
+
+``principal`` is the SPIFFE ID the request came with (``request.ctx["principal"]``: the client's
+verified X.509-SVID, or the subject of a JWT-SVID that ``[routes.jwt_svid]`` accepted), in its
+canonical ``spiffe://`` form; null without one. An ID is at most 2048 bytes of a restricted
+character set (`weft.spiffe_id`): bounded, and JSON needs no escape for it.
 """
 
 from __future__ import annotations
@@ -51,12 +56,14 @@ class AccessLog:
         ctx = request.ctx if request is not None else {}
         route = request.route.name if request is not None and request.route is not None else None
         up = ctx.get("upstream_time")
+        principal = ctx.get("principal")
         body_in = getattr(request.body, "received", 0) if request is not None else 0
         line = json.dumps(
             {
                 "time": _rfc3339(time.time()),
                 "request_id": request.id if request is not None else None,
                 "client": f"{client[0]}:{client[1]}",
+                "principal": str(principal) if principal is not None else None,
                 "method": request.method if request is not None else None,
                 "target": request.target if request is not None else None,
                 "version": request.http_version if request is not None else None,

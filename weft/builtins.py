@@ -55,7 +55,7 @@ BUILTINS: list[tuple[str, BuiltinFactory]] = []
 #: The chain's order, outermost first (ARCHITECTURE.md's request path): the token gives the
 #: principal that authorize decides on and a rate limit may key on; retries are innermost.
 #: `register` keeps BUILTINS in this order whatever order the modules are imported in.
-ORDER = ("jwt_svid", "authorize", "rate_limit", "retry")
+ORDER = ("jwt_svid", "authorize", "rate_limit", "upstream_jwt_svid", "retry")
 
 
 def register(name: str, factory: BuiltinFactory) -> None:

@@ -34,7 +34,13 @@ from weft.config_buffers import read_buffers
 from weft.config_h2 import read_h2_limits
 from weft.config_ratelimit import read_rate_limit_backend, read_rate_limits, read_rate_table
 from weft.config_resilience import read_breaker, read_health, read_outlier, read_retry
-from weft.config_spiffe import check_references, read_authorize, read_jwt_svid, read_spiffe
+from weft.config_spiffe import (
+    check_references,
+    read_authorize,
+    read_jwt_svid,
+    read_spiffe,
+    read_upstream_jwt_svid,
+)
 from weft.config_tls import read_listener_tls, read_upstream_tls
 from weft.schema import (
     ROUTE_TIMEOUTS,
@@ -391,6 +397,8 @@ _ROUTE_KEYS = (
     "rate_limit",
     "authorize",
     "jwt_svid",
+    "upstream_jwt_svid",
+    "metrics_principal",
 )
 
 
@@ -509,6 +517,12 @@ def _read_routes(
         jwt_svid = (
             read_jwt_svid(r, t.pop("jwt_svid"), f"{path}.jwt_svid") if "jwt_svid" in t else None
         )
+        upstream_jwt = (
+            read_upstream_jwt_svid(r, t.pop("upstream_jwt_svid"), f"{path}.upstream_jwt_svid")
+            if "upstream_jwt_svid" in t
+            else None
+        )
+        by_principal = r.take(t, "metrics_principal", path, cr.boolean, False)
         r.unknown(t, path, _ROUTE_KEYS)
         route = Route(
             name,
@@ -525,6 +539,8 @@ def _read_routes(
             limits_,
             authorize,
             jwt_svid,
+            upstream_jwt,
+            by_principal,
         )
         out.append((i, route, len(r.errors) == errors_before))
     return out

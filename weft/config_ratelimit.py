@@ -4,10 +4,12 @@
 user reads when one is wrong (`weft.backpressure` decides what the values mean). A route may
 have several entries, and all of them must admit a request.
 
+``key = "principal"`` keys on the request's SPIFFE ID (``request.ctx["principal"]``), which
+only a config with ``[spiffe]`` establishes: `weft.config_spiffe.check_references` refuses it
+without one, at the key's path.
+
 Refused with a reason rather than accepted and ignored:
 
-* ``key = "principal"``: the principal is the request's SPIFFE identity, which nothing sets
-  before the SPIFFE issue; a limit on it would treat every request as one key.
 * Keys of the other algorithm (``burst`` on a leaky bucket, ``queue``/``nodelay`` on a token
   bucket): they would do nothing.
 """
@@ -41,13 +43,8 @@ def parse_rate(v: Any) -> tuple[int, float]:
 
 def _key(v: Any) -> str:
     s = cr.string(v)
-    if s in ("client_ip", "route"):
+    if s in ("client_ip", "route", "principal"):
         return s
-    if s == "principal":
-        raise cr.Bad(
-            '"principal" needs the request\'s SPIFFE identity, which weft does not establish '
-            'yet: use "client_ip", "route" or "header:<name>"'
-        )
     kind, _, name = s.partition(":")
     if kind == "header" and name and cr.HEADER_NAME.match(name):
         return f"header:{name.lower()}"

@@ -22,7 +22,9 @@ What is refused rather than accepted and ignored:
 * A path prefix without its trailing ``/`` (`weft.spiffe_id.PathPrefix`: it matches below).
 
 That SPIFFE features have a ``[spiffe]`` table to get their identity from is checked by
-`check_references` once the whole file was read.
+`check_references` once the whole file was read; so are the route keys that read the principal
+(``metrics_principal = true``, a rate limit's ``key = "principal"``), since without ``[spiffe]``
+no request has one.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from weft.schema import (
     ListenerTLS,
     Route,
     SpiffeConfig,
+    UpstreamJwtSvid,
     UpstreamTLS,
 )
 from weft.spiffe_id import PathPrefix, SpiffeId, SpiffeIdError, parse_trust_domain
@@ -320,6 +323,38 @@ def read_jwt_svid(r: cr.Reader, raw: Any, path: str) -> JwtSvidPolicy | None:
     return JwtSvidPolicy(audience, algorithms)
 
 
+_UPSTREAM_JWT_KEYS = ("audience", "header")
+
+
+def read_upstream_jwt_svid(r: cr.Reader, raw: Any, path: str) -> UpstreamJwtSvid | None:
+    """``[routes.upstream_jwt_svid]``: ``audience`` (one or a list) and ``header``."""
+    t = r.table(raw, path)
+    if t is None:
+        return None
+    if "audience" not in t:
+        r.error(path, 'needs "audience": the upstream\'s SPIFFE ID or name its tokens carry')
+        r.unknown(t, path, _UPSTREAM_JWT_KEYS)
+        return None
+    raw_aud = t.pop("audience")
+    p = cr.join(path, "audience")
+    audience = _list(r, raw_aud if isinstance(raw_aud, list) else [raw_aud], p, _audience,
+                     'audiences like "spiffe://example.org/api"')  # fmt: skip
+    if isinstance(raw_aud, list) and not raw_aud:
+        r.error(p, "expected at least one audience")
+    header = r.take(t, "header", path, _header_name, "authorization")
+    r.unknown(t, path, _UPSTREAM_JWT_KEYS)
+    if not audience:
+        return None
+    return UpstreamJwtSvid(tuple(audience), header)
+
+
+def _header_name(v: Any) -> str:
+    s = cr.string(v).lower()
+    if not s or not all(c.isalnum() or c in "-_" for c in s):
+        raise cr.Bad(f"expected a header field name like \"authorization\", got {s!r}")
+    return s
+
+
 # -- cross-references ---------------------------------------------------------------------------
 
 
@@ -343,9 +378,26 @@ def check_references(
     ]
     users += [f"routes[{i}].authorize" for i, rt in routes if rt.authorize]
     users += [f"routes[{i}].jwt_svid" for i, rt in routes if rt.jwt_svid is not None]
+    users += [
+        f"routes[{i}].upstream_jwt_svid" for i, rt in routes if rt.upstream_jwt_svid is not None
+    ]
+    # What reads the principal, which only SPIFFE sets: without it, one label and no limit.
+    readers = [f"routes[{i}].metrics_principal" for i, rt in routes if rt.metrics_principal]
+    readers += [
+        f"routes[{i}].rate_limit[{k}].key"
+        for i, rt in routes
+        for k, limit in enumerate(rt.rate_limits)
+        if limit.key == "principal"
+    ]
     if spiffe is None:
         for key in users:
             r.error(key, "needs a [spiffe] table: where weft gets its SVID and trust bundles")
+        for key in readers:
+            r.error(
+                key,
+                "the principal is a request's SPIFFE ID, which needs a [spiffe] table "
+                "(without one no request has a principal)",
+            )
         return
     if spiffe.first_fetch_timeout + FIRST_GRACE >= boot_timeout:
         r.error(

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+import weft.jwt_fetch  # (registers upstream_jwt_svid)
 import weft.rate_limit_middleware
 import weft.retry_middleware  # (registers the retry built-in)
 import weft.spiffe_middleware  # noqa: F401  (registers jwt_svid and authorize, outermost)

@@ -7,8 +7,18 @@
   `weft.http.headers.client_address`), so a client cannot choose its key by forging the
   header; ``route`` is one key for the route; ``header:<name>`` is that header's value, and the
   client's address when the header is absent (a missing header must not put every such client
-  in one bucket, nor in none). Each key is prefixed with the route and the limit's index, so
-  two routes, or two limits of a route, never share a bucket.
+  in one bucket, nor in none); ``principal`` is the request's SPIFFE ID (``ctx["principal"]``:
+  the client's verified X.509-SVID, or the subject of a JWT-SVID ``[routes.jwt_svid]``
+  accepted, which runs before this), in its one canonical ``spiffe://`` spelling, so two
+  spellings of a workload cannot have two buckets. Each key is prefixed with the route and the
+  limit's index, so two routes, or two limits of a route, never share a bucket.
+* **No principal**: a ``principal`` limit does not count a request that has none, as nginx's
+  ``limit_req`` skips a request whose key is empty and Envoy sends no descriptor it cannot
+  build. The alternatives are worse: one shared bucket for every anonymous client lets one of
+  them starve the rest, and falling back to the client address (as ``header:`` does) would
+  mix two kinds of key in one limit. A route that must refuse anonymous callers says so with
+  ``[[routes.authorize]]`` (403 before any limit). A request that no limit of the route
+  counted goes on as if the route had none: no decision for the metrics, no fields.
 * **Refused**: the limit's status (429, or 503) with ``Retry-After`` in whole seconds rounded
   up, and the ``RateLimit-Policy`` / ``RateLimit`` fields (draft-ietf-httpapi-ratelimit-
   headers); the reason word ``rate_limited`` goes to the access log. Nothing reaches the
@@ -70,9 +80,13 @@ def make_rate_limit(
     redis_prefixes = [f"weft:{name}:".encode() for name in names]
     plan = list(zip(limits, prefixes, names, redis_prefixes, strict=True))
 
-    def key_of(kind: str, request: Request) -> bytes:
+    def key_of(kind: str, request: Request) -> bytes | None:
+        """The request's key for a limit of `kind`; None: the limit does not count it."""
         if kind == "route":
             return b""
+        if kind == "principal":
+            principal = request.ctx.get("principal")
+            return str(principal).encode() if principal is not None else None
         if kind.startswith("header:"):
             value = request.headers.get(kind[7:])
             if value is not None:
@@ -115,8 +129,12 @@ def make_rate_limit(
         least_name = ""
         least_i = 0
         delay = 0
+        counted = False
         for i, (limit, prefix, name, redis_prefix) in enumerate(plan):
             key = key_of(limit.key, request)
+            if key is None:
+                continue
+            counted = True
             if limit.backend == "redis" and redis is not None:
                 v = await _ask_redis(
                     request, limiter, redis, prefix + key, redis_prefix + key, limit
@@ -141,6 +159,8 @@ def make_rate_limit(
                 delay = v.delay_ns
             if least is None or v.remaining < least.remaining:
                 least, least_name, least_i = v, name, i
+        if not counted:  # only principal limits, and no principal (module docstring)
+            return await nxt(request)
         if delay:
             ctx["rate_limit"] = "delayed"
             await _wait(request, delay / 1e9)

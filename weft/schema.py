@@ -305,6 +305,15 @@ class JwtSvidPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamJwtSvid:
+    """``[routes.upstream_jwt_svid]``: weft's JWT-SVID for `audience`, sent upstream in
+    `header` (`weft.jwt_fetch`)."""
+
+    audience: tuple[str, ...]
+    header: str = "authorization"  # as "Bearer <token>"; another header gets the bare token
+
+
+@dataclass(frozen=True, slots=True)
 class Destination:
     name: str
     endpoints: tuple[Endpoint, ...]
@@ -349,6 +358,9 @@ class Route:
     rate_limits: tuple[RateLimit, ...] = ()  # all must admit
     authorize: tuple[AuthorizeRule, ...] = ()  # any may admit; () : no check
     jwt_svid: JwtSvidPolicy | None = None
+    upstream_jwt_svid: UpstreamJwtSvid | None = None
+    # weft_principal_requests_total counts this route's requests by principal (weft.metrics)
+    metrics_principal: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,11 +9,13 @@
   never the reason to the client. Valid: ``request.ctx["principal"]`` is the token's ``sub``.
   No bundles yet (the identity source has not answered): **503**, ``identity_unavailable``.
   Nothing a client sends makes a 500: `weft.jwt_svid.validate` raises only JwtSvidError.
-* **authorize**: the principal is ``ctx["principal"]`` (set by jwt_svid) or else
-  ``ctx["peer_id"]``, the client's X.509-SVID ID that the TLS layer verified after the
-  handshake (`weft.svid.verify_peer`) and the protocol adapter copied from
-  `Transport.peer_id`. Refused: **403**, reason word ``forbidden`` or ``no_identity``. Admitted:
-  ``ctx["principal"]`` is set, so a later rate limit may key on it.
+* **authorize**: the principal is ``ctx["principal"]``, else ``ctx["peer_id"]``. The protocol
+  adapters (`weft.http.h1_request`, `weft.http.h2_request`) copy `Transport.peer_id`, the
+  client's X.509-SVID ID that the TLS layer verified after the handshake
+  (`weft.svid.verify_peer`), into both keys, and jwt_svid replaces the principal with the
+  token's subject. Refused: **403**, reason word ``forbidden`` or ``no_identity``. Admitted:
+  ``ctx["principal"]`` is set. The access log, a ``metrics_principal`` route's metrics and a
+  ``key = "principal"`` rate limit (which `weft.builtins.ORDER` runs after these) read it.
 
 Where bundles come from is not this module's business: a `TrustSource` (the Workload API
 client keeps one current) is taken from `BuiltinContext.identity`, or the worker's hooks'

@@ -30,10 +30,16 @@ An endpoint's entry in ``destinations`` (JSON):
 ``weft_buffers_*`` gauges): ``size`` in bytes, ``in_use`` and ``total`` buffers. When the
 pool's segment cannot be read (the instance is stopping, or was started by a weft without a
 pool), ``{"available": false, "error": why}`` instead, and the rest of the status is shown.
+
+``identity`` (JSON, with ``[spiffe]``; null without): what the identity process published last
+(`weft.identity`): ``spiffe_id`` and ``not_after`` of weft's X.509-SVID (null while it has
+none), ``trust_domains`` whose bundles it holds, ``generation``, ``problem`` (why there is no
+SVID, null when all is well), and the state of its two Workload API watches.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -41,6 +47,8 @@ from typing import Any
 
 from weft import control, metrics, metrics_read
 from weft.bufpool import BufferPool
+from weft.identity import MANIFEST
+from weft.identity_process import directory_for
 from weft.observer import monotonic_ms, observed_states
 from weft.shm.segment import SegmentError
 from weft.shm.worktable import STATE_NAMES
@@ -86,6 +94,29 @@ def collect(pidfile: Path) -> dict[str, Any]:
         "admin": state.get("admin"),
         "destinations": destinations(state["instance"], observed),
         "buffers": buffers(state["instance"]),
+        "identity": identity(state["instance"]),
+    }
+
+
+def identity(instance: str) -> dict[str, Any] | None:
+    """The ``identity`` section: what the identity process published last (`weft.identity`),
+    None for an instance without ``[spiffe]`` (nothing published)."""
+    try:
+        manifest = json.loads((directory_for(instance) / MANIFEST).read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        return {"available": False, "error": str(e)}
+    svid = manifest.get("svid") or {}
+    return {
+        "endpoint": manifest.get("endpoint"),
+        "generation": manifest.get("generation"),
+        "spiffe_id": svid.get("spiffe_id"),
+        "not_after": svid.get("not_after"),
+        "trust_domains": sorted(manifest.get("bundles") or {}),
+        "problem": manifest.get("problem"),
+        "x509_watch": manifest.get("x509_watch"),
+        "jwt_watch": manifest.get("jwt_watch"),
     }
 
 
@@ -194,6 +225,10 @@ def render(info: dict[str, Any]) -> str:
     if info.get("buffers"):
         lines.append("")
         lines.extend(_buffer_lines(info["buffers"]))
+    ident = info.get("identity")
+    if ident:
+        lines.append("")
+        lines.append(_identity_line(ident))
     if info.get("admin"):
         lines.append("")
         lines.append(f"admin    http://{info['admin']}/ (/metrics, /healthz, /readyz, /status)")
@@ -209,6 +244,19 @@ _OBSERVED_HEADER = (
     f" {'health':<9} {'ejected':>7} {'ejections':>9} {'breaker':<9} {'trips':>5} "
     f"{'trial':>8} {'prober':>8}"
 )
+
+
+def _identity_line(ident: dict[str, Any]) -> str:
+    if ident.get("available") is False:
+        return f"identity unreadable: {ident.get('error')}"
+    if ident.get("spiffe_id"):
+        until = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ident["not_after"]))
+        text = f"identity {ident['spiffe_id']} until {until} (generation {ident['generation']})"
+    else:
+        text = "identity NONE"
+    if ident.get("problem"):
+        text += f": {ident['problem']}"
+    return text
 
 
 def _cell(value: Any) -> str:

@@ -227,7 +227,8 @@ conn: h11.Connection,
         req.ctx["close"] = True
     peer_id = srv.transport.peer_id
     if peer_id is not None:
-        req.ctx["peer_id"] = peer_id
+        # The principal until [routes.jwt_svid] replaces it with the token's subject.
+        req.ctx["peer_id"] = req.ctx["principal"] = peer_id
     return req
 
 

@@ -166,5 +166,6 @@ def build_request(srv: H2Server, stream: H2Stream) -> Request:
     request.client_watch = stream
     peer_id = srv.transport.peer_id
     if peer_id is not None:
-        request.ctx["peer_id"] = peer_id
+        # The principal until [routes.jwt_svid] replaces it with the token's subject.
+        request.ctx["peer_id"] = request.ctx["principal"] = peer_id
     return request

@@ -1,7 +1,8 @@
-"""What every child of the supervisor does first after `fork()`: one preamble, two users.
+"""What every child of the supervisor does first after `fork()`: one preamble, every child.
 
-The supervisor forks two kinds of children, trio workers (`weft.workers.child`) and the admin
-process (`weft.admin`). Both start life as a copy of the supervisor and must undo the same
+The supervisor forks three kinds of children, trio workers (`weft.workers.child`), the admin
+process (`weft.admin`) and, with ``[spiffe]``, the identity process (`weft.identity_process`).
+All start life as a copy of the supervisor and must undo the same
 inheritance before doing anything of their own, in this order:
 
 1. **Die with the parent**: ``prctl(PR_SET_PDEATHSIG, SIGTERM)`` makes the supervisor's death a
