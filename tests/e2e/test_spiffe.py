@@ -361,9 +361,9 @@ def test_mtls_clients_are_verified_in_their_own_trust_domain_and_authorized_by_i
         return None
 
     record = wait_for(logged, 5.0, "the access log line of /frontend/echo")
-    assert FRONTEND in [str(v) for v in record.values()], record
+    assert record["principal"] == FRONTEND, record
     denied = [r for r in weft_records(tmp_path / "access.log") if r.get("status") == 403]
-    assert "spiffe://example.org/backend" in [str(v) for r in denied for v in r.values()]
+    assert "spiffe://example.org/backend" in [r["principal"] for r in denied], denied
 
 
 def test_optional_client_auth_serves_anonymous_clients_where_no_identity_is_needed(
@@ -438,12 +438,13 @@ def _segments(header: dict[str, object], claims: dict[str, object]) -> str:
 
 
 def test_jwt_svids_are_checked_against_the_agents_jwt_bundles(agent, pki, upstream, weft,
-                                                              free_port):
+                                                              free_port, tmp_path):
     """1. The endpoint comes from $SPIFFE_ENDPOINT_SOCKET; the JWT bundles of example.org
        and partner.example from the agent's FetchJWTBundles.
     2. Valid tokens (ES256, RS256, PS256; a partner token checked with partner keys) pass.
     3. Every bad token is 401 ``Bearer error="invalid_token"``; none is plain 401 ``Bearer``.
-    4. A valid token whose subject the route's authorize does not admit is 403."""
+    4. A valid token whose subject the route's authorize does not admit is 403.
+    5. The access log's principal is the token's subject, null for a refused token."""
     up = upstream("app")
     port = free_port()
     ex, partner = pki.example, pki.partner
@@ -452,7 +453,7 @@ def test_jwt_svids_are_checked_against_the_agents_jwt_bundles(agent, pki, upstre
     partner.jwt_key("pa-es", "ES256")
     give_x509(agent, pki, weft_svid(pki))
     agent.command_sync("jwt", bundles={td.id: td.jwks_json().decode() for td in (ex, partner)})
-    weft(spiffe_config(port, None, client_auth="none")
+    weft(spiffe_config(port, None, client_auth="none", access_log=tmp_path / "access.log")
          + destination("app", [up.address])
          + route("app")
          + table("[routes.jwt_svid]", {"audience": AUDIENCE,
@@ -502,6 +503,18 @@ def test_jwt_svids_are_checked_against_the_agents_jwt_bundles(agent, pki, upstre
     assert request(port, "/echo", ctx,
                    headers=bearer(ex.jwt("ex-es", sub="/backend", exp=later))).status == 403
     assert up.stats()["requests"] == 0
+    # 5. who the access log names
+    def logged() -> list[dict[str, object]] | None:
+        records = weft_records(tmp_path / "access.log")
+        return records if len([r for r in records if r.get("status") == 403]) == 1 else None
+
+    records = wait_for(logged, 5.0, "the access log line of the 403")
+    by_status: dict[object, set[object]] = {}
+    for r in records:
+        by_status.setdefault(r["status"], set()).add(r["principal"])
+    assert by_status[200] >= {FRONTEND, "spiffe://partner.example/billing"}, by_status
+    assert by_status[401] == {None}, by_status
+    assert by_status[403] == {"spiffe://example.org/backend"}, by_status
 
 
 # -- upstream mTLS --------------------------------------------------------------------------------
