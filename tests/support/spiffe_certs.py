@@ -4,7 +4,9 @@ One `TrustDomain` per SPIFFE trust domain: its CA (a self-signed root whose URI 
 domain's ID, as SPIRE makes them), X.509-SVIDs signed by it (`svid`), and JWT signing keys with
 their ``kid`` published as a JWKS (`jwks`) and tokens signed by them (`jwt`). The unit tests of
 `weft.svid` and `weft.jwt_svid` use it, and a fake Workload API server can serve the same
-objects (``td.ca_der``, ``svid.chain_der``, ``svid.key_der``, ``td.jwks_json()``).
+objects (``td.ca_der``, ``svid.chain_der``, ``svid.key_der``, ``td.jwks_json()``); the test
+agent of tests/support/workload_api_server.py takes them as `agent_svid` and `agent_bundle`
+shape them. A client or upstream outside weft loads an SVID from files (`Svid.write`).
 
 Variants for the refusals the SPIFFE rules demand are keyword arguments of `svid`: more than
 one URI SAN (``uris=[...]``), a CA bit on a leaf (``ca=True``), no digitalSignature
@@ -15,9 +17,11 @@ P-256 (a millisecond each), RSA 2048 only where a test needs RS256/PS256 (made o
 
 from __future__ import annotations
 
+import base64
 import datetime
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import jwt
@@ -75,6 +79,22 @@ class Svid:
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
+
+    @property
+    def spiffe_id(self) -> str:
+        """The first URI SAN (an SVID has exactly one; the bad variants may have more)."""
+        san = self.cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        return san.value.get_values_for_type(x509.UniformResourceIdentifier)[0]
+
+    def write(self, directory: Path, stem: str) -> tuple[Path, Path]:
+        """The chain and the key as ``<stem>.pem`` and ``<stem>.key`` (0600) in `directory`,
+        for `ssl.SSLContext.load_cert_chain`, curl or an upstream."""
+        directory.mkdir(parents=True, exist_ok=True)
+        cert, key = directory / f"{stem}.pem", directory / f"{stem}.key"
+        cert.write_bytes(self.chain_pem)
+        key.write_bytes(self.key_pem)
+        key.chmod(0o600)
+        return cert, key
 
 
 @dataclass
@@ -284,3 +304,22 @@ def _ca_cert(
         )
         .sign(issuer_key, hashes.SHA256())
     )
+
+
+def agent_bundle(td: TrustDomain) -> str:
+    """A trust domain's X.509 bundle as the test agent's ``x509`` command takes it (a
+    ``federated`` value): base64 of the DER."""
+    return base64.b64encode(td.ca_der).decode()
+
+
+def agent_svid(td: TrustDomain, svid: Svid, hint: str = "") -> dict[str, str]:
+    """`svid` as the test agent's ``x509`` command takes it (`wapi_certs.Svid.as_json`'s
+    form): the chain DER concatenated, the PKCS#8 key, and `td`'s bundle, each base64."""
+    b64 = base64.b64encode
+    return {
+        "spiffe_id": svid.spiffe_id,
+        "x509_svid": b64(b"".join(svid.chain_der)).decode(),
+        "x509_svid_key": b64(svid.key_der).decode(),
+        "bundle": agent_bundle(td),
+        "hint": hint,
+    }

@@ -54,7 +54,8 @@ arrives within S seconds (a keep-alive timeout, not announced in the response).
 TLS (``--tls-cert PEM --tls-key PEM``, and ``--tls-client-ca PEM`` to require client
 certificates): every accepted connection is wrapped before it is served, its handshake in its
 own thread (a failed one closes that connection only); ``/echo`` then also reports
-``tls_client``, the common name of the client's certificate (null without one).
+``tls_client``, the common name of the client's certificate (null without one), and
+``tls_client_uris``, its URI SANs (a SPIFFE ID; [] without one).
 
 A request that carries ``Expect: 100-continue`` gets ``100 Continue`` before its body is read,
 on every path. ``Connection: close`` from the client (or ``?close=1``) closes after the
@@ -697,6 +698,7 @@ class Conn:
             "connection_id": self.connection_id,
             "request_index_on_connection": self.request_index,
             "tls_client": _client_cn(self.sock),
+            "tls_client_uris": _client_uris(self.sock),
         }
 
     def _hash_body(self) -> tuple[int, str]:
@@ -941,6 +943,14 @@ def _client_cn(sock: socket.socket) -> str | None:
             if key == "commonName":
                 return str(value)
     return None
+
+
+def _client_uris(sock: socket.socket) -> list[str]:
+    """The URI SANs of a TLS client's certificate (a SPIFFE ID), [] without TLS or certificate."""
+    if not isinstance(sock, ssl.SSLSocket):
+        return []
+    cert = sock.getpeercert()
+    return [str(v) for k, v in (cert or {}).get("subjectAltName", ()) if k == "URI"]
 
 
 def _tls_context(cert: str, key: str, client_ca: str | None) -> ssl.SSLContext:
