@@ -52,6 +52,7 @@ import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,11 @@ class IdentitySettings:
     svid: str = ""  # a SPIFFE ID or a hint; "" is the first SVID
     trust_domains: tuple[str, ...] = ()  # besides the selected SVID's own trust domain
     first_fetch_timeout: float = 10.0
+
+
+def iso_time(t: float) -> str:
+    """A Unix time as the logs write it (UTC, ISO 8601)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 def trust_domain_of(spiffe_id_or_td: str) -> str:
@@ -320,9 +326,10 @@ class _Identity:
         self.jwt = resp
         self.publish()
 
-    def on_error(self, error: Exception) -> None:
+    def on_error(self, watch: str, error: Exception) -> None:
         level = logging.DEBUG if isinstance(error, WireError) else logging.WARNING
-        log.log(level, "spiffe: Workload API at %s: %s", self.settings.endpoint.uri, error)
+        uri = self.settings.endpoint.uri
+        log.log(level, "spiffe: Workload API at %s, %s watch: %s", uri, watch, error)
 
     async def first_fetch(self) -> None:
         """Report, once, an SVID that did not come within ``first_fetch_timeout``."""
@@ -343,7 +350,7 @@ class _Identity:
             left = math.inf if self.expires is None else self.expires - self.clock()
             if left <= 0 and self.x509 is not None:
                 self.problem = (
-                    f"the X.509-SVID expired at {time.ctime(self.expires)} and the agent "
+                    f"the X.509-SVID expired at {iso_time(self.expires)} and the agent "
                     f"sent no new one (last error: {self.client.x509_state.last_error})"
                 )
                 log.error("spiffe: %s; workers are not ready", self.problem)
@@ -368,8 +375,10 @@ async def run_identity(
     client = client or WorkloadAPIClient(settings.endpoint)
     identity = _Identity(settings, store, client, bump, clock)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(client.watch_x509, identity.on_x509, identity.on_error)
-        nursery.start_soon(client.watch_jwt_bundles, identity.on_jwt, identity.on_error)
+        nursery.start_soon(client.watch_x509, identity.on_x509, partial(identity.on_error, "X.509"))
+        nursery.start_soon(
+            client.watch_jwt_bundles, identity.on_jwt, partial(identity.on_error, "JWT bundle")
+        )
         nursery.start_soon(identity.first_fetch)
         nursery.start_soon(identity.expiry)
         task_status.started()

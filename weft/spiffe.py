@@ -47,7 +47,7 @@ from weft.http import tls
 from weft.http.tls import TLSTransport
 from weft.http.tls_errors import HandshakeFailed, UpstreamTLSError
 from weft.http.transport import TCPTransport
-from weft.identity import IdentitySettings, Published, read_current
+from weft.identity import IdentitySettings, Published, iso_time, read_current
 from weft.jwt_svid import JwtBundle, parse_jwt_bundle
 from weft.schema import Config, ListenerTLS, SpiffeConfig, UpstreamTLS
 from weft.spiffe_id import SpiffeId
@@ -191,7 +191,7 @@ class WorkerIdentity:
                 "spiffe: generation %d: SVID %s until %s, bundles of %s",
                 pub.generation,
                 self.spiffe_id,
-                time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.expires)),
+                iso_time(self.expires),
                 ", ".join(sorted(bundles)) or "no trust domain",
             )
 
@@ -212,7 +212,7 @@ class WorkerIdentity:
 
     def why_unusable(self) -> str:
         if self.svid is not None and self.expires <= self._clock():
-            return f"the X.509-SVID {self.spiffe_id} expired at {time.ctime(self.expires)}"
+            return f"the X.509-SVID {self.spiffe_id} expired at {iso_time(self.expires)}"
         return self.problem or "no X.509-SVID"
 
     async def wait_first(self, timeout: float) -> None:
