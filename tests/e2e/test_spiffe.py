@@ -28,7 +28,9 @@ import hashlib
 import hmac
 import http.client
 import json
+import os
 import re
+import signal
 import socket
 import ssl
 import threading
@@ -45,7 +47,7 @@ from support.config import base_config, destination, route, table
 from support.procs import start_upstream, unique_instance, wait_for
 from support.prometheus import admin_answers, admin_get
 from support.spiffe_certs import Svid, TrustDomain, agent_bundle, agent_svid
-from support.supervised import pidfile_in, run_weft_to_exit
+from support.supervised import Supervised, pidfile_in, run_weft_to_exit, start_supervised
 from support.workload_api_server import WorkloadAPIServer
 
 pytestmark = pytest.mark.e2e
@@ -754,3 +756,67 @@ def test_an_expired_svid_is_never_presented_and_makes_weft_unready(agent, pki, u
     assert request(port, "/echo", ctx).status == 200
     wait_for(lambda: (a := admin_answers(admin_port, "/readyz")) is not None and a.status == 200,
              5.0, "/readyz 200 again")
+
+
+def _identity_pid(sup: Supervised) -> int:
+    """The supervisor's child that is neither a worker nor the admin process (no [admin])."""
+    children = Path(f"/proc/{sup.pid}/task/{sup.pid}/children").read_text().split()
+    workers = {w["pid"] for w in sup.workers()}
+    others = [int(p) for p in children if int(p) not in workers]
+    assert len(others) == 1, (children, workers)
+    return others[0]
+
+
+def test_the_identity_process_is_respawned_restarted_on_reload_and_never_doubled(
+        agent, pki, upstream, weft, free_port, tmp_path):
+    """One identity process per instance (one FetchX509SVID stream however many workers):
+    1. killed, it is respawned and weft serves on with the SVID it has, then takes a rotation;
+    2. a reload that moves [spiffe] endpoint to the agent's TCP address restarts it there;
+    3. a reload whose [spiffe] names no endpoint (and no $SPIFFE_ENDPOINT_SOCKET) is refused
+       with the reason, and the running generation and identity process go on;
+    4. weft status shows weft's SPIFFE ID and the trusted domains."""
+    up = upstream("app")
+    port = free_port()
+    give_x509(agent, pki, svid := weft_svid(pki))
+    tail = destination("app", [up.address]) + route("app")
+    name = unique_instance()
+    text = spiffe_config(port, agent.uri, workers=2, instance=name) + tail
+    sup = start_supervised(weft, tmp_path, text, workers=2, env={"SPIFFE_ENDPOINT_SOCKET": ""})
+    ctx = pki.context("frontend")
+    wait_served(port, ctx)
+    assert len([c for c in x509_fetches(agent) if c.get("header", True)]) >= 1
+    streams = len(x509_fetches(agent))
+    # 1. killed and respawned
+    first = _identity_pid(sup)
+    os.kill(first, signal.SIGKILL)
+    wait_for(lambda: len(x509_fetches(agent)) > streams, RECONNECT_TIMEOUT,
+             "a respawned identity process to watch again", interval=0.2)
+    assert request(port, "/echo", ctx).status == 200
+    assert presented(port, ctx).serial_number == svid.cert.serial_number
+    second = _identity_pid(sup)
+    assert second != first
+    give_x509(agent, pki, svid := weft_svid(pki))
+    wait_presented(port, ctx, svid)
+    # 2. reload to the TCP endpoint: a new identity process, the same SVID meanwhile
+    config = sup.weft.config_path
+    assert config is not None
+    config.write_text(spiffe_config(port, agent.tcp_uri, workers=2, instance=name) + tail)
+    result = sup.reload()
+    assert result.returncode == 0, result.stdout + result.stderr
+    third = wait_for(lambda: (p := _identity_pid(sup)) != second and p, 10.0,
+                     "the identity process restarted by the reload")
+    give_x509(agent, pki, svid := weft_svid(pki))
+    wait_presented(port, ctx, svid)
+    # 3. no endpoint anywhere: refused, and nothing changes
+    config.write_text(spiffe_config(port, None, workers=2, instance=name) + tail)
+    result = sup.reload()
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "spiffe.endpoint" in result.stderr and "SPIFFE_ENDPOINT_SOCKET" in result.stderr
+    assert _identity_pid(sup) == third
+    assert request(port, "/echo", ctx).status == 200
+    # 4. status
+    ident = sup.status()["identity"]
+    assert ident["spiffe_id"] == WEFT_ID and ident["problem"] is None
+    assert ident["trust_domains"] == ["example.org", "partner.example"]
+    text_status = sup.cli("status")
+    assert f"identity {WEFT_ID} until" in text_status.stdout, text_status.stdout
