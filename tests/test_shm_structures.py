@@ -500,7 +500,7 @@ def test_worker_table_claim_then_updates_show_in_snapshot(atomics: Atomics) -> N
     assert table.snapshot() == [WorkerInfo(row.index, 4242, 1, 3, READY, 123, 2, 5, 4)]
     row.set_state(DRAINING)
     assert table.snapshot()[0].state_name == "DRAINING"
-    assert STATE_NAMES == {1: "BOOTING", 2: "READY", 3: "DRAINING"}
+    assert STATE_NAMES == {1: "BOOTING", 2: "READY", 3: "DRAINING", 4: "NOT_READY"}
     with pytest.raises(dataclasses.FrozenInstanceError):
         info.pid = 1  # type: ignore[misc]
 

@@ -243,7 +243,9 @@ class TrustDomain:
         """A JWT-SVID signed by key `kid`; `sub` is a path in this domain or a whole ID
         (None: no sub claim), `aud` likewise (None: none)."""
         k = self.jwt_key(kid, alg or "ES256")
-        payload: dict[str, Any] = {"exp": exp or NOW + datetime.timedelta(minutes=5)}
+        # Five minutes from now, not from NOW (the import): a full suite outlasts that.
+        later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(minutes=5)
+        payload: dict[str, Any] = {"exp": exp or later}
         if sub is not None:
             payload["sub"] = sub if "://" in sub else self.id + sub
         if aud is not None:
