@@ -53,11 +53,13 @@ from __future__ import annotations
 import argparse
 import array
 import base64
+import ctypes
 import errno
 import json
 import multiprocessing
 import os
 import selectors
+import signal
 import socket
 import ssl
 import subprocess
@@ -512,7 +514,13 @@ class _Load:
         }
 
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
 def _process(args: argparse.Namespace, connections: int, barrier: Any, out: Any) -> None:
+    # When the driver kills the load generator (a timeout, Ctrl-C), its processes go with it
+    # instead of loading the proxy until their duration ends.
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     try:
         out.put(_Load(args, connections).run(barrier, args.duration))
     except BaseException as exc:
