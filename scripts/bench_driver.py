@@ -53,12 +53,15 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 import bench_h2
+import bench_mtls
 from bench_h2 import H2_PROTOCOLS, H2LOAD_ARGS, H2BenchError
+from bench_mtls import MTLS_PROTOCOLS, MtlsBenchError
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = ROOT / "scripts" / "bench_nginx"
@@ -75,6 +78,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 # A 1-minute load average above this before the run means something else is using the CPUs.
 LOAD_WARNING = 0.5
 REFERENCE = "nginx"
+PROTOCOLS = bench_h2.PROTOCOLS + MTLS_PROTOCOLS
 
 # wrk's done() hook: its exact totals as one JSON line (the human summary rounds them).
 WRK_DONE_LUA = r"""
@@ -243,6 +247,7 @@ class Lab:
         self.workdir.chmod(0o755)  # nginx workers run as nobody and must reach the bodies
         self.procs: list[Proc] = []
         self.trees: list[Path] = []  # git worktrees made by baseline_tree
+        self.closers: list[Callable[[], None]] = []  # run by close, after the processes stop
         LOG_DIR.mkdir(parents=True, exist_ok=True)
         for old in LOG_DIR.glob("*.log"):
             old.unlink()
@@ -299,6 +304,8 @@ class Lab:
             "ERROR_LOG": str(error_log),
             "USER": user_directive(),
             "H2_LISTEN": "",
+            "MTLS_SERVER": "",
+            "WORKERS": "2",
             **values,
         }
         for key, value in values.items():
@@ -327,7 +334,8 @@ class Lab:
         tls_listener: str = "",
     ) -> Proc:
         """weft from this checkout, or from `tree` (a baseline's worktree); `tls_listener` is
-        appended to its config (bench_h2.WEFT_TLS_LISTENER, for the h2tls case)."""
+        appended to its config (bench_h2.WEFT_TLS_LISTENER for the h2tls case,
+        bench_mtls.weft_config for the mtls cases)."""
         config = self.workdir / f"{name}.toml"
         suffix = ("" if metrics else "-nm") + ("-rs" if resilience else "")
         suffix += "-rl" if rate_limit else ""
@@ -377,6 +385,11 @@ class Lab:
     def close(self) -> None:
         for proc in reversed(list(self.procs)):
             self.stop(proc)
+        for closer in reversed(self.closers):
+            try:
+                closer()
+            except Exception as exc:  # the rest must still be cleaned up
+                print(f"  cleanup failed: {exc!r}")
         for tree in self.trees:
             subprocess.run(
                 ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)],
@@ -450,17 +463,26 @@ class Target:
     name: str
     port: int
     proc: Proc
-    ports: dict[str, int]  # per protocol ("h1", "h2c", "h2tls") the port it is served on
+    ports: dict[str, int]  # per protocol ("h1", "h2c", "h2tls", "mtls", "mtls-hs"), its port
+    # the protocols whose cases it is measured in (nginx-w1 has an h1 port for the readiness
+    # check only)
+    serves: tuple[str, ...] = PROTOCOLS
 
     def url(self, protocol: str, size: str) -> str:
         return bench_h2.url(protocol, self.ports, size)
+
+
+def reference(protocol: str) -> str:
+    """The target every other is compared with in a case of `protocol`: the 2-worker nginx,
+    except for mtls-hs (handshakes/s of one worker against one)."""
+    return bench_mtls.HANDSHAKE_REFERENCE if protocol == bench_mtls.HANDSHAKE else REFERENCE
 
 
 @dataclass
 class Run:
     """One measured wrk run against one proxy."""
 
-    protocol: str  # h1 (wrk), h2c or h2tls (h2load)
+    protocol: str  # h1 (wrk), h2c or h2tls (h2load), mtls or mtls-hs (bench_mtls)
     size: str
     round: int
     position: int  # 0 = first in its round
@@ -484,8 +506,10 @@ class Run:
 
 def start_all(
     lab: Lab, args: argparse.Namespace, raw_log: TextIO
-) -> tuple[Proc, list[Target], list[dict]]:
-    """Start the upstream and every proxy; return (upstream, ready targets, skipped targets)."""
+) -> tuple[Proc, list[Target], list[dict], bench_mtls.Identity | None]:
+    """Start the upstream and every proxy (and for the mtls cases the Workload API agent,
+    stopped by `lab.close`); return (upstream, ready targets, skipped targets, the mtls
+    identity or None)."""
     www = lab.workdir / "www"
     www.mkdir(mode=0o755)
     for size, length in SIZES.items():
@@ -504,43 +528,76 @@ def start_all(
     skipped: list[dict] = []
     h2 = [p for p in args.protocols if p in H2_PROTOCOLS]
     cert, key = bench_h2.make_cert(lab.workdir) if h2 else (None, None)
+    mtls = [p for p in args.protocols if p in MTLS_PROTOCOLS]
+    identity = bench_mtls.start_identity(lab.workdir) if mtls else None
+    if identity is not None:
+        lab.closers.append(identity.close)
 
-    def nginx_proxy(name: str) -> tuple[Proc, dict[str, int]]:
+    def nginx_proxy(name: str, serves: list[str], workers: int = 2) -> tuple[Proc, dict[str, int]]:
+        """nginx with the listeners of `serves` (besides h1, which every proxy has: the
+        readiness check asks it)."""
         ports = {"h1": free_port()}
-        values = {"PORT": str(ports["h1"]), "UPSTREAM_PORT": str(upstream_port)}
-        if h2:
+        values = {
+            "PORT": str(ports["h1"]),
+            "UPSTREAM_PORT": str(upstream_port),
+            "WORKERS": str(workers),
+        }
+        if any(p in H2_PROTOCOLS for p in serves):
             ports["h2c"], ports["h2tls"] = free_port(), free_port()
             values["H2_LISTEN"] = bench_h2.NGINX_H2_LISTEN.format(
                 h2c_port=ports["h2c"], tls_port=ports["h2tls"], cert=cert, key=key
             )
+        mtls_served = [p for p in serves if p in MTLS_PROTOCOLS]
+        if mtls_served:
+            assert identity is not None
+            port = free_port()
+            ports.update((p, port) for p in mtls_served)
+            values["MTLS_SERVER"] = bench_mtls.nginx_server(port, identity)
         return lab.start_nginx(name, "proxy.conf", values), ports
 
     def weft_ports() -> tuple[dict[str, int], str]:
-        """weft serves h2c on its h1 port; h2tls needs a TLS listener of its own."""
+        """weft serves h2c on its h1 port; h2tls needs a TLS listener of its own, and the
+        mtls cases share an mTLS listener."""
         port = free_port()
         ports = {"h1": port, "h2c": port}
-        if "h2tls" not in h2:
-            return ports, ""
-        ports["h2tls"] = free_port()
-        tls = bench_h2.WEFT_TLS_LISTENER.format(tls_port=ports["h2tls"], cert=cert, key=key)
-        return ports, tls
+        extra = ""
+        if "h2tls" in h2:
+            ports["h2tls"] = free_port()
+            extra += bench_h2.WEFT_TLS_LISTENER.format(
+                tls_port=ports["h2tls"], cert=cert, key=key
+            )
+        if identity is not None:
+            port = free_port()
+            ports.update((p, port) for p in mtls)
+            extra += bench_mtls.weft_config(port, identity)
+        return ports, extra
 
-    def add(name: str, proc: Proc, ports: dict[str, int], what: str) -> None:
+    def add(
+        name: str, proc: Proc, ports: dict[str, int], what: str, serves: tuple[str, ...] = PROTOCOLS
+    ) -> None:
         wait_ready(proc, ports["h1"])
         verify(name, ports["h1"])
-        for protocol in h2:
+        for protocol in [p for p in h2 if p in ports]:
             for size, length in SIZES.items():
                 bench_h2.verify(name, bench_h2.url(protocol, ports, size), length, raw_log)
-        targets.append(Target(name, ports["h1"], proc, ports))
+        if identity is not None and any(p in ports for p in mtls):
+            bench_mtls.verify(name, ports[next(p for p in mtls if p in ports)], identity, SIZES)
+        targets.append(Target(name, ports["h1"], proc, ports, serves))
         shown = " ".join(f"{p}:{n}" for p, n in ports.items() if p in args.protocols)
         print(f"{name:<12} {what:<21} 127.0.0.1 {shown}  pid {proc.pid}")
 
-    proxy, ports = nginx_proxy(REFERENCE)
-    add(REFERENCE, proxy, ports, "nginx, 2 workers")
+    # The 2-worker reference serves every case but mtls-hs, whose reference has one worker.
+    serves = [p for p in args.protocols if p != bench_mtls.HANDSHAKE]
+    proxy, ports = nginx_proxy(REFERENCE, serves)
+    add(REFERENCE, proxy, ports, "nginx, 2 workers", tuple(serves))
+    if bench_mtls.HANDSHAKE in args.protocols:
+        name = bench_mtls.HANDSHAKE_REFERENCE
+        proxy, ports = nginx_proxy(name, [bench_mtls.HANDSHAKE], workers=1)
+        add(name, proxy, ports, "nginx, 1 worker", (bench_mtls.HANDSHAKE,))
     if args.self_test:
-        twin, ports = nginx_proxy("nginx-twin")
-        add("nginx-twin", twin, ports, "nginx, 2 workers")
-        return upstream, targets, skipped
+        twin, ports = nginx_proxy("nginx-twin", serves)
+        add("nginx-twin", twin, ports, "nginx, 2 workers", tuple(serves))
+        return upstream, targets, skipped, identity
 
     # (metrics, resilience, rate limit)
     variants = [(True, False, False)]
@@ -575,6 +632,8 @@ def start_all(
         tree = lab.baseline_tree(args.baseline)
         if h2:
             bench_h2.check_baseline(tree, args.baseline)
+        if mtls:
+            bench_mtls.check_baseline(tree, args.baseline)
         for workers in args.workers:
             name = ("weft" if args.workers == [1] else f"weft-w{workers}") + "-base"
             ports, tls = weft_ports()
@@ -586,7 +645,7 @@ def start_all(
             except BenchError:
                 lab.stop(weft)
                 raise
-    return upstream, targets, skipped
+    return upstream, targets, skipped, identity
 
 
 def run_wrk(url: str, duration: int, lua: Path | None, raw_log: TextIO) -> dict[str, Any]:
@@ -625,12 +684,19 @@ def measure(
     duration: int,
     lua: Path,
     raw_log: TextIO,
+    identity: bench_mtls.Identity | None,
 ) -> Run:
     proxy_before, upstream_before = group_cpu_s(target.proc.pid), group_cpu_s(upstream.pid)
     wrk_before = os.times()
+    error_keys: tuple[str, ...] = ("connect", "read", "write", "timeout", "status")
     if protocol == "h1":
         result = run_wrk(target.url(protocol, size), duration, lua, raw_log)
-        error_keys: tuple[str, ...] = ("connect", "read", "write", "timeout", "status")
+    elif protocol in MTLS_PROTOCOLS:  # fails the run on any error, like h2load
+        assert identity is not None
+        port = target.ports[protocol]
+        result = bench_mtls.run_load(
+            protocol, port, size, SIZES[size], duration, identity, raw_log
+        )
     else:  # h2load fails the run on any error; the zeros are recorded all the same
         result = bench_h2.run_h2load(target.url(protocol, size), duration, raw_log)
         error_keys = ("failed", "errored", "timeout", "non_2xx")
@@ -712,10 +778,11 @@ def print_round(runs: list[Run]) -> None:
                 run.upstream_cpu_us_per_req,
             )
         )
-    ref = next(r for r in runs if r.target == REFERENCE)
+    name = reference(runs[0].protocol)
+    ref = next(r for r in runs if r.target == name)
     for run in runs:
-        if run.target != REFERENCE and ref.rps:
-            print(f"  {run.target}/{REFERENCE} req/s: {round(run.rps / ref.rps, 4):.3f}")
+        if run.target != name and ref.rps:
+            print(f"  {run.target}/{name} req/s: {round(run.rps / ref.rps, 4):.3f}")
 
 
 def _median(values: list[float | None]) -> float | None:
@@ -733,8 +800,9 @@ def summarize(runs: list[Run], targets: list[str]) -> dict[str, Any]:
     """Per case (protocol and size) and proxy: medians over rounds; for non-reference proxies,
     per-round ratios."""
     summary: dict[str, Any] = {}
-    for protocol, size in [(p, s) for p in bench_h2.PROTOCOLS for s in SIZES]:
+    for protocol, size in [(p, s) for p in PROTOCOLS for s in SIZES]:
         per_size: dict[str, Any] = {}
+        ref_name = reference(protocol)
         for name in targets:
             mine = [
                 r for r in runs if r.protocol == protocol and r.size == size and r.target == name
@@ -753,7 +821,8 @@ def summarize(runs: list[Run], targets: list[str]) -> dict[str, Any]:
                     [r.upstream_cpu_us_per_req for r in mine]
                 ),
             }
-            if name != REFERENCE:
+            if name != ref_name:
+                entry["reference"] = ref_name
                 ratios: list[float | None] = []
                 for run in mine:
                     ref = next(
@@ -762,7 +831,7 @@ def summarize(runs: list[Run], targets: list[str]) -> dict[str, Any]:
                         if r.protocol == protocol
                         and r.size == size
                         and r.round == run.round
-                        and r.target == REFERENCE
+                        and r.target == ref_name
                     )
                     ratios.append(round(run.rps / ref.rps, 4) if ref.rps else None)
                 entry["ratio_to_reference_per_round"] = ratios
@@ -774,8 +843,11 @@ def summarize(runs: list[Run], targets: list[str]) -> dict[str, Any]:
 
 
 def print_summary(summary: dict[str, Any]) -> None:
-    print(f"\n== summary: medians over rounds; ratio = req/s over {REFERENCE}'s in the same round")
-    print(f"  {'case':<10}{HEADER[2:]}   ratio: median; per round")
+    print(
+        f"\n== summary: medians over rounds; ratio = req/s over {REFERENCE}'s in the same round "
+        f"({bench_mtls.HANDSHAKE_REFERENCE}'s for {bench_mtls.HANDSHAKE})"
+    )
+    print(f"  {'case':<12}{HEADER[2:]}   ratio: median; per round")
     for size, per_size in summary.items():
         for name, s in per_size.items():
             line = row(
@@ -791,7 +863,7 @@ def print_summary(summary: dict[str, Any]) -> None:
             if "median_ratio_to_reference" in s:
                 per_round = " ".join(_fmt(r, ".3f") for r in s["ratio_to_reference_per_round"])
                 line += f"   {_fmt(s['median_ratio_to_reference'], '.3f')}; {per_round}"
-            print(f"  {size:<10}{line[2:]}")
+            print(f"  {size:<12}{line[2:]}")
 
 
 def _first_line(argv: list[str]) -> str:
@@ -854,7 +926,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--protocols",
         default="h1",
         help="comma-separated cases from h1 (wrk), h2c and h2tls (h2load; see "
-        "scripts/bench_h2.py); default h1",
+        "scripts/bench_h2.py), mtls (keep-alive) and mtls-hs (a new connection, so a full "
+        "handshake with a client certificate, per request; against nginx with 1 worker) "
+        "(weft's SPIFFE listener; see scripts/bench_mtls.py); default h1",
     )
     parser.add_argument(
         "--compare-metrics",
@@ -890,7 +964,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not args.workers or min(args.workers) < 1:
         parser.error("--workers values must be 1 or more")
     try:
-        args.protocols = bench_h2.parse_protocols(args.protocols)
+        args.protocols = bench_h2.parse_protocols(args.protocols, PROTOCOLS)
     except ValueError as exc:
         parser.error(str(exc))
     args.sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
@@ -907,11 +981,23 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    tools = ["nginx", "wrk"] + (["h2load", "openssl"] if args.protocols != ["h1"] else [])
+    h2 = any(p in H2_PROTOCOLS for p in args.protocols)
+    tools = ["nginx", "wrk"] + (["h2load", "openssl"] if h2 else [])
     for tool in tools:
         if shutil.which(tool) is None:
             print(f"error: {tool} not found (scripts/bench installs it)", file=sys.stderr)
             return 1
+    if any(p in MTLS_PROTOCOLS for p in args.protocols):
+        for module in ("grpc", "spiffe"):  # the Workload API agent's (weft's test extras)
+            try:
+                __import__(module)
+            except ImportError:
+                print(
+                    f"error: the mtls cases need {module} (weft's test extras; scripts/bench "
+                    "installs them)",
+                    file=sys.stderr,
+                )
+                return 1
     signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM cleans up like Ctrl-C
     started = time.monotonic()
     started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -925,37 +1011,52 @@ def main(argv: list[str] | None = None) -> int:
     raw_log = open(OUT_DIR / "last-wrk.log", "w")  # closed in finally
     runs: list[Run] = []
     try:
-        upstream, targets, skipped = start_all(lab, args, raw_log)
+        upstream, targets, skipped, identity = start_all(lab, args, raw_log)
         lua = lab.workdir / "done.lua"
         lua.write_text(WRK_DONE_LUA)
         cases = [(p, s) for p in args.protocols for s in args.sizes]
-        estimate = len(cases) * len(targets) * (args.warmup + 1 + args.rounds * (args.duration + 1))
+        serving = {p: [t for t in targets if p in t.serves] for p in args.protocols}
+        per_run = args.warmup + 1 + args.rounds * (args.duration + 1)
+        estimate = sum(len(serving[p]) for p, _ in cases) * per_run
         clients = [f"wrk -t{WRK_THREADS} -c{WRK_CONNECTIONS} -d{args.duration}s --latency"]
-        if args.protocols != ["h1"]:
+        if h2:
             clients.append(f"h2load {H2LOAD_ARGS} -D{args.duration}")
+        if identity is not None:
+            clients.append(f"bench_mtls.py load ({bench_mtls.LOAD_ARGS})")
         print(
             f"{' and '.join(clients)}, {args.rounds} round(s), sizes {', '.join(args.sizes)}, "
             f"protocols {', '.join(args.protocols)}: about {estimate} s"
         )
         for protocol, size in cases:
             if args.warmup:
-                for target in targets:
+                for target in serving[protocol]:
                     if protocol == "h1":
                         run_wrk(target.url(protocol, size), args.warmup, None, raw_log)
+                    elif protocol in MTLS_PROTOCOLS:
+                        assert identity is not None
+                        port = target.ports[protocol]
+                        bench_mtls.run_load(
+                            protocol, port, size, SIZES[size], args.warmup, identity, raw_log
+                        )
                     else:
                         bench_h2.run_h2load(target.url(protocol, size), args.warmup, raw_log)
             for rnd in range(1, args.rounds + 1):
-                order = targets if rnd % 2 else targets[::-1]
-                print(f"\n== {case(protocol, size)}, round {rnd}/{args.rounds}")
+                order = serving[protocol] if rnd % 2 else serving[protocol][::-1]
+                note = ""
+                if protocol == bench_mtls.HANDSHAKE:
+                    note = " (a new TLS connection per request: req/s is handshakes/s)"
+                print(f"\n== {case(protocol, size)}, round {rnd}/{args.rounds}{note}")
                 print(HEADER)
                 this_round = [
-                    measure(t, upstream, protocol, size, rnd, i, args.duration, lua, raw_log)
+                    measure(
+                        t, upstream, protocol, size, rnd, i, args.duration, lua, raw_log, identity
+                    )
                     for i, t in enumerate(order)
                 ]
                 runs.extend(this_round)
                 print_round(this_round)
 
-        names = [t.name for t in targets]
+        names = list(dict.fromkeys(t.name for t in targets))
         summary = summarize(runs, names)
         print_summary(summary)
         report = {
@@ -968,11 +1069,13 @@ def main(argv: list[str] | None = None) -> int:
                 "warmup_s": args.warmup,
                 "wrk": f"-t{WRK_THREADS} -c{WRK_CONNECTIONS} --latency",
                 "h2load": H2LOAD_ARGS,
+                "mtls_load": f"scripts/bench_mtls.py load, {bench_mtls.LOAD_ARGS}",
                 "protocols": args.protocols,
                 "sizes": {s: SIZES[s] for s in args.sizes},
                 "workers": args.workers,
                 "upstream": "nginx, 1 worker",
                 "reference": f"{REFERENCE}, 2 workers, keepalive 64",
+                "reference_mtls_hs": f"{bench_mtls.HANDSHAKE_REFERENCE}, 1 worker, keepalive 64",
             },
             "machine": {**machine_info(), "loadavg_1m_before": load_before},
             "reference": REFERENCE,
@@ -985,7 +1088,7 @@ def main(argv: list[str] | None = None) -> int:
         out.write_text(json.dumps(report, indent=2) + "\n")
         print("\nwrote .bench/last.json; raw wrk and h2load output in .bench/last-wrk.log")
         return 0
-    except (BenchError, H2BenchError) as exc:
+    except (BenchError, H2BenchError, MtlsBenchError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -997,7 +1100,8 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         lab.close()
         raw_log.close()
-        leftovers = sorted(Path("/dev/shm").glob(f"weft-bench-{os.getpid()}-*"))
+        # Segments are /dev/shm/weft-<instance>-*, directories /dev/shm/weft.<instance>.*
+        leftovers = sorted(Path("/dev/shm").glob(f"weft[-.]bench-{os.getpid()}-*"))
         if leftovers:
             print(f"warning: weft left shared memory behind: {leftovers}", file=sys.stderr)
         print(f"total {time.monotonic() - started:.0f} s")

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -69,13 +70,14 @@ class H2BenchError(Exception):
     """A failure of an h2 case the user should read (the driver reports it like its own)."""
 
 
-def parse_protocols(text: str) -> list[str]:
-    """``h1,h2c,h2tls`` -> the list, in PROTOCOLS' order; ValueError for an unknown name."""
+def parse_protocols(text: str, known: Sequence[str] = PROTOCOLS) -> list[str]:
+    """``h1,h2c,h2tls`` -> the list, in `known`'s order (the driver adds the mtls cases);
+    ValueError for an unknown name."""
     names = {p.strip() for p in text.split(",") if p.strip()}
-    unknown = names - set(PROTOCOLS)
+    unknown = names - set(known)
     if unknown or not names:
-        raise ValueError(f"--protocols takes names from {', '.join(PROTOCOLS)}: {text!r}")
-    return [p for p in PROTOCOLS if p in names]
+        raise ValueError(f"--protocols takes names from {', '.join(known)}: {text!r}")
+    return [p for p in known if p in names]
 
 
 def make_cert(directory: Path) -> tuple[Path, Path]:
