@@ -820,3 +820,43 @@ def test_the_identity_process_is_respawned_restarted_on_reload_and_never_doubled
     assert ident["trust_domains"] == ["example.org", "partner.example"]
     text_status = sup.cli("status")
     assert f"identity {WEFT_ID} until" in text_status.stdout, text_status.stdout
+
+
+def test_a_reload_that_adds_spiffe_needs_an_svid_and_undoes_itself_without_one(
+        agent, pki, upstream, weft, free_port, tmp_path):
+    """A running weft without [spiffe]:
+    1. reloaded with [spiffe] and a SPIFFE listener while the agent issues nothing: the new
+       workers never get an SVID, the reload fails naming why, the identity process it started
+       is stopped again, and the old generation serves on;
+    2. reloaded again once the agent issues: weft serves mTLS with its SVID."""
+    up = upstream("app")
+    plain, tls_port = free_port(), free_port()
+    name = unique_instance()
+    tail = destination("app", [up.address]) + route("app")
+    sup = start_supervised(weft, tmp_path, spiffe_config(plain, None, client_auth=None,
+                           instance=name).split("[spiffe]")[0] + tail, workers=1)
+    assert request(plain, "/echo", None).status == 200
+    both = spiffe_config(tls_port, agent.uri, first_fetch_timeout="1s", instance=name)
+    listener = both.split("[[listeners]]")[1].split("[timeouts]")[0]
+    text = spiffe_config(plain, agent.uri, client_auth=None, first_fetch_timeout="1s",
+                         instance=name)
+    text = text.replace("[timeouts]", "[[listeners]]" + listener + "[timeouts]", 1) + tail
+    config = sup.weft.config_path
+    assert config is not None
+    # 1. the agent issues nothing
+    agent.command_sync("mode", mode="deny")
+    config.write_text(text)
+    result = sup.reload(timeout=30.0)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "new workers failed" in result.stderr, result.stderr
+    assert request(plain, "/echo", None).status == 200
+    children = Path(f"/proc/{sup.pid}/task/{sup.pid}/children").read_text().split()
+    assert sorted(map(int, children)) == sorted(w["pid"] for w in sup.workers()), children
+    assert sup.status()["identity"] is None  # its directory went with it
+    # 2. issued: the same reload succeeds
+    agent.command_sync("mode", mode="serve")
+    give_x509(agent, pki, weft_svid(pki))
+    result = sup.reload(timeout=30.0)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert wait_served(tls_port, pki.context("frontend")).status == 200
+    assert request(plain, "/echo", None).status == 200
