@@ -51,9 +51,8 @@ import signal
 import socket
 import sys
 import threading
-import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,11 +60,11 @@ from typing import TYPE_CHECKING, Any
 from weft import control
 from weft.identity import MANIFEST
 from weft.identity_process import directory_for
-from weft.respawn import Backoff
+from weft.respawn import HelperProcess
 from weft.schema import Admin, Listener
 from weft.shm.worktable import NOT_READY, READY, STATE_NAMES
 from weft.sock import bind_listener
-from weft.workers.postfork import Preamble
+from weft.workers.postfork import Preamble, exit_child
 
 if TYPE_CHECKING:
     from weft.workers.shared import SharedState
@@ -76,7 +75,6 @@ BACKLOG = 64
 MAX_CLIENTS = 16  # connections served at once; more wait in the backlog
 CLIENT_TIMEOUT = 10.0  # seconds a client may take per read or write
 POLL = 0.5  # seconds between checks of the stop flag and the parent
-KILL_GRACE = 2.0  # SIGTERM -> SIGKILL when the supervisor stops it
 CONTENT_TYPE_METRICS = "text/plain; version=0.0.4; charset=utf-8"
 _WORKER_PATH = re.compile(r"^/metrics/workers/(\d{1,4})$")
 
@@ -129,26 +127,26 @@ def worker_of_slot(workers: Sequence[Any], slot: int, generation: int | None) ->
 # -- the supervisor's side --------------------------------------------------------------------
 
 
-class AdminProcess:
-    """The admin socket and the process serving it, as the supervisor keeps them.
+class AdminProcess(HelperProcess):
+    """The admin socket and the process serving it, as the supervisor keeps them (the
+    respawn, restart and stop are `weft.respawn.HelperProcess`'s).
 
     The supervisor calls `bind` and `spawn` at start (before the first worker), `reaped` for
     every child it reaps that is not a worker, `tick` from its loop (respawns), `reconfigure`
     after a successful reload and `stop` when it exits. `fileno` is what a worker must close.
     """
 
+    name = "admin process"
+
     def __init__(
         self, config: Admin, *, pidfile: Path, metrics_dir: Path, shared: SharedState
     ) -> None:
+        super().__init__()
         self.config = config
         self.pidfile = pidfile
         self.metrics_dir = metrics_dir
         self.shared = shared
         self.sock: socket.socket | None = None
-        self.pid: int | None = None
-        self.started = 0.0
-        self.backoff = Backoff()
-        self.respawn_at: float | None = None
 
     @classmethod
     def bound(
@@ -178,29 +176,9 @@ class AdminProcess:
         """Fork the admin process; it detaches from the supervisor with `preamble` (closing
         the supervisor's other descriptors: listeners, the instance lock, pipes) first."""
         assert self.sock is not None
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child's life is in _child_main
-            _child_main(self, preamble)
-        self.pid = pid
-        self.started = time.monotonic()
-        self.respawn_at = None
+        pid = self._fork(lambda: _child_main(self, preamble))
         log.info("admin listener on %s (pid %d)", self.address, pid)
         return pid
-
-    def reaped(self, pid: int, how: str) -> bool:
-        """A child was reaped; True if it was the admin process (a respawn is then due)."""
-        if pid != self.pid:
-            return False
-        self.pid = None
-        delay = self.backoff.delay(time.monotonic() - self.started)
-        log.warning("admin process %d exited (%s); respawning in %.1fs", pid, how, delay)
-        self.respawn_at = time.monotonic() + delay
-        return True
-
-    def tick(self, preamble: Callable[[], Preamble]) -> None:
-        """A respawn, if one is due (`preamble` makes the child's preamble then)."""
-        if self.pid is None and self.respawn_at is not None and time.monotonic() >= self.respawn_at:
-            self.spawn(preamble())
 
     def reconfigure(self, config: Admin) -> None:
         """A reload changed [admin]: rebind if the address moved (on failure the old socket
@@ -221,40 +199,11 @@ class AdminProcess:
             assert old_sock is not None
             old_sock.close()
         self.config = config
-        if self.pid is not None:
-            self._kill(signal.SIGTERM)
-            self.backoff.reset()
-            self.started = 0.0  # not young: the respawn is immediate
-
-    def _kill(self, signum: int) -> None:
-        if self.pid is not None:
-            try:
-                os.kill(self.pid, signum)
-            except ProcessLookupError:
-                pass
+        self.restart()
 
     def stop(self) -> None:
         """Stop the admin process (bounded wait, then SIGKILL) and close the socket."""
-        pid = self.pid
-        if pid is not None:
-            self._kill(signal.SIGTERM)
-            deadline = time.monotonic() + KILL_GRACE
-            while True:
-                try:
-                    done, _ = os.waitpid(pid, os.WNOHANG)
-                except ChildProcessError:
-                    break  # reaped already
-                if done:
-                    break
-                if time.monotonic() >= deadline:
-                    self._kill(signal.SIGKILL)
-                    try:
-                        os.waitpid(pid, 0)
-                    except ChildProcessError:
-                        pass
-                    break
-                time.sleep(0.01)
-            self.pid = None
+        self.stop_process()
         self.respawn_at = None
         if self.sock is not None:
             self.sock.close()
@@ -296,11 +245,7 @@ def _child_main(admin: AdminProcess, preamble: Preamble) -> None:
         print(f"weft admin (pid {os.getpid()}) failed:", file=sys.stderr)
         traceback.print_exc()
     finally:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(code)
+        exit_child(code)
 
 
 def _serve_until(

@@ -32,23 +32,20 @@ import shutil
 import signal
 import stat
 import sys
-import time
 import traceback
-from collections.abc import Callable
 from pathlib import Path
 
 import trio
 
 from weft.identity import IdentitySettings, IdentityStore, run_identity
-from weft.respawn import Backoff
-from weft.workers.postfork import Preamble
+from weft.respawn import HelperProcess
+from weft.workers.postfork import Preamble, exit_child
 from weft.workers.shared import SharedState
 from weft.workload_api import WatchStopped
 
 log = logging.getLogger("weft.identity")
 
 SHM_DIR = Path("/dev/shm")  # tmpfs: the SVID's key never reaches a disk
-KILL_GRACE = 2.0  # SIGTERM -> SIGKILL when the supervisor stops it
 
 
 def directory_for(instance: str) -> Path:
@@ -66,17 +63,17 @@ def remove_directory(directory: Path) -> None:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-class IdentityProcess:
-    """The identity process of one instance (module docstring)."""
+class IdentityProcess(HelperProcess):
+    """The identity process of one instance (module docstring; the respawn, restart and stop
+    are `weft.respawn.HelperProcess`'s)."""
+
+    name = "identity process"
 
     def __init__(self, instance: str, settings: IdentitySettings, shared: SharedState) -> None:
+        super().__init__()
         self.directory = directory_for(instance)
         self.settings = settings
         self.shared = shared
-        self.pid: int | None = None
-        self.started = 0.0
-        self.backoff = Backoff()
-        self.respawn_at: float | None = None
 
     def prepare(self) -> None:
         """Clear what a previous instance of this name left, and make the directory (0700).
@@ -85,69 +82,21 @@ class IdentityProcess:
         IdentityStore.create(self.directory)
 
     def spawn(self, preamble: Preamble) -> int:
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child's life is in _child_main
-            _child_main(self, preamble)
-        self.pid = pid
-        self.started = time.monotonic()
-        self.respawn_at = None
+        pid = self._fork(lambda: _child_main(self, preamble))
         log.info("identity process %d: Workload API at %s", pid, self.settings.endpoint.uri)
         return pid
-
-    def reaped(self, pid: int, how: str) -> bool:
-        """A child was reaped; True if it was the identity process (a respawn is then due)."""
-        if pid != self.pid:
-            return False
-        self.pid = None
-        delay = self.backoff.delay(time.monotonic() - self.started)
-        log.warning("identity process %d exited (%s); respawning in %.1fs", pid, how, delay)
-        self.respawn_at = time.monotonic() + delay
-        return True
-
-    def tick(self, preamble: Callable[[], Preamble]) -> None:
-        """A respawn, if one is due."""
-        if self.pid is None and self.respawn_at is not None and time.monotonic() >= self.respawn_at:
-            self.spawn(preamble())
 
     def reconfigure(self, settings: IdentitySettings) -> None:
         """A reload: restart the process with changed settings (at once: not a young death)."""
         if settings == self.settings:
             return
         self.settings = settings
-        if self.pid is not None:
-            self._kill(signal.SIGTERM)
-            self.backoff.reset()
-            self.started = 0.0
-
-    def _kill(self, signum: int) -> None:
-        if self.pid is not None:
-            try:
-                os.kill(self.pid, signum)
-            except ProcessLookupError:
-                pass
+        self.restart()
 
     def stop(self) -> None:
         """Stop the process (bounded wait, then SIGKILL) and remove the published directory."""
-        pid = self.pid
-        if pid is not None:
-            self._kill(signal.SIGTERM)
-            deadline = time.monotonic() + KILL_GRACE
-            while True:
-                try:
-                    done, _ = os.waitpid(pid, os.WNOHANG)
-                except ChildProcessError:
-                    break
-                if done:
-                    break
-                if time.monotonic() >= deadline:
-                    self._kill(signal.SIGKILL)
-                    try:
-                        os.waitpid(pid, 0)
-                    except ChildProcessError:
-                        pass
-                    break
-                time.sleep(0.02)
-            self.pid = None
+        self.stop_process()
+        self.respawn_at = None
         remove_directory(self.directory)
 
 
@@ -168,12 +117,7 @@ def _child_main(proc: IdentityProcess, preamble: Preamble) -> None:
         print(f"weft identity process (pid {os.getpid()}) failed:", file=sys.stderr)
         traceback.print_exc()
     finally:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            logging.shutdown()
-        finally:
-            os._exit(code)
+        exit_child(code)
 
 
 async def _run(settings: IdentitySettings, store: IdentityStore, shared: SharedState) -> None:

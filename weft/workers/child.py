@@ -40,7 +40,7 @@ from weft.retry_middleware import RetryBudget
 from weft.schema import Config, Destination, Route
 from weft.shm.worktable import BOOTING, DRAINING, NOT_READY, READY
 from weft.spiffe import WorkerIdentity
-from weft.workers.postfork import Preamble
+from weft.workers.postfork import Preamble, exit_child
 from weft.workers.shared import (
     SharedState,
     endpoint_key,
@@ -171,9 +171,4 @@ def run(
             print(f"weft worker {slot} (pid {os.getpid()}) failed:", file=sys.stderr)
             traceback.print_exc()
     finally:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            logging.shutdown()
-        finally:
-            os._exit(code)
+        exit_child(code)

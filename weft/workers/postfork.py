@@ -26,12 +26,15 @@ the child would read from ``getppid()`` after an early parent death.
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import signal
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NoReturn
 
-__all__ = ["Preamble"]
+__all__ = ["Preamble", "exit_child"]
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
@@ -67,6 +70,17 @@ class Preamble:
                 os.close(fd)
             except OSError:
                 pass
+
+
+def exit_child(code: int) -> NoReturn:
+    """End a child: flush what it printed and logged, then ``os._exit`` (nothing inherited,
+    atexit handlers or the supervisor's buffers, runs twice)."""
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+    finally:
+        os._exit(code)
 
 
 def _set_pdeathsig() -> None:
