@@ -26,6 +26,7 @@ if _TESTS not in sys.path:
 from support import procs  # noqa: E402
 from support.children import Children, children  # noqa: E402, F401 - children: a fixture
 from support.procs import Upstream, Weft  # noqa: E402
+from support.workload_api_server import WorkloadAPIServer  # noqa: E402
 
 from weft.shm.segment import remove_instance, segment_names  # noqa: E402
 
@@ -128,3 +129,11 @@ def instance(children: Children) -> Iterator[str]:  # noqa: F811 - the fixture a
     children.reap_all()
     remove_instance(name)
     assert segment_names(name) == []
+
+
+@pytest.fixture
+def agent() -> Iterator[WorkloadAPIServer]:
+    """A real gRPC SPIFFE Workload API agent in a subprocess (tests/support/workload_api_server.py),
+    stopped after the test."""
+    with WorkloadAPIServer() as server:
+        yield server

@@ -13,7 +13,6 @@ import json
 import os
 import ssl
 import stat
-from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
@@ -33,12 +32,6 @@ WAIT = 15.0
 @pytest.fixture(scope="module")
 def domains() -> tuple[TrustDomain, TrustDomain]:
     return TrustDomain("example.org"), TrustDomain("other.org")
-
-
-@pytest.fixture
-def agent() -> Iterator[WorkloadAPIServer]:
-    with WorkloadAPIServer() as server:
-        yield server
 
 
 # -- DER helpers ---------------------------------------------------------------------------------

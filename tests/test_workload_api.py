@@ -10,7 +10,7 @@ yields), so no test waits for a real backoff; every wait is bounded.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import trio
@@ -115,12 +115,6 @@ def test_only_invalid_argument_and_unimplemented_stop_the_watch() -> None:
 @pytest.fixture(scope="module")
 def domains() -> tuple[TrustDomain, TrustDomain]:
     return TrustDomain("example.org"), TrustDomain("other.org")
-
-
-@pytest.fixture
-def agent() -> Iterator[WorkloadAPIServer]:
-    with WorkloadAPIServer() as server:
-        yield server
 
 
 class Recorder:

@@ -36,7 +36,7 @@ import ssl
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,12 +105,6 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     p.add_client("forged", ex.svid("/frontend", issuer=partner))
     p.add_client("stranger", p.stranger.svid("/frontend"))
     return p
-
-
-@pytest.fixture
-def agent() -> Iterator[WorkloadAPIServer]:
-    with WorkloadAPIServer() as server:
-        yield server
 
 
 def weft_svid(pki: Pki, *, lifetime: datetime.timedelta | None = None) -> Svid:
