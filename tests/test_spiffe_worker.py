@@ -164,6 +164,28 @@ async def test_the_first_wait_ends_with_the_identity_process_reason(setup) -> No
     ]
 
 
+async def test_a_generation_with_only_jwt_bundles_does_not_end_the_first_wait(
+    setup, domains
+) -> None:
+    """The agent's JWT bundles may come before the SVID: the identity process publishes them
+    alone, with no problem reported, and a booting worker must go on waiting."""
+    _cfg, pub, identity, clock = setup
+    a, _ = domains
+    svid = a.svid("/weft")
+    clock[0] = svid.cert.not_valid_before_utc.timestamp() + 1
+    pub.publish(None, {}, jwks={"example.org": a.jwks()})
+
+    async def later() -> None:
+        await trio.sleep(0.3)
+        pub.publish(svid, {"example.org": a}, jwks={"example.org": a.jwks()})
+
+    async with trio.open_nursery() as n:
+        n.start_soon(later)
+        with trio.fail_after(5):
+            await identity.wait_first(0.2)  # the SVID comes after the timeout, in the grace
+    assert identity.usable
+
+
 async def test_the_first_wait_returns_when_an_svid_comes(setup, domains) -> None:
     _cfg, pub, identity, clock = setup
     a, _ = domains

@@ -116,6 +116,9 @@ class WorkerIdentity:
         self.bundles: dict[str, list[x509.Certificate]] = {}
         self.jwt: dict[str, JwtBundle] | None = None  # None: no JWT bundles published yet
         self.problem: str | None = "no identity published yet"
+        # What the identity process itself reported (its manifest's "problem"): no SVID after
+        # first_fetch_timeout, an expiry, an SVID selector that matches none.
+        self.reported: str | None = None
         self.listeners = [
             lst.tls for lst in config.listeners if lst.tls is not None and lst.tls.spiffe
         ]
@@ -185,7 +188,8 @@ class WorkerIdentity:
         self.bundles, self.jwt = bundles, jwt
         self._server, self._client = server, client
         self.generation = pub.generation
-        self.problem = pub.manifest.get("problem") or (None if svid else "no X.509-SVID")
+        self.reported = pub.manifest.get("problem")
+        self.problem = self.reported or (None if svid else "no X.509-SVID yet")
         if svid is not None and (old != self.spiffe_id or log.isEnabledFor(logging.DEBUG)):
             log.info(
                 "spiffe: generation %d: SVID %s until %s, bundles of %s",
@@ -224,7 +228,9 @@ class WorkerIdentity:
                 self.refresh()
                 if self.usable:
                     return
-                if self.generation and self.problem and self.svid is None:
+                if self.reported and self.svid is None:
+                    # The identity process gave up on it (a generation with only JWT bundles,
+                    # published before the SVID came, is no reason to stop waiting).
                     break
                 await trio.sleep(FIRST_POLL)
         raise IdentityUnavailable(
